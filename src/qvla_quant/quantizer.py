@@ -1,0 +1,199 @@
+"""Per-row (per output channel) uniform quantization: the one definition every other part builds on.
+
+A weight row w (one output channel of a linear layer, or one output filter of a conv flattened to a row) is
+quantized at b in {2, 4, 8} bits asymmetrically:
+
+    q = clamp(round(w / s) + z, 0, 2^b - 1)          (unsigned integer codes, stored packed)
+    w_hat = (q - z) * s                              (what the kernels compute)
+
+with a per-row scale s and an integer zero point z, both stored as fp16. The reference dequantization below
+uses the fp16-rounded s and z, so the packed runtime, the Triton kernels and the fake-quant reference used for
+sensitivity all see exactly the same w_hat.
+
+b = 16 keeps the row in the model's floating dtype (not quantized); b = 0 prunes the row: its output is the
+bias alone (a pruned channel outputs a constant, so downstream LayerNorms and residuals keep seeing the mean
+contribution instead of a hole). See `pruned_row_output` in the docs of `fake_quantize`.
+
+Optional MSE-optimal clipping: the quantization range [min, max] of each row is shrunk by a factor alpha from a
+grid, and the alpha with the lowest squared reconstruction error of that row is kept (per row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+BIT_CHOICES: tuple[int, ...] = (0, 2, 4, 8, 16)
+QUANTIZED_BITS: tuple[int, ...] = (2, 4, 8)
+KEEP_BITS = 16
+PRUNE_BITS = 0
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How weight rows are quantized.
+
+    clip_search: search a per-row shrink factor of the [min, max] range that minimizes the row's squared error.
+    clip_grid: number of shrink factors tried, evenly spaced in [clip_min_ratio, 1].
+    """
+
+    clip_search: bool = True
+    clip_grid: int = 20
+    clip_min_ratio: float = 0.5
+
+    def __post_init__(self):
+        if self.clip_grid < 1:
+            raise ValueError(f"clip_grid must be >= 1, got {self.clip_grid}")
+        if not 0.0 < self.clip_min_ratio <= 1.0:
+            raise ValueError(f"clip_min_ratio must be in (0, 1], got {self.clip_min_ratio}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WeightQuantConfig:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ActivationQuantConfig:
+    """One activation bit-width for every quantized layer (the paper's branch-free uniform activations).
+
+    bits = 16: activations stay in floating point (A16). bits = 8: per-token dynamic asymmetric int8 (A8), the
+    input of every quantized layer is fake-quantized per row of the flattened input (per token).
+    """
+
+    bits: int = 16
+
+    def __post_init__(self):
+        if self.bits not in (8, 16):
+            raise ValueError(f"activation bits must be 8 or 16, got {self.bits}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ActivationQuantConfig:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(WeightQuantConfig.from_dict(d["weight"]), ActivationQuantConfig.from_dict(d["activation"]))
+
+
+def as_rows(weight: torch.Tensor) -> torch.Tensor:
+    """View a linear weight [out, in] or conv weight [out, in, *k] as rows [out, fan_in]."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale and integer zero point (stored as fp16) for ranges [lo, hi] that contain 0."""
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    # fp16 storage: round the scale first so that the zero point is computed against the value used at run time
+    scale = scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_rows(
+    rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize every row of `rows` [R, K] to `bits` in {2, 4, 8}.
+
+    Returns (codes uint8 [R, K] in [0, 2^bits - 1], scale fp16 [R], zero fp16 [R]).
+    """
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"quantize_rows: bits must be one of {QUANTIZED_BITS}, got {bits}")
+    config = config or WeightQuantConfig()
+    w = rows.detach().float()
+    qmax = (1 << bits) - 1
+    # the range always contains 0 so that zero weights (and padding) are exact
+    lo = w.amin(dim=1).clamp(max=0.0)
+    hi = w.amax(dim=1).clamp(min=0.0)
+
+    if config.clip_search and config.clip_grid > 1:
+        best_err = torch.full((w.shape[0],), float("inf"))
+        best_lo, best_hi = lo.clone(), hi.clone()
+        for ratio in torch.linspace(1.0, config.clip_min_ratio, config.clip_grid).tolist():
+            c_lo, c_hi = lo * ratio, hi * ratio
+            scale, zero = _scale_zero(c_lo, c_hi, bits)
+            q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax)
+            err = ((q - zero[:, None]) * scale[:, None] - w).pow(2).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo = torch.where(better, c_lo, best_lo)
+            best_hi = torch.where(better, c_hi, best_hi)
+        lo, hi = best_lo, best_hi
+
+    scale, zero = _scale_zero(lo, hi, bits)
+    codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax).to(torch.uint8)
+    return codes, scale.to(torch.float16), zero.to(torch.float16)
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Reference dequantization: (codes - zero) * scale, in fp32."""
+    return (codes.float() - zero.float()[:, None]) * scale.float()[:, None]
+
+
+def fake_quantize_rows(rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None) -> torch.Tensor:
+    """Quantize-dequantize every row at one bit-width; 16 returns the rows, 0 returns zeros (pruned)."""
+    if bits == KEEP_BITS:
+        return rows.detach().clone()
+    if bits == PRUNE_BITS:
+        return torch.zeros_like(rows)
+    codes, scale, zero = quantize_rows(rows, bits, config)
+    return dequantize_rows(codes, scale, zero).to(rows.dtype)
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor, row_bits: torch.Tensor, config: WeightQuantConfig | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize a linear/conv weight with one bit-width per output row (`row_bits` [out]).
+
+    Pruned rows (0 bits) become zero; the caller keeps the bias, so a pruned channel outputs its bias.
+    """
+    rows = as_rows(weight)
+    row_bits = torch.as_tensor(row_bits, dtype=torch.long)
+    if row_bits.shape != (rows.shape[0],):
+        raise ValueError(f"row_bits has shape {tuple(row_bits.shape)}, expected ({rows.shape[0]},)")
+    bad = set(row_bits.unique().tolist()) - set(BIT_CHOICES)
+    if bad:
+        raise ValueError(f"row bit-widths {sorted(bad)} are not in {BIT_CHOICES}")
+    out = torch.empty_like(rows)
+    for b in row_bits.unique().tolist():
+        idx = (row_bits == b).nonzero().squeeze(1)
+        out[idx] = fake_quantize_rows(rows[idx], b, config)
+    return out.reshape(weight.shape)
+
+
+def row_quantization_error(
+    weight: torch.Tensor, bits: int, config: WeightQuantConfig | None = None
+) -> torch.Tensor:
+    """dW = Q_b(W) - W for every row at one bit-width, shaped like the weight (rows [out, fan_in] for convs)."""
+    rows = as_rows(weight)
+    return fake_quantize_rows(rows, bits, config).float() - rows.detach().float()
+
+
+def fake_quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token dynamic asymmetric fake quantization of an activation [..., K] (A8); 16 returns x."""
+    if bits >= 16:
+        return x
+    qmax = (1 << bits) - 1
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    # straight-through: identical values forward, gradient of identity backward (for the first-order proxy)
+    return x + ((q - zero) * scale - x).detach()
