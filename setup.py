@@ -28,6 +28,9 @@ def share_tree(folder: str):
 CONSOLE_SCRIPTS = [
     # qvla_quant CLIs (no ROS needed)
     "qvla-quant = qvla_quant.cli:main",
+    # policies: training and closed-loop evaluation in the simulated rig
+    "qvla-train = qvla_ros.policy.train:main",
+    "qvla-eval = qvla_ros.policy.evaluate:main",
 ]
 
 setup(

@@ -1,0 +1,26 @@
+# qvla: the README's commands. Every target sets up first (idempotent: seconds when nothing changed).
+.PHONY: setup test test-fast demo lint clean
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+setup:
+	@scripts/setup.sh
+
+# the whole suite (what CI runs): fast unit tests, ROS tests over real DDS, MuJoCo sim tests, slow ones
+test: setup
+	@$(PY) -m pytest -q
+
+# quick loop while developing: leaves out the tests marked slow
+test-fast: setup
+	@$(PY) -m pytest -q -m "not slow"
+
+# the main job: the simulated rig driven by the committed quantized policy over ROS 2
+demo: setup
+	@$(PY) -m qvla_ros.demo
+
+lint: setup
+	@$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf build install log .pytest_cache .ruff_cache
