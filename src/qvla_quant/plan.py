@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qvla_quant.quantizer import BIT_CHOICES, QuantConfig
+from qvla_quant.quantizer import BIT_CHOICES, QuantConfig, check_granularity
 
 PLAN_FORMAT_VERSION = 1
 
@@ -26,6 +26,8 @@ class LayerPlan:
 
     name: the module's qualified name in the policy; role: vision / projector / language / action / other;
     kind: "linear" or "conv"; out_features x fan_in: the weight as rows; bits: one entry per row.
+    granularity: "row" (per-row scale/zero, the method) or "tensor" (one scale/zero shared by all rows: the
+    layer-wise RTN baseline; its quantized rows must share one bit-width). See `qvla_quant.quantizer`.
     """
 
     name: str
@@ -34,6 +36,7 @@ class LayerPlan:
     out_features: int
     fan_in: int
     bits: list[int]
+    granularity: str = "row"
 
     def __post_init__(self):
         if len(self.bits) != self.out_features:
@@ -42,6 +45,10 @@ class LayerPlan:
         if bad:
             raise ValueError(f"{self.name}: bit-widths {sorted(bad)} not in {BIT_CHOICES}")
         self.bits = [int(b) for b in self.bits]
+        try:
+            check_granularity(self.granularity, self.bits)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
 
     @property
     def n_weights(self) -> int:
@@ -62,11 +69,20 @@ class LayerPlan:
             "out_features": self.out_features,
             "fan_in": self.fan_in,
             "bits": self.bits,
+            "granularity": self.granularity,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
-        return cls(d["name"], d["role"], d["kind"], int(d["out_features"]), int(d["fan_in"]), list(d["bits"]))
+        return cls(
+            d["name"],
+            d["role"],
+            d["kind"],
+            int(d["out_features"]),
+            int(d["fan_in"]),
+            list(d["bits"]),
+            d.get("granularity", "row"),  # plans written before the layer-wise baseline existed are per-row
+        )
 
 
 @dataclass

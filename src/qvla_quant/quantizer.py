@@ -16,6 +16,12 @@ contribution instead of a hole). See `pruned_row_output` in the docs of `fake_qu
 
 Optional MSE-optimal clipping: the quantization range [min, max] of each row is shrunk by a factor alpha from a
 grid, and the alpha with the lowest squared reconstruction error of that row is kept (per row).
+
+Granularity (`GRANULARITIES`): "row" (the default, the method's per-output-channel scale and zero) or "tensor"
+(the layer-wise RTN baseline of the paper's Table 3): one range [min, max] over all the rows quantized together,
+one clip factor for all of them, hence one scale and one zero point shared by every row. The tensor variant keeps
+the same storage (a scale and zero per row, all equal) so the packed runtime and kernels serve both; it needs
+every quantized row of a layer at one bit-width (rows at 16 or 0 bits may be mixed in).
 """
 
 from __future__ import annotations
@@ -28,6 +34,20 @@ BIT_CHOICES: tuple[int, ...] = (0, 2, 4, 8, 16)
 QUANTIZED_BITS: tuple[int, ...] = (2, 4, 8)
 KEEP_BITS = 16
 PRUNE_BITS = 0
+GRANULARITIES: tuple[str, ...] = ("row", "tensor")
+
+
+def check_granularity(granularity: str, row_bits=None) -> None:
+    """Raise ValueError unless `granularity` is known and, for "tensor", the quantized rows share one bit-width."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "tensor" and row_bits is not None:
+        quantized = sorted({int(b) for b in torch.as_tensor(row_bits).tolist()} & set(QUANTIZED_BITS))
+        if len(quantized) > 1:
+            raise ValueError(
+                f"granularity 'tensor' shares one scale/zero over the layer, so its quantized rows need one "
+                f"bit-width; got {quantized}. Use granularity 'row' for mixed-precision layers."
+            )
 
 
 @dataclass(frozen=True)
@@ -107,29 +127,36 @@ def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Te
 
 
 def quantize_rows(
-    rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None
+    rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None, *, granularity: str = "row"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize every row of `rows` [R, K] to `bits` in {2, 4, 8}.
 
+    granularity "tensor": one range and one clip factor over all of `rows` (every row gets the same scale/zero).
     Returns (codes uint8 [R, K] in [0, 2^bits - 1], scale fp16 [R], zero fp16 [R]).
     """
     if bits not in QUANTIZED_BITS:
         raise ValueError(f"quantize_rows: bits must be one of {QUANTIZED_BITS}, got {bits}")
+    check_granularity(granularity)
     config = config or WeightQuantConfig()
     w = rows.detach().float()
     qmax = (1 << bits) - 1
     # the range always contains 0 so that zero weights (and padding) are exact
     lo = w.amin(dim=1).clamp(max=0.0)
     hi = w.amax(dim=1).clamp(min=0.0)
+    per_tensor = granularity == "tensor" and w.shape[0] > 0
+    if per_tensor:
+        lo, hi = lo.amin().expand_as(lo), hi.amax().expand_as(hi)
 
     if config.clip_search and config.clip_grid > 1:
-        best_err = torch.full((w.shape[0],), float("inf"))
+        best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
         best_lo, best_hi = lo.clone(), hi.clone()
         for ratio in torch.linspace(1.0, config.clip_min_ratio, config.clip_grid).tolist():
             c_lo, c_hi = lo * ratio, hi * ratio
             scale, zero = _scale_zero(c_lo, c_hi, bits)
             q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax)
             err = ((q - zero[:, None]) * scale[:, None] - w).pow(2).sum(dim=1)
+            if per_tensor:  # one clip factor for the whole tensor: compare the total error
+                err = err.sum().expand_as(err)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo = torch.where(better, c_lo, best_lo)
@@ -146,22 +173,30 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (codes.float() - zero.float()[:, None]) * scale.float()[:, None]
 
 
-def fake_quantize_rows(rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None) -> torch.Tensor:
+def fake_quantize_rows(
+    rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None, *, granularity: str = "row"
+) -> torch.Tensor:
     """Quantize-dequantize every row at one bit-width; 16 returns the rows, 0 returns zeros (pruned)."""
     if bits == KEEP_BITS:
         return rows.detach().clone()
     if bits == PRUNE_BITS:
         return torch.zeros_like(rows)
-    codes, scale, zero = quantize_rows(rows, bits, config)
+    codes, scale, zero = quantize_rows(rows, bits, config, granularity=granularity)
     return dequantize_rows(codes, scale, zero).to(rows.dtype)
 
 
 def fake_quantize_weight(
-    weight: torch.Tensor, row_bits: torch.Tensor, config: WeightQuantConfig | None = None
+    weight: torch.Tensor,
+    row_bits: torch.Tensor,
+    config: WeightQuantConfig | None = None,
+    *,
+    granularity: str = "row",
 ) -> torch.Tensor:
     """Quantize-dequantize a linear/conv weight with one bit-width per output row (`row_bits` [out]).
 
     Pruned rows (0 bits) become zero; the caller keeps the bias, so a pruned channel outputs its bias.
+    Rows at one bit-width are quantized together (ascending row index), which matters only for
+    granularity "tensor" (see the module docstring); the packed runtime groups rows the same way.
     """
     rows = as_rows(weight)
     row_bits = torch.as_tensor(row_bits, dtype=torch.long)
@@ -170,10 +205,11 @@ def fake_quantize_weight(
     bad = set(row_bits.unique().tolist()) - set(BIT_CHOICES)
     if bad:
         raise ValueError(f"row bit-widths {sorted(bad)} are not in {BIT_CHOICES}")
+    check_granularity(granularity, row_bits)
     out = torch.empty_like(rows)
     for b in row_bits.unique().tolist():
         idx = (row_bits == b).nonzero().squeeze(1)
-        out[idx] = fake_quantize_rows(rows[idx], b, config)
+        out[idx] = fake_quantize_rows(rows[idx], b, config, granularity=granularity)
     return out.reshape(weight.shape)
 
 

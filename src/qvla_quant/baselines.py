@@ -1,0 +1,125 @@
+"""Uniform round-to-nearest baselines (the comparisons of the paper's Table 3), as ordinary plans.
+
+- per-channel RTN (W8 / W4 / W2): every row of every layer at b bits, one scale and zero point per row;
+- layer-wise RTN: every row at b bits, ONE scale and zero point per tensor (LayerPlan.granularity = "tensor").
+
+Both are Plans, so they go through the same `quantize_model` / packed storage / artifact as QVLA allocations:
+the layer-wise variant is stored in the same format with the shared scale/zero repeated per row (2 x fp16 per
+row, a 32/K bits-per-weight overhead that the kernels then need not special-case).
+
+RTN here means plain min-max round-to-nearest: the quantizer's MSE clip search is off unless a `quant` config
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from torch import nn
+
+from qvla_quant.plan import LayerPlan, Plan
+from qvla_quant.quantizer import (
+    QUANTIZED_BITS,
+    ActivationQuantConfig,
+    QuantConfig,
+    WeightQuantConfig,
+    check_granularity,
+)
+
+# (name, role, kind, out_features, fan_in): what a policy adapter reports for each quantizable layer
+LayerSpec = tuple[str, str, str, int, int]
+RTN_WEIGHT = WeightQuantConfig(clip_search=False)
+
+
+def _specs(layers_spec: Plan | Iterable[LayerPlan | LayerSpec]) -> list[LayerSpec]:
+    items = layers_spec.layers.values() if isinstance(layers_spec, Plan) else layers_spec
+    specs: list[LayerSpec] = []
+    for item in items:
+        if isinstance(item, LayerPlan):
+            specs.append((item.name, item.role, item.kind, item.out_features, item.fan_in))
+            continue
+        try:
+            name, role, kind, out, fan_in = item
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"layer spec {item!r} is not a LayerPlan or a (name, role, kind, out_features, fan_in) tuple"
+            ) from None
+        specs.append((str(name), str(role), str(kind), int(out), int(fan_in)))
+    names = [s[0] for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"layer spec names must be unique; repeated: {duplicates}")
+    if not specs:
+        raise ValueError("the layer spec is empty: no layer to quantize")
+    return specs
+
+
+def uniform_plan(
+    layers_spec: Plan | Iterable[LayerPlan | LayerSpec],
+    bits: int,
+    *,
+    granularity: str = "row",
+    activation_bits: int | None = None,
+    quant: QuantConfig | None = None,
+) -> Plan:
+    """Every row of every layer at `bits` (2, 4 or 8; 16 gives the unquantized reference plan).
+
+    layers_spec: a template Plan (its layers, fingerprint and activation setting are reused), LayerPlans, or
+    (name, role, kind, out_features, fan_in) tuples. granularity "row": per-channel RTN; "tensor": layer-wise.
+    activation_bits (16 or 8) overrides the template's; quant replaces the whole quantizer config.
+    """
+    if bits not in (*QUANTIZED_BITS, 16):
+        raise ValueError(f"uniform_plan: bits must be one of {(*QUANTIZED_BITS, 16)}, got {bits}")
+    check_granularity(granularity)
+    template = layers_spec if isinstance(layers_spec, Plan) else None
+    if quant is None:
+        activation = template.quant.activation if template else ActivationQuantConfig()
+        if activation_bits is not None:
+            activation = ActivationQuantConfig(activation_bits)
+        quant = QuantConfig(weight=RTN_WEIGHT, activation=activation)
+    elif activation_bits is not None and activation_bits != quant.activation.bits:
+        raise ValueError(f"activation_bits={activation_bits} contradicts quant.activation.bits={quant.activation.bits}")
+    layers = {
+        name: LayerPlan(name, role, kind, out, fan_in, [bits] * out, granularity)
+        for name, role, kind, out, fan_in in _specs(layers_spec)
+    }
+    kind = "channel" if granularity == "row" else "layer"
+    return Plan(
+        layers=layers,
+        quant=quant,
+        budget=float(bits),
+        model_fingerprint=template.model_fingerprint if template else "",
+        method=f"rtn-{kind}-w{bits}a{quant.activation.bits}",
+        info={"baseline": f"{kind}-wise RTN", "granularity": granularity},
+    )
+
+
+def layerwise_plan(layers_spec: Plan | Iterable[LayerPlan | LayerSpec], bits: int, **kwargs) -> Plan:
+    """Layer-wise RTN: `uniform_plan(..., granularity="tensor")` (one scale/zero per tensor)."""
+    return uniform_plan(layers_spec, bits, granularity="tensor", **kwargs)
+
+
+def table3_plans(
+    layers_spec: Plan | Iterable[LayerPlan | LayerSpec], bits: Iterable[int] = (8, 4, 2), **kwargs
+) -> dict[str, Plan]:
+    """Per-channel and layer-wise RTN at each bit-width, keyed by the plan's method name."""
+    specs = layers_spec if isinstance(layers_spec, Plan) else _specs(layers_spec)
+    plans = [uniform_plan(specs, b, granularity=g, **kwargs) for b in bits for g in ("row", "tensor")]
+    return {p.method: p for p in plans}
+
+
+def linear_layers_spec(model: nn.Module, role: str = "other") -> list[LayerSpec]:
+    """Every plain nn.Linear / nn.Conv2d of `model` as a layer spec with one role (tests and generic models;
+    policy adapters report real roles and leave out what must stay in full precision)."""
+    specs = []
+    for name, module in model.named_modules():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+            continue  # never called as a module (see packed.planned_modules)
+        for base, kind in ((nn.Linear, "linear"), (nn.Conv2d, "conv")):
+            if isinstance(module, base) and type(module).forward is base.forward:
+                w = module.weight
+                specs.append((name, role, kind, w.shape[0], math.prod(w.shape[1:])))
+    return specs

@@ -1,0 +1,711 @@
+"""Packed mixed-precision linear layer: the real storage of a QVLA plan, and its torch (CPU) forward.
+
+One class, `PackedLinear`, holds one nn.Linear or nn.Conv2d whose output rows carry bit-widths in
+{0, 2, 4, 8, 16}. A Conv2d is a linear map over its output channels: its filter [in/groups, kh, kw] is one row of
+K = in/groups * kh * kw weights, flattened row-major exactly like `weight.reshape(out, -1)`.
+
+Storage layout (every tensor is a buffer, so `state_dict()` and the safetensors artifact hold exactly this)
+-----------------------------------------------------------------------------------------------------------
+Stored rows are grouped by bit-width in the fixed group order 8, 4, 2, 16; pruned rows (0 bits) are not stored.
+Inside a group rows keep ascending original output index. K = in_features (fan-in of one row).
+
+    buffer      dtype         shape                          content
+    qweight_8   uint8         [rows_8, K]                    one code per byte
+    qweight_4   uint8         [rows_4, ceil(K / 2)]          two codes per byte: column 2j in bits 0-3 (low
+                                                             nibble), column 2j+1 in bits 4-7 (high nibble)
+    qweight_2   uint8         [rows_2, ceil(K / 4)]          four codes per byte: column 4j+i in bits 2i..2i+1
+                                                             (column 4j in the two lowest bits)
+    scale_b     float16       [rows_b]   (b in 8, 4, 2)      per-row scale s
+    zero_b      float16       [rows_b]   (b in 8, 4, 2)      per-row zero point z, an integer in [0, 2^b - 1]
+                                                             (exact in fp16)
+    kept        source dtype  [rows_16, K]                   16-bit rows, unquantized, in the source dtype
+    row_index   int32         [rows_8 + rows_4 + rows_2 + rows_16]
+                                                             original output index of every stored row, in
+                                                             the group order above (concatenated)
+    bias        source dtype  [out_features]                 only if the source layer has a bias: the FULL
+                                                             bias, pruned rows included
+
+A kernel runs one GEMM per group and writes its output columns to row_index[off_b : off_b + rows_b], with
+off_8 = 0, off_4 = rows_8, off_2 = rows_8 + rows_4, off_16 = rows_8 + rows_4 + rows_2 (MixLLM-style).
+
+Codes are unsigned, q in [0, 2^b - 1]; every row of a packed tensor starts on a byte boundary (row stride
+ceil(K * b / 8) bytes). When K * b is not a multiple of 8 the tail of each row's last byte is padding with code 0;
+a kernel must mask columns >= K. Empty groups are stored as zero-row tensors so the set of buffer names and their
+meaning never depends on the plan (rows_b = buffer.shape[0]).
+
+Math (identical to `qvla_quant.quantizer`, which the fake-quant reference uses):
+    w[i, k]      = (q[i, k] - z[i]) * s[i]          in fp32 from the fp16 s and z, then cast to the compute dtype
+    y[..., o]    = x @ w[i] + bias[o]              for the stored row i with row_index[i] = o
+    y[..., o]    = bias[o]   (0 without bias)       for a pruned row o: a pruned channel outputs a constant, so
+                                                    downstream norms and residuals keep its mean contribution
+With A8 (`config.activation.bits == 8`) x is first fake-quantized per token (per row of the flattened [N, K]
+input; for a conv, per patch = per column of `F.unfold`), exactly as `fake_quantize_activation` does.
+
+Layer-wise RTN (granularity "tensor") uses this same format: scale_b / zero_b hold one value repeated per row.
+
+CPU forward and the dequantization cache
+----------------------------------------
+Default, per call: the stored rows are dequantized in blocks of ~2 MiB of fp32 and each block is multiplied
+right away (it stays in cache), accumulating, scaling and adding the bias in fp32 whatever the input dtype; the
+output columns are then scattered by `row_index` (`index_copy_`) into an output pre-filled with the bias. It
+equals the reference up to the order of roundings (tests: max error <= 1e-5 x max |output| in fp32). Cost on
+a shared 2-core CPU (bench/bench_packed.py): about 3.5-7x the time of an fp32 nn.Linear at 1 token and 1.1-2x at
+256 tokens (dequantizing the whole layer first instead: 10x slower again at 1 token); peer libraries: 10-50x.
+
+`cache_dequantized=True` (or `set_dequantized_cache(model, True)`): dequantize once, in the compute dtype, and
+keep it: the speed of nn.Linear, at the memory of a full-precision copy of every stored row on top of the packed
+buffers (in fp32 that is more than the bf16 source model). Default off: the packed weights are the point of the
+format; switch it on for CPU evaluation runs with memory to spare. The cache is never saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qvla_quant.plan import LayerPlan, Plan
+from qvla_quant.quantizer import (
+    BIT_CHOICES,
+    QUANTIZED_BITS,
+    QuantConfig,
+    as_rows,
+    check_granularity,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_rows,
+)
+
+PACKED_FORMAT_VERSION = 1
+PACKED_GROUPS: tuple[int, ...] = (
+    8,
+    4,
+    2,
+)  # quantized groups, in storage order; the kept (16-bit) group follows
+STORAGE_ORDER: tuple[int, ...] = (*PACKED_GROUPS, 16)
+# rows dequantized per block in the per-call forward: 64 rows x 8192 fp32 = 2 MiB, fits a core's L2
+DEQUANT_BLOCK_BYTES = 2 << 20
+# attribute that `quantize_model` sets on the model it returns: the source model's fingerprint (see artifact.py)
+SOURCE_FINGERPRINT_ATTR = "qvla_source_fingerprint"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bit packing (little-end first: the lowest bits of a byte hold the lowest column index)
+
+
+def packed_row_bytes(fan_in: int, bits: int) -> int:
+    """Bytes of one packed row of `fan_in` codes at `bits` in {2, 4, 8}."""
+    return (fan_in * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes [R, K] (values < 2^bits) into uint8 [R, ceil(K * bits / 8)], low bits first."""
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"pack_codes: bits must be one of {QUANTIZED_BITS}, got {bits}")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"pack_codes expects uint8 codes [R, K], got {codes.dtype} {tuple(codes.shape)}")
+    if bits == 8:
+        return codes.contiguous()
+    per_byte = 8 // bits
+    rows, k = codes.shape
+    pad = -k % per_byte
+    if pad:
+        codes = F.pad(codes, (0, pad))  # padding codes are 0
+    c = codes.reshape(rows, -1, per_byte)
+    out = c[..., 0].clone()
+    for i in range(1, per_byte):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, fan_in: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [R, ceil(K * bits / 8)] -> uint8 codes [R, fan_in]."""
+    if bits == 8:
+        return packed
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    rows, nbytes = packed.shape
+    out = torch.empty(rows, nbytes, per_byte, dtype=torch.uint8, device=packed.device)
+    for i in range(per_byte):
+        torch.bitwise_and(packed >> (bits * i), mask, out=out[..., i])
+    return out.reshape(rows, nbytes * per_byte)[:, :fan_in]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the packed layer
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What F.conv2d needs besides the weight; taken from the source nn.Conv2d."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    reversed_padding: tuple[int, ...]  # nn.Conv2d._reversed_padding_repeated_twice, for non-"zeros" modes
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d) -> ConvGeometry:
+        return cls(
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
+            tuple(conv.dilation),
+            conv.groups,
+            conv.padding_mode,
+            tuple(conv._reversed_padding_repeated_twice),
+        )
+
+
+def _bits_tensor(row_bits) -> torch.Tensor:
+    row_bits = torch.as_tensor(row_bits).detach().to("cpu", torch.long)
+    bad = set(row_bits.unique().tolist()) - set(BIT_CHOICES)
+    if bad:
+        raise ValueError(f"row bit-widths {sorted(bad)} are not in {BIT_CHOICES}")
+    return row_bits
+
+
+class PackedLinear(nn.Module):
+    """A Linear/Conv2d stored as row groups of int8 / int4 / int2 codes, 16-bit rows and pruned rows.
+
+    See the module docstring for the exact layout. Build it with `from_float` (quantizes a float module) or with
+    the constructor (empty buffers of the right shapes, e.g. on the meta device, to be filled by
+    `load_state_dict(..., assign=True)`).
+    """
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        row_bits,
+        config: QuantConfig | None = None,
+        *,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        granularity: str = "row",
+        conv: ConvGeometry | None = None,
+        device: torch.device | str | None = None,
+        cache_dequantized: bool = False,
+    ):
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.out_features = self.weight_shape[0]
+        self.in_features = math.prod(self.weight_shape[1:])
+        self.config = config or QuantConfig()
+        self.granularity = granularity
+        self.conv = conv
+        self.cache_dequantized = cache_dequantized
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        if (conv is None) != (len(self.weight_shape) == 2):
+            raise ValueError(f"weight shape {self.weight_shape} does not fit a {'conv' if conv else 'linear'} layer")
+        if conv is not None and self.config.activation.bits == 8:
+            # the A8 conv path quantizes per patch through F.unfold, which knows zero padding with explicit sizes
+            if isinstance(conv.padding, str) and conv.padding != "valid":
+                raise NotImplementedError(f"A8 conv with padding={conv.padding!r} is not supported; use int padding")
+            if conv.groups != 1:
+                raise NotImplementedError("A8 conv with groups > 1 is not supported")
+
+        bits = _bits_tensor(row_bits)
+        if bits.shape != (self.out_features,):
+            raise ValueError(f"row_bits has shape {tuple(bits.shape)}, expected ({self.out_features},)")
+        check_granularity(granularity, bits)
+        k = self.in_features
+        factory = {"device": device}
+        for b in PACKED_GROUPS:
+            n = int((bits == b).sum())
+            self.register_buffer(f"qweight_{b}", torch.empty(n, packed_row_bytes(k, b), dtype=torch.uint8, **factory))
+            self.register_buffer(f"scale_{b}", torch.empty(n, dtype=torch.float16, **factory))
+            self.register_buffer(f"zero_{b}", torch.empty(n, dtype=torch.float16, **factory))
+        self.register_buffer("kept", torch.empty(int((bits == 16).sum()), k, dtype=dtype, **factory))
+        index = torch.cat([(bits == b).nonzero().squeeze(1) for b in STORAGE_ORDER]).to(torch.int32)
+        self.register_buffer("row_index", index.to(device) if str(device) != "meta" else index.to("meta"))
+        self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype, **factory) if bias else None)
+
+    # ---- construction from a float module
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Linear | nn.Conv2d,
+        row_bits,
+        config: QuantConfig | None = None,
+        *,
+        granularity: str = "row",
+        cache_dequantized: bool = False,
+    ) -> PackedLinear:
+        """Quantize `module` with one bit-width per output row (`row_bits` [out]) into the packed format."""
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"PackedLinear.from_float takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        weight = module.weight.detach()
+        if weight.is_meta:
+            raise ValueError("cannot quantize a module whose weights are on the meta device: load its weights first")
+        config = config or QuantConfig()
+        packed = cls(
+            weight.shape,
+            row_bits,
+            config,
+            bias=module.bias is not None,
+            dtype=weight.dtype,
+            granularity=granularity,
+            conv=ConvGeometry.from_module(module) if isinstance(module, nn.Conv2d) else None,
+            device=weight.device,
+            cache_dequantized=cache_dequantized,
+        )
+        bits = _bits_tensor(row_bits).to(weight.device)
+        rows = as_rows(weight)
+        with torch.no_grad():
+            for b in PACKED_GROUPS:
+                idx = (bits == b).nonzero().squeeze(1)
+                if idx.numel():
+                    # same grouping as fake_quantize_weight (ascending rows), so "tensor" granularity matches too
+                    codes, scale, zero = quantize_rows(rows[idx], b, config.weight, granularity=granularity)
+                    getattr(packed, f"qweight_{b}").copy_(pack_codes(codes, b))
+                    getattr(packed, f"scale_{b}").copy_(scale)
+                    getattr(packed, f"zero_{b}").copy_(zero)
+            packed.kept.copy_(rows[bits == 16])
+            if module.bias is not None:
+                packed.bias.copy_(module.bias.detach())
+        return packed
+
+    # ---- introspection
+    @property
+    def source_dtype(self) -> torch.dtype:
+        return self.kept.dtype
+
+    def group_sizes(self) -> dict[int, int]:
+        """Stored rows per bit-width, and pruned rows under 0."""
+        sizes = {b: getattr(self, f"qweight_{b}").shape[0] for b in PACKED_GROUPS}
+        sizes[16] = self.kept.shape[0]
+        sizes[0] = self.out_features - sum(sizes.values())
+        return sizes
+
+    def row_bits(self) -> torch.Tensor:
+        """Bits per original output row (long [out]), derived from the stored groups."""
+        bits = torch.zeros(self.out_features, dtype=torch.long)
+        sizes = self.group_sizes()
+        index = self.row_index.long().cpu()
+        start = 0
+        for b in STORAGE_ORDER:
+            bits[index[start : start + sizes[b]]] = b
+            start += sizes[b]
+        return bits
+
+    def average_bits(self) -> float:
+        return float(self.row_bits().float().mean())
+
+    def weight_bytes(self) -> int:
+        """Bytes actually stored for the weight: packed codes + scales + zeros + kept rows + row_index.
+
+        The bias is not a weight and is not counted (see `bias_bytes`); neither is the optional dequantization
+        cache (a runtime choice, see `cache_bytes`).
+        """
+        names = [f"{p}_{b}" for b in PACKED_GROUPS for p in ("qweight", "scale", "zero")] + [
+            "kept",
+            "row_index",
+        ]
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    def bias_bytes(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+
+    def cache_bytes(self) -> int:
+        return 0 if self._cache is None else self._cache[1].numel() * self._cache[1].element_size()
+
+    def validate(self) -> None:
+        """Check that the buffers are a consistent packed layer (after loading from a file)."""
+        n_stored = sum(getattr(self, f"qweight_{b}").shape[0] for b in PACKED_GROUPS) + self.kept.shape[0]
+        problems = []
+        if self.row_index.shape != (n_stored,):
+            problems.append(f"row_index has {self.row_index.numel()} entries for {n_stored} stored rows")
+        else:
+            idx = self.row_index.long()
+            if n_stored and (idx.min() < 0 or idx.max() >= self.out_features or idx.unique().numel() != n_stored):
+                problems.append("row_index is not a set of distinct output rows")
+        for b in PACKED_GROUPS:
+            q, s, z = (getattr(self, f"{p}_{b}") for p in ("qweight", "scale", "zero"))
+            if q.shape[1] != packed_row_bytes(self.in_features, b) or s.shape != (q.shape[0],) or z.shape != s.shape:
+                problems.append(f"int{b} group has inconsistent shapes {tuple(q.shape)}, {tuple(s.shape)}")
+        if problems:
+            raise ValueError("inconsistent packed layer: " + "; ".join(problems))
+
+    def extra_repr(self) -> str:
+        g = self.group_sizes()
+        kind = f"conv{tuple(self.weight_shape)}" if self.conv else f"in={self.in_features}, out={self.out_features}"
+        return (
+            f"{kind}, rows int8/int4/int2/kept/pruned={g[8]}/{g[4]}/{g[2]}/{g[16]}/{g[0]}, "
+            f"A{self.config.activation.bits}, granularity={self.granularity}, weight_bytes={self.weight_bytes()}"
+        )
+
+    # ---- dequantization
+    def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Write stored rows [start, stop) (storage order) dequantized into fp32 `out` [stop - start, K]."""
+        k = self.in_features
+        group_start = 0
+        for b in STORAGE_ORDER:
+            n = self.kept.shape[0] if b == 16 else getattr(self, f"qweight_{b}").shape[0]
+            lo, hi = max(start, group_start), min(stop, group_start + n)
+            if lo < hi:
+                dst = out[lo - start : hi - start]
+                a, c = lo - group_start, hi - group_start
+                if b == 16:
+                    dst.copy_(self.kept[a:c])
+                else:
+                    codes = unpack_codes(getattr(self, f"qweight_{b}")[a:c], b, k)
+                    # (q - z) * s in fp32, the same two roundings as quantizer.dequantize_rows
+                    torch.sub(codes, getattr(self, f"zero_{b}")[a:c].float()[:, None], out=dst)
+                    dst.mul_(getattr(self, f"scale_{b}")[a:c].float()[:, None])
+            group_start += n
+
+    def _n_stored(self) -> int:
+        return self.row_index.shape[0]
+
+    def stored_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dequantized stored rows [n_stored, K] in storage order (the compact weight), in `dtype`."""
+        w = torch.empty(self._n_stored(), self.in_features, dtype=torch.float32, device=self.kept.device)
+        self._dequantize_rows(0, w.shape[0], w)
+        return w.to(dtype or self.source_dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full reference weight [out, ...] (original shape; pruned rows zero), in `dtype` (default source).
+
+        Equal (torch.equal) to `fake_quantize_weight(source_weight, row_bits, config.weight)`.
+        """
+        dtype = dtype or self.source_dtype
+        full = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.kept.device)
+        full.index_copy_(0, self.row_index.long(), self.stored_weight(dtype))
+        return full.reshape(self.weight_shape)
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def _cached(self, kind: str, dtype: torch.dtype, build) -> torch.Tensor:
+        key = (kind, dtype, self.kept.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, build())
+        return self._cache[1]
+
+    def _apply(self, fn, recurse=True):
+        # `model.half()` / `.float()` / `.to(dtype)` cast floating buffers; the format fixes scale/zero to fp16
+        # (values are exact either way, but weight_bytes and the artifact must not change with the compute dtype)
+        super()._apply(fn, recurse)
+        for b in PACKED_GROUPS:
+            for p in ("scale", "zero"):
+                t = self._buffers[f"{p}_{b}"]
+                if t is not None and t.dtype != torch.float16:
+                    self._buffers[f"{p}_{b}"] = t.to(torch.float16)
+        self._cache = None
+        return self
+
+    # ---- forward
+    def _linear_stored(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [N, K] -> outputs of the stored rows [N, n_stored] in storage order (their bias included)."""
+        bias = None if self.bias is None else self.bias[self.row_index.long()]
+        if self.cache_dequantized:
+            w = self._cached("stored", x2.dtype, lambda: self.stored_weight(x2.dtype))
+            return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        # accumulate, scale and add the bias in fp32 and round once at the end, whatever the input dtype (on CPU
+        # fp32 matmuls are also the fast ones)
+        xf = x2.float()
+        y = torch.empty(x2.shape[0], self._n_stored(), dtype=torch.float32, device=x2.device)
+        start = 0
+        for b in PACKED_GROUPS:
+            n = getattr(self, f"qweight_{b}").shape[0]
+            if n:
+                self._packed_group_matmul(b, xf, y[:, start : start + n])
+            start += n
+        if self.kept.shape[0]:
+            y[:, start:] = F.linear(xf, self.kept.float())
+        if bias is not None:
+            y += bias.float()
+        return y.to(x2.dtype)
+
+    def _packed_group_matmul(self, bits: int, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """y[N, rows_b] = x2 @ dequantized(group b)^T in fp32 (x2, y fp32), dequantizing a block of rows at a time.
+
+        Three choices keep the number of passes over the weight small (eager torch cannot fuse them):
+        - the scale moves to the output, x @ ((q - z) s)^T = (x @ (q - z)^T) s: one multiply per output instead
+          of one per weight (q - z is an exact small integer, so only the rounding order changes);
+        - for int4/int2, q - z is formed in int8 (values in [-15, 15]) before the one conversion to float;
+        - sub-byte codes are unpacked plane by plane (all low fields of a row, then the next field ...): the
+          writes stay contiguous; x is permuted into the same plane order once per call instead.
+        """
+        q, scale, zero = (getattr(self, f"{p}_{bits}") for p in ("qweight", "scale", "zero"))
+        n, nbytes = q.shape
+        per_byte = 8 // bits
+        k_pad = nbytes * per_byte
+        xp = x2
+        if per_byte > 1:  # column per_byte*j + i of x -> position i*nbytes + j; padding columns get x = 0
+            xp = F.pad(x2, (0, k_pad - self.in_features)).reshape(-1, nbytes, per_byte).transpose(1, 2)
+            xp = xp.reshape(-1, k_pad)
+        block = max(1, min(n, DEQUANT_BLOCK_BYTES // (4 * k_pad)))
+        w_buf = torch.empty(block, k_pad, dtype=torch.float32, device=q.device)
+        if per_byte > 1:
+            d_buf = torch.empty(block, k_pad, dtype=torch.int8, device=q.device)
+            zero_int = zero.to(torch.int8)[:, None]
+        else:
+            zero_f = zero.float()[:, None]
+        mask = (1 << bits) - 1
+        scale_out = scale.float()
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            w = w_buf[: r1 - r0]
+            if per_byte == 1:
+                w.copy_(q[r0:r1])
+                w.sub_(zero_f[r0:r1])
+            else:
+                d = d_buf[: r1 - r0]
+                d_codes = d.view(torch.uint8)  # codes < 16 read the same as uint8 and int8: no cast needed
+                for i in range(per_byte):
+                    plane = d_codes[:, i * nbytes : (i + 1) * nbytes]
+                    if i == 0:
+                        torch.bitwise_and(q[r0:r1], mask, out=plane)
+                    elif i == per_byte - 1:  # the top field: the shift alone isolates it
+                        torch.bitwise_right_shift(q[r0:r1], bits * i, out=plane)
+                    else:
+                        torch.bitwise_and(q[r0:r1] >> (bits * i), mask, out=plane)
+                d.sub_(zero_int[r0:r1])
+                w.copy_(d)
+            y[:, r0:r1] = (xp @ w.t()).mul_(scale_out[r0:r1])
+
+    def _scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """Stored-row outputs [N, n_stored] -> full [N, out]; pruned columns get their bias (or 0)."""
+        n = y.shape[0]
+        if self.bias is None:
+            out = torch.zeros(n, self.out_features, dtype=y.dtype, device=y.device)
+        else:
+            out = self.bias.to(y.dtype).expand(n, self.out_features).clone()
+        return out.index_copy_(1, self.row_index.long(), y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is not None:
+            return self._conv_forward(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.config.activation.bits == 8:
+            x2 = fake_quantize_activation(x2, 8)
+        return self._scatter(self._linear_stored(x2)).reshape(*lead, self.out_features)
+
+    def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.conv
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        padding = g.padding
+        if g.padding_mode != "zeros":
+            x = F.pad(x, g.reversed_padding, mode=g.padding_mode)
+            padding = (0, 0)
+        if self.config.activation.bits == 8:
+            y = self._conv_a8(x, (0, 0) if padding == "valid" else padding)
+        else:
+            if self.cache_dequantized:
+                w = self._cached("full", x.dtype, lambda: self.dequantized_weight(x.dtype))
+            else:
+                w = self.dequantized_weight(x.dtype)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.conv2d(x, w, bias, g.stride, padding, g.dilation, g.groups)
+        return y.squeeze(0) if unbatched else y
+
+    def _conv_a8(self, x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+        # a conv is a linear map over patches: quantize each patch (one unfold column) like a token
+        g = self.conv
+        batch, _, h, w = x.shape
+        cols = F.unfold(x, g.kernel_size, dilation=g.dilation, padding=padding, stride=g.stride)  # [B, K, L]
+        tokens = fake_quantize_activation(cols.transpose(1, 2).reshape(-1, self.in_features), 8)
+        y = self._scatter(self._linear_stored(tokens))  # [B * L, out]
+        h_out, w_out = (
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip((h, w), padding, g.dilation, g.kernel_size, g.stride)
+        )
+        return y.reshape(batch, h_out * w_out, self.out_features).transpose(1, 2).reshape(batch, -1, h_out, w_out)
+
+
+def predicted_weight_bytes(layer_plan: LayerPlan, source_dtype: torch.dtype) -> int:
+    """Weight bytes of the packed layer from its plan alone; equals `PackedLinear.weight_bytes()` exactly.
+
+    Per quantized row at b bits: ceil(K * b / 8) code bytes + 2 (fp16 scale) + 2 (fp16 zero); per kept row:
+    K * itemsize(source_dtype); per stored (non-pruned) row: 4 bytes of int32 row_index. Bias not included.
+    """
+    k = layer_plan.fan_in
+    itemsize = torch.empty((), dtype=source_dtype).element_size()
+    total = 0
+    for b in layer_plan.bits:
+        if b in PACKED_GROUPS:
+            total += packed_row_bytes(k, b) + 2 + 2 + 4
+        elif b == 16:
+            total += k * itemsize + 4
+    return total
+
+
+def set_dequantized_cache(model: nn.Module, enabled: bool) -> int:
+    """Turn the dequantization cache of every PackedLinear in `model` on or off; returns how many were set."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.cache_dequantized = enabled
+            m.clear_cache()
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole models
+
+
+def _kind_and_fan_in(module: nn.Module) -> tuple[str, int, int]:
+    w = module.weight
+    return ("conv" if isinstance(module, nn.Conv2d) else "linear"), w.shape[0], math.prod(w.shape[1:])
+
+
+def planned_modules(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, str, nn.Module, LayerPlan]]:
+    """Resolve and check every layer of `plan` in `model`: (name, parent, attribute, module, layer plan).
+
+    All problems are reported at once, before anything is changed.
+    """
+    resolved, problems = [], []
+    for name, lp in plan.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name!r}: no such module in the model")
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
+            problems.append(
+                f"{name!r} is the out_proj of nn.MultiheadAttention {parent_name or '<root>'!r}: MultiheadAttention "
+                "reads out_proj.weight directly and never calls the module, so a packed replacement would be "
+                "ignored. Leave it out of the plan (the adapter should not list it as quantizable)"
+            )
+            continue
+        if isinstance(module, PackedLinear):
+            problems.append(f"{name!r} is already a PackedLinear: quantize the float model, not a quantized one")
+            continue
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            problems.append(f"{name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d can be quantized")
+            continue
+        base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+        if type(module).forward is not base.forward:
+            problems.append(
+                f"{name!r} is a {type(module).__name__} with its own forward(); replacing it would change what it "
+                "computes. Leave it out of the plan"
+            )
+            continue
+        kind, out, fan_in = _kind_and_fan_in(module)
+        if (kind, out, fan_in) != (lp.kind, lp.out_features, lp.fan_in):
+            problems.append(
+                f"{name!r}: the plan expects a {lp.kind} of {lp.out_features} rows x {lp.fan_in} inputs, the model "
+                f"has a {kind} with weight {tuple(module.weight.shape)} ({out} rows x {fan_in}); the plan was made "
+                "for a different model"
+            )
+            continue
+        resolved.append((name, parent, attr, module, lp))
+    if problems:
+        raise ValueError(f"the plan does not fit this model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+    return resolved
+
+
+def quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = True, cache_dequantized: bool = False) -> nn.Module:
+    """Replace every module named in `plan` by a `PackedLinear` (same attribute name, so its state-dict keys are
+    `<name>.qweight_8`, `<name>.scale_8`, ..., `<name>.kept`, `<name>.row_index`, `<name>.bias`).
+
+    The source fingerprint (`artifact.model_fingerprint`) is recorded as `model.qvla_source_fingerprint`, so that
+    `save_artifact` can name the checkpoint the artifact was made from.
+    """
+    from qvla_quant.artifact import model_fingerprint  # artifact.py imports this module
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    resolved = planned_modules(model, plan)
+    fingerprint = model_fingerprint(model)
+    for _, parent, attr, module, lp in resolved:
+        packed = PackedLinear.from_float(
+            module, lp.bits, plan.quant, granularity=lp.granularity, cache_dequantized=cache_dequantized
+        )
+        setattr(parent, attr, packed)
+    setattr(model, SOURCE_FINGERPRINT_ATTR, fingerprint)
+    return model
+
+
+def _patch_quant_hook(conv: nn.Conv2d, bits: int):
+    """Forward pre-hook: per-patch activation fake quantization of a conv whose patches do not overlap.
+
+    With stride == kernel and no dilation every input pixel belongs to one patch, so quantizing the patches of
+    the (zero-padded) input is exactly the per-token quantization of the conv seen as a linear map.
+    """
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+
+    def hook(module, args):
+        x = args[0]
+        unbatched = x.dim() == 3
+        xb = x.unsqueeze(0) if unbatched else x
+        b, c, h, w = xb.shape
+        xp = F.pad(xb, (pw, pw, ph, ph))
+        nh, nw = (h + 2 * ph) // kh, (w + 2 * pw) // kw
+        core = xp[:, :, : nh * kh, : nw * kw].reshape(b, c, nh, kh, nw, kw).permute(0, 2, 4, 1, 3, 5)
+        core = fake_quantize_activation(core.reshape(b, nh, nw, c * kh * kw), bits)
+        core = core.reshape(b, nh, nw, c, kh, kw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nh * kh, nw * kw)
+        xq = torch.cat([core, xp[:, :, : nh * kh, nw * kw :]], dim=3)
+        xq = torch.cat([xq, xp[:, :, nh * kh :, :]], dim=2)[:, :, ph : ph + h, pw : pw + w]
+        return (xq.squeeze(0) if unbatched else xq, *args[1:])
+
+    return hook
+
+
+def _token_quant_hook(bits: int):
+    def hook(module, args):
+        return (fake_quantize_activation(args[0], bits), *args[1:])
+
+    return hook
+
+
+def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """The reference: a copy of `model` (or `model` itself with inplace=True) whose planned layers keep their
+    module type but hold fake-quantized weights (`fake_quantize_weight`; pruned rows zero, bias kept).
+
+    With A8 in `plan.quant`, a forward pre-hook fake-quantizes the input of each planned layer per token
+    (a conv: per patch; only non-overlapping patch convs, stride == kernel_size and dilation 1, are supported).
+    The hooks are part of the returned model's semantics; their handles are in `module.qvla_act_hook`.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    resolved = planned_modules(model, plan)
+    act_bits = plan.quant.activation.bits
+    if act_bits == 8:
+        for name, _, _, module, _ in resolved:
+            if isinstance(module, nn.Conv2d) and (
+                module.stride != module.kernel_size
+                or module.dilation != (1, 1)
+                or module.groups != 1
+                or isinstance(module.padding, str)
+                or module.padding_mode != "zeros"
+            ):
+                raise NotImplementedError(
+                    f"{name!r}: the A8 fake-quant reference supports only patch-embedding convs (stride == "
+                    "kernel_size, dilation 1, groups 1, int zero padding); use the packed model (quantize_model)"
+                )
+    with torch.no_grad():
+        for _, _, _, module, lp in resolved:
+            w_hat = fake_quantize_weight(module.weight, lp.bits, plan.quant.weight, granularity=lp.granularity)
+            module.weight.copy_(w_hat)
+    if act_bits == 8:
+        for _, _, _, module, _ in resolved:
+            old = getattr(module, "qvla_act_hook", None)
+            if old is not None:
+                old.remove()
+            if isinstance(module, nn.Conv2d):
+                hook = _patch_quant_hook(module, act_bits)
+            else:
+                hook = _token_quant_hook(act_bits)
+            module.qvla_act_hook = module.register_forward_pre_hook(hook)
+    return model
+
+
+def packed_layers(model: nn.Module) -> Iterable[tuple[str, PackedLinear]]:
+    """(name, PackedLinear) for every packed layer of `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]

@@ -1,0 +1,248 @@
+"""Artifact: save -> load gives the same model, on a fresh or a meta-device skeleton; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from qvla_quant.artifact import (
+    ARTIFACT_FILE,
+    PLAN_FILE,
+    TENSORS_FILE,
+    ArtifactError,
+    artifact_summary,
+    load_artifact,
+    model_fingerprint,
+    read_plan,
+    save_artifact,
+)
+from qvla_quant.packed import PackedLinear, predicted_weight_bytes, quantize_model
+from qvla_quant.plan import LayerPlan, Plan
+from qvla_quant.quantizer import ActivationQuantConfig, QuantConfig
+
+
+class TinyPolicy(nn.Module):
+    """Patch embedding + MLP + two tied heads (not quantized) + a non-persistent buffer, like real policies."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, kernel_size=4, stride=4)
+        self.fc1 = nn.Linear(16 * 4, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, 24, bias=False)
+        self.head_a = nn.Linear(24, 6)
+        self.head_b = nn.Linear(24, 6)
+        self.head_b.weight = self.head_a.weight  # tied
+        self.register_buffer("offset", torch.linspace(-1, 1, 6), persistent=False)
+
+    def forward(self, img):
+        h = self.patch(img).flatten(1)
+        h = self.fc2(torch.relu(self.norm(self.fc1(h))))
+        return self.head_a(h) + self.head_b(h) + self.offset
+
+
+def make_plan(model: TinyPolicy, act_bits: int = 16) -> Plan:
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, role in (("patch", "vision"), ("fc1", "language"), ("fc2", "action")):
+        w = model.get_submodule(name).weight
+        bits = torch.tensor([0, 2, 4, 8, 16])[torch.randint(0, 5, (w.shape[0],), generator=g)]
+        layers[name] = LayerPlan(
+            name, role, "conv" if w.dim() == 4 else "linear", w.shape[0], w[0].numel(), bits.tolist()
+        )
+    return Plan(layers, quant=QuantConfig(activation=ActivationQuantConfig(act_bits)), budget=6.0)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    plan = make_plan(model)
+    save_artifact(tmp_path, model, plan, model_config={"hidden": 32}, adapter="tiny", extra={"note": "test"})
+    return tmp_path, model, plan
+
+
+def test_save_load_identical_outputs(saved, monkeypatch):
+    directory, model, plan = saved
+    x = torch.randn(2, 3, 8, 8)
+    expected = quantize_model(model, plan, inplace=False).eval()(x)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load must never be used")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    torch.manual_seed(123)  # a fresh skeleton with other random weights
+    loaded = load_artifact(directory, TinyPolicy())
+    assert not loaded.training
+    assert isinstance(loaded.fc1, PackedLinear) and isinstance(loaded.patch, PackedLinear)
+    assert torch.equal(loaded(x), expected)
+
+    with torch.device("meta"):
+        skeleton = TinyPolicy()
+    from_meta = load_artifact(directory, skeleton)
+    assert torch.equal(from_meta.offset, torch.linspace(-1, 1, 6))  # non-persistent buffer restored
+    assert torch.equal(from_meta(x), expected)
+    assert torch.equal(from_meta.head_a.weight, from_meta.head_b.weight)
+    with torch.device("meta"):
+        skeleton = TinyPolicy()
+    cached = load_artifact(directory, skeleton, cache_dequantized=True)  # other summation order: close, not equal
+    assert (cached(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_files_and_summary(saved):
+    directory, model, plan = saved
+    assert {p.name for p in directory.iterdir()} == {PLAN_FILE, TENSORS_FILE, ARTIFACT_FILE, "config.json"}
+    stored = read_plan(directory)
+    assert stored.hash() == json.loads((directory / ARTIFACT_FILE).read_text())["plan_hash"]
+    assert {n: lp.bits for n, lp in stored.layers.items()} == {n: lp.bits for n, lp in plan.layers.items()}
+    assert stored.budget == 6.0 and stored.model_fingerprint  # filled in from the source model
+    summary = artifact_summary(directory)
+    assert summary["adapter"] == "tiny" and summary["layers"] == 3
+    assert summary["average_bits"] == pytest.approx(plan.average_bits())
+    assert set(summary["average_bits_by_role"]) == {"vision", "language", "action"}
+    predicted = sum(predicted_weight_bytes(lp, torch.float32) for lp in plan.layers.values())
+    assert summary["quantized_weight_bytes_after"] == predicted
+    assert summary["quantized_weight_bytes_before"] == sum(4 * lp.n_weights for lp in plan.layers.values())
+    assert summary["parameter_bytes_before"] == sum(4 * p.numel() for p in model.parameters())  # tied: once
+    saved_bytes = summary["quantized_weight_bytes_before"] - summary["quantized_weight_bytes_after"]
+    assert summary["parameter_bytes_before"] - summary["parameter_bytes_after"] == saved_bytes
+    manifest = json.loads((directory / ARTIFACT_FILE).read_text())
+    assert manifest["tied_tensors"] == {"head_b.weight": "head_a.weight"}
+    assert manifest["model_config"] == {"hidden": 32} and manifest["extra"] == {"note": "test"}
+
+
+def test_save_quantized_model_and_a8(tmp_path):
+    torch.manual_seed(1)
+    model = TinyPolicy()
+    plan = make_plan(model, act_bits=8)
+    qmodel = quantize_model(model, plan, inplace=False)
+    save_artifact(tmp_path, qmodel, plan)
+    assert model_fingerprint(qmodel)["weights"] == model_fingerprint(model)["weights"]  # recorded at quantization
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.equal(load_artifact(tmp_path, TinyPolicy())(x), qmodel(x))
+    other = make_plan(model)
+    other.layers["fc1"].bits[0] = 16 if other.layers["fc1"].bits[0] != 16 else 8
+    with pytest.raises(ArtifactError, match="'fc1' is packed with other row bit-widths"):
+        save_artifact(tmp_path / "x", qmodel, other)
+
+
+def test_fingerprint_structure_and_weights():
+    torch.manual_seed(0)
+    model = TinyPolicy()
+    fp = model_fingerprint(model)
+    with torch.device("meta"):
+        meta_fp = model_fingerprint(TinyPolicy())
+    assert meta_fp["structure"] == fp["structure"] and meta_fp["weights"] is None
+    q_fp = model_fingerprint(quantize_model(model, make_plan(model), inplace=False))
+    assert q_fp["structure"] == fp["structure"]
+    with torch.no_grad():
+        model.fc1.weight[0, 0] += 1.0
+    assert model_fingerprint(model)["weights"] != fp["weights"]
+    assert model_fingerprint(TinyPolicy(hidden=40))["structure"] != fp["structure"]
+
+
+def test_mismatched_skeleton_is_refused(saved):
+    directory, _, _ = saved
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(directory, TinyPolicy(hidden=40))
+    msg = str(e.value)
+    assert "fc1.weight: skeleton float32 [40, 64], artifact float32 [32, 64]" in msg and "model_config" in msg
+
+    class Missing(TinyPolicy):
+        def __init__(self):
+            super().__init__()
+            del self.fc2
+
+    with pytest.raises(ArtifactError, match="in the artifact but not in the skeleton \\(1\\): fc2.weight"):
+        load_artifact(directory, Missing())
+    with pytest.raises(ArtifactError, match="fc1.weight: skeleton bfloat16"):
+        load_artifact(directory, TinyPolicy().to(torch.bfloat16))
+
+
+def test_missing_and_corrupt_files(saved):
+    directory, _, _ = saved
+    plan_text = (directory / PLAN_FILE).read_text()
+    tensors = (directory / TENSORS_FILE).read_bytes()
+
+    (directory / PLAN_FILE).write_text("{ not json")
+    with pytest.raises(ArtifactError, match="plan.json is not valid JSON"):
+        load_artifact(directory, TinyPolicy())
+    (directory / PLAN_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="plan.json: file not found"):
+        read_plan(directory)
+    edited = json.loads(plan_text)
+    edited["layers"][1]["bits"][0] = 16 if edited["layers"][1]["bits"][0] != 16 else 8
+    (directory / PLAN_FILE).write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="plan.json does not match .*artifact.json"):
+        load_artifact(directory, TinyPolicy())
+    (directory / PLAN_FILE).write_text(plan_text)
+
+    (directory / TENSORS_FILE).write_bytes(tensors[: len(tensors) // 2])
+    with pytest.raises(ArtifactError, match="model.safetensors does not have the checksum"):
+        load_artifact(directory, TinyPolicy())
+    with pytest.raises(ArtifactError, match="model.safetensors cannot be read as safetensors"):
+        load_artifact(directory, TinyPolicy(), verify_checksum=False)
+    (directory / TENSORS_FILE).write_bytes(b"\x00" * 64)
+    with pytest.raises(ArtifactError, match="model.safetensors cannot be read as safetensors"):
+        load_artifact(directory, TinyPolicy(), verify_checksum=False)
+    flipped = bytearray(tensors)
+    flipped[-1] ^= 0xFF  # a damaged weight byte: only the checksum can tell
+    (directory / TENSORS_FILE).write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="damaged or replaced"):
+        load_artifact(directory, TinyPolicy())
+    (directory / TENSORS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: file not found"):
+        load_artifact(directory, TinyPolicy())
+    (directory / TENSORS_FILE).write_bytes(tensors)
+    assert isinstance(load_artifact(directory, TinyPolicy()).fc2, PackedLinear)
+
+    with pytest.raises(FileNotFoundError, match="artifact.json: file not found"):
+        load_artifact(directory / "nowhere", TinyPolicy())
+    manifest = json.loads((directory / ARTIFACT_FILE).read_text())
+    (directory / ARTIFACT_FILE).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="format version 99 is not supported"):
+        artifact_summary(directory)
+
+
+def test_quantized_skeleton_is_refused(saved):
+    directory, model, plan = saved
+    with pytest.raises(ArtifactError, match="fresh float skeleton"):
+        load_artifact(directory, quantize_model(TinyPolicy(), plan))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sequential_round_trip(tmp_path, dtype):
+    def build():
+        return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 8)).to(
+            dtype
+        )
+
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    plan = Plan(
+        {
+            n: LayerPlan(
+                n,
+                "language",
+                "linear",
+                m.out_features,
+                m.in_features,
+                torch.tensor([0, 2, 4, 8, 16])[torch.randint(0, 5, (m.out_features,), generator=g)].tolist(),
+            )
+            for n, m in model.named_children()
+            if isinstance(m, nn.Linear)
+        }
+    )
+    qmodel = quantize_model(model, plan, inplace=False)
+    save_artifact(tmp_path, qmodel, plan)
+    x = torch.randn(4, 16, dtype=dtype)
+    with torch.device("meta"):
+        skeleton = build()
+    for fresh in (build(), skeleton):
+        loaded = load_artifact(tmp_path, fresh)
+        assert loaded[0].kept.dtype == dtype and loaded[1].__class__ is nn.GELU
+        assert torch.equal(loaded(x), qmodel(x))

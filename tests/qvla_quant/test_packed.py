@@ -1,0 +1,319 @@
+"""PackedLinear against the fake-quant reference: storage, bytes, forward (A16 and A8), linear and conv."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qvla_quant.packed as packed_mod
+from qvla_quant.packed import (
+    PackedLinear,
+    fake_quantize_model,
+    pack_codes,
+    predicted_weight_bytes,
+    quantize_model,
+    set_dequantized_cache,
+    unpack_codes,
+)
+from qvla_quant.plan import LayerPlan, Plan
+from qvla_quant.quantizer import (
+    ActivationQuantConfig,
+    QuantConfig,
+    fake_quantize_activation,
+    fake_quantize_weight,
+)
+
+A16 = QuantConfig()
+A8 = QuantConfig(activation=ActivationQuantConfig(bits=8))
+# max |packed - reference| <= REL_TOL * max |reference| (fp32; only the summation order differs)
+REL_TOL = 1e-5
+
+
+def assert_close_to(out: torch.Tensor, ref: torch.Tensor, rel: float = REL_TOL):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    err = (out - ref).abs().max().item()
+    bound = rel * max(ref.abs().max().item(), 1e-6)
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+
+
+def random_bits(out: int, seed: int, choices=(0, 2, 4, 8, 16)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor(choices)[torch.randint(0, len(choices), (out,), generator=g)]
+
+
+# ---- bit packing
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13, 64])
+def test_pack_unpack_round_trip_exact(bits, k):
+    codes = torch.randint(0, 1 << bits, (7, k), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, (k * bits + 7) // 8)
+    assert torch.equal(unpack_codes(packed, bits, k), codes)
+
+
+def test_bit_order_low_bits_first():
+    # int4: column 0 in the low nibble; int2: column 4j+i in bits 2i..2i+1; padding codes are 0
+    assert pack_codes(torch.tensor([[0x1, 0x2, 0xF]], dtype=torch.uint8), 4).tolist() == [[0x21, 0x0F]]
+    assert pack_codes(torch.tensor([[1, 2, 3, 0, 1]], dtype=torch.uint8), 2).tolist() == [[0b00111001, 0b01]]
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_codes(torch.zeros(2, 2, dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="uint8"):
+        pack_codes(torch.zeros(2, 2, dtype=torch.int32), 4)
+
+
+# ---- linear forward == fake-quant reference
+
+
+LINEAR_CASES = {
+    "random-mix": (48, 40, None),
+    "odd-k": (37, 29, None),
+    "k1": (1, 9, None),
+    "all-pruned": (16, 12, [0]),
+    "all-kept": (16, 12, [16]),
+    "all-int2-odd-k": (23, 10, [2]),
+    "all-int4-odd-k": (23, 10, [4]),
+    "no-kept": (33, 50, [0, 2, 4, 8]),
+}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", list(LINEAR_CASES))
+def test_linear_matches_fake_quant_reference(case, bias):
+    k, out, choices = LINEAR_CASES[case]
+    torch.manual_seed(list(LINEAR_CASES).index(case))
+    lin = nn.Linear(k, out, bias=bias)
+    bits = random_bits(out, 1, choices or (0, 2, 4, 8, 16))
+    layer = PackedLinear.from_float(lin, bits, A16)
+    w_ref = fake_quantize_weight(lin.weight, bits, A16.weight)
+    assert torch.equal(layer.dequantized_weight(), w_ref)
+    assert torch.equal(layer.row_bits(), bits)
+    x = torch.randn(3, 5, k)
+    ref = F.linear(x, w_ref, lin.bias)
+    assert_close_to(layer(x), ref)
+    pruned = bits == 0
+    expected_pruned = lin.bias[pruned] if bias else torch.zeros(int(pruned.sum()))
+    assert torch.equal(layer(x)[..., pruned], expected_pruned.expand(3, 5, -1))  # a pruned row outputs its bias
+
+
+def test_linear_many_dequant_blocks(monkeypatch):
+    # force blocks of a few rows, so block boundaries inside every group are exercised
+    monkeypatch.setattr(packed_mod, "DEQUANT_BLOCK_BYTES", 4 * 64 * 3)
+    lin = nn.Linear(61, 70)
+    bits = random_bits(70, 2)
+    layer = PackedLinear.from_float(lin, bits, A16)
+    x = torch.randn(4, 61)
+    assert_close_to(layer(x), F.linear(x, fake_quantize_weight(lin.weight, bits, A16.weight), lin.bias))
+
+
+def test_cached_dequantized_weight_matches_and_is_invalidated():
+    lin = nn.Linear(40, 24)
+    bits = random_bits(24, 3)
+    layer = PackedLinear.from_float(lin, bits, A16)
+    x = torch.randn(6, 40)
+    plain = layer(x)
+    assert layer.cache_bytes() == 0
+    set_dequantized_cache(layer, True)
+    cached = layer(x)
+    assert layer.cache_bytes() == int((bits != 0).sum()) * 40 * 4
+    assert_close_to(cached, F.linear(x, fake_quantize_weight(lin.weight, bits, A16.weight), lin.bias))
+    assert_close_to(cached, plain)
+    layer.double()  # a dtype change drops the cache; scale/zero stay fp16
+    assert layer.cache_bytes() == 0 and layer.scale_4.dtype == torch.float16 and layer.kept.dtype == torch.float64
+    assert layer(x.double()).dtype == torch.float64
+
+
+def test_a8_linear_matches_reference():
+    lin = nn.Linear(32, 20)
+    bits = random_bits(20, 4)
+    layer = PackedLinear.from_float(lin, bits, A8)
+    x = torch.randn(2, 7, 32) * 3 + 1
+    ref = F.linear(fake_quantize_activation(x, 8), fake_quantize_weight(lin.weight, bits, A8.weight), lin.bias)
+    assert_close_to(layer(x), ref)
+    assert (layer(x) - F.linear(x, fake_quantize_weight(lin.weight, bits), lin.bias)).abs().max() > 0  # A8 acts
+
+
+def test_bf16_source_forward():
+    lin = nn.Linear(24, 16).to(torch.bfloat16)
+    bits = random_bits(16, 5)
+    layer = PackedLinear.from_float(lin, bits, A16)
+    assert layer.kept.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    w_ref = fake_quantize_weight(lin.weight, bits)
+    assert torch.equal(layer.dequantized_weight(), w_ref)
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    assert_close_to(layer(x).float(), F.linear(x, w_ref, lin.bias).float(), rel=2e-2)
+
+
+# ---- conv (patch embedding) == linear map over output filters
+
+
+def test_conv_patch_embedding_matches_reference():
+    conv = nn.Conv2d(3, 20, kernel_size=4, stride=4)
+    bits = random_bits(20, 6)
+    layer = PackedLinear.from_float(conv, bits, A16)
+    assert layer.in_features == 3 * 4 * 4 and layer.kept.shape[1] == 48
+    w_ref = fake_quantize_weight(conv.weight, bits, A16.weight)
+    assert torch.equal(layer.dequantized_weight(), w_ref)
+    x = torch.randn(2, 3, 16, 12)
+    assert_close_to(layer(x), F.conv2d(x, w_ref, conv.bias, stride=4))
+    assert layer(x[0]).shape == (20, 4, 3)  # unbatched input
+
+
+def test_conv_overlapping_padded_and_reflect():
+    for conv in (
+        nn.Conv2d(4, 10, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.Conv2d(4, 10, kernel_size=3, stride=2, padding=1, padding_mode="reflect", groups=2),
+    ):
+        bits = random_bits(10, 7)
+        layer = PackedLinear.from_float(conv, bits, A16)
+        ref = copy.deepcopy(conv)
+        with torch.no_grad():
+            ref.weight.copy_(fake_quantize_weight(conv.weight, bits))
+        x = torch.randn(2, 4, 9, 9)
+        assert_close_to(layer(x), ref(x))
+
+
+def test_a8_conv_patch_embedding_matches_reference_model():
+    model = nn.Sequential(nn.Conv2d(3, 12, kernel_size=4, stride=4, padding=1))
+    plan = Plan({"0": LayerPlan("0", "vision", "conv", 12, 48, random_bits(12, 8).tolist())}, quant=A8)
+    x = torch.randn(2, 3, 14, 15)  # padded size not a multiple of the stride: border pixels unused
+    ref = fake_quantize_model(model, plan)(x)
+    assert_close_to(quantize_model(model, plan, inplace=False)(x), ref)
+
+
+def test_a8_overlapping_conv_matches_unfold_reference():
+    conv = nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1)
+    bits = random_bits(8, 9)
+    layer = PackedLinear.from_float(conv, bits, A8)
+    x = torch.randn(2, 3, 6, 5)
+    cols = F.unfold(x, 3, padding=1).transpose(1, 2)  # [B, L, 27]: a patch is a token
+    w = fake_quantize_weight(conv.weight, bits).reshape(8, -1)
+    ref = F.linear(fake_quantize_activation(cols, 8), w, conv.bias).transpose(1, 2).reshape(2, 8, 6, 5)
+    assert_close_to(layer(x), ref)
+    model = nn.Sequential(conv)
+    plan = Plan({"0": LayerPlan("0", "vision", "conv", 8, 27, bits.tolist())}, quant=A8)
+    with pytest.raises(NotImplementedError, match="patch-embedding"):
+        fake_quantize_model(model, plan)
+
+
+# ---- bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 7, 64, 65])
+def test_measured_bytes_equal_predicted(dtype, k):
+    lin = nn.Linear(k, 30).to(dtype)
+    bits = random_bits(30, k)
+    layer = PackedLinear.from_float(lin, bits, A16)
+    lp = LayerPlan("x", "language", "linear", 30, k, bits.tolist())
+    assert layer.weight_bytes() == predicted_weight_bytes(lp, dtype)
+    assert layer.bias_bytes() == 30 * lin.bias.element_size()
+    # layout: dtypes and shapes as documented
+    for b in (8, 4, 2):
+        n = int((bits == b).sum())
+        assert getattr(layer, f"qweight_{b}").shape == (n, (k * b + 7) // 8)
+        assert getattr(layer, f"qweight_{b}").dtype == torch.uint8
+        assert getattr(layer, f"scale_{b}").dtype == getattr(layer, f"zero_{b}").dtype == torch.float16
+    assert layer.kept.dtype == dtype and layer.row_index.dtype == torch.int32
+    assert set(layer.state_dict()) == {
+        *(f"{p}_{b}" for p in ("qweight", "scale", "zero") for b in (8, 4, 2)),
+        "kept",
+        "row_index",
+        "bias",
+    }
+
+
+def test_bytes_of_a_4bit_layer():
+    # 4 bits: K/2 code bytes + 2 + 2 (scale, zero) + 4 (row index) per row
+    layer = PackedLinear.from_float(nn.Linear(128, 10), torch.full((10,), 4))
+    assert layer.weight_bytes() == 10 * (64 + 8)
+
+
+# ---- whole models
+
+
+def tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 8))
+
+
+def tiny_plan(model: nn.Module, quant: QuantConfig = A16) -> Plan:
+    layers = {}
+    for i, name in enumerate(("0", "2", "4")):
+        m = model.get_submodule(name)
+        layers[name] = LayerPlan(
+            name,
+            "language",
+            "linear",
+            m.out_features,
+            m.in_features,
+            random_bits(m.out_features, 10 + i).tolist(),
+        )
+    return Plan(layers, quant=quant)
+
+
+@pytest.mark.parametrize("quant", [A16, A8], ids=["A16", "A8"])
+def test_quantize_model_matches_fake_quant_model(quant):
+    model = tiny_model()
+    plan = tiny_plan(model, quant)
+    x = torch.randn(5, 16)
+    before = model(x)
+    ref = fake_quantize_model(model, plan)
+    qmodel = quantize_model(model, plan, inplace=False)
+    assert torch.equal(model(x), before)  # inplace=False leaves the source alone
+    assert all(isinstance(qmodel.get_submodule(n), PackedLinear) for n in plan.layers)
+    assert isinstance(model[0], nn.Linear)
+    assert_close_to(qmodel(x), ref(x), rel=1e-4)
+    assert "0.qweight_4" in qmodel.state_dict() and "0.weight" not in qmodel.state_dict()
+    assert quantize_model(model, plan) is model and isinstance(model[0], PackedLinear)
+
+
+def test_quantize_model_reports_every_bad_layer():
+    model = nn.Sequential(nn.Linear(8, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    plan = Plan(
+        {
+            "0": LayerPlan("0", "language", "linear", 5, 8, [4] * 5),  # wrong shape
+            "1": LayerPlan("1", "language", "linear", 4, 4, [4] * 4),  # not a linear
+            "7": LayerPlan("7", "language", "linear", 2, 4, [4] * 2),  # absent
+        }
+    )
+    with pytest.raises(ValueError) as e:
+        quantize_model(model, plan)
+    msg = str(e.value)
+    assert "'0'" in msg and "5 rows x 8" in msg and "(4 rows x 8)" in msg
+    assert "'1' is a LayerNorm" in msg and "'7': no such module" in msg
+    assert isinstance(model[0], nn.Linear)  # nothing was changed
+
+
+def test_multihead_attention_out_proj_is_refused():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(8, 2)
+    plan = Plan({"attn.out_proj": LayerPlan("attn.out_proj", "vision", "linear", 8, 8, [4] * 8)})
+    with pytest.raises(ValueError, match="out_proj of nn.MultiheadAttention 'attn'"):
+        quantize_model(model, plan)
+    with pytest.raises(ValueError, match="never calls the module"):
+        fake_quantize_model(model, plan)
+
+
+def test_bad_row_bits_and_modules():
+    lin = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="expected \\(4,\\)"):
+        PackedLinear.from_float(lin, [4, 4, 4])
+    with pytest.raises(ValueError, match="\\[3\\] are not in"):
+        PackedLinear.from_float(lin, [4, 3, 4, 4])
+    with pytest.raises(ValueError, match="one bit-width"):
+        PackedLinear.from_float(lin, [4, 2, 16, 0], granularity="tensor")
+    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
+        PackedLinear.from_float(nn.Conv1d(2, 2, 1), [4, 4])
+    with torch.device("meta"):
+        meta = nn.Linear(8, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        PackedLinear.from_float(meta, [4] * 4)
