@@ -278,6 +278,16 @@ class PackedLinear(nn.Module):
     def source_dtype(self) -> torch.dtype:
         return self.kept.dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A data-free stand-in for the replaced module's weight: right shape and dtype, on the meta device.
+
+        Model code reads `layer.weight.dtype` / `.shape` to cast inputs (SigLIP's patch embedding does, on every
+        forward); that keeps working. Any arithmetic with it fails loudly (meta tensors hold no data), so nothing
+        can silently compute with a wrong weight. The real weight is `dequantized_weight()`.
+        """
+        return torch.empty(self.weight_shape, dtype=self.kept.dtype, device="meta")
+
     def group_sizes(self) -> dict[int, int]:
         """Stored rows per bit-width, and pruned rows under 0."""
         sizes = {b: getattr(self, f"qweight_{b}").shape[0] for b in PACKED_GROUPS}

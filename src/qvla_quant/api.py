@@ -1,0 +1,122 @@
+"""The public API: one verb per step, each taking a validated config dataclass.
+
+sens = calibrate(adapter, batches, CalibrationConfig(...))     action-space sensitivities (resumable)
+plan = allocate(sens, budget=4.0, config=AllocationConfig())    bits per row under the average-bit budget
+model = quantize(adapter, plan)                                 packed mixed-precision layers, in place
+save("artifact/", adapter, plan)                                safetensors + JSON, no pickle
+adapter = load("artifact/")                                     skeleton from the stored config + weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from qvla_quant.adapters import PolicyAdapter, adapter_class
+from qvla_quant.plan import Plan
+
+if TYPE_CHECKING:  # imported where used, so that `load` never pulls in the calibration code
+    from qvla_quant.allocation import AllocationConfig
+    from qvla_quant.sensitivity import CalibrationConfig, Sensitivity
+
+
+def calibrate(adapter: PolicyAdapter, batches, config: CalibrationConfig | None = None) -> Sensitivity:
+    """Per-channel action-space sensitivities of `adapter`'s policy on `batches` (an iterable of model-input dicts).
+
+    With `config.store_dir`, results are written per layer as they finish, and a second call with the same policy,
+    data and settings resumes where the first one stopped.
+    """
+    from qvla_quant.sensitivity import CalibrationConfig, calibrate_sensitivity
+
+    if not isinstance(adapter, PolicyAdapter):
+        raise TypeError(f"calibrate needs a PolicyAdapter (see qvla_quant.adapters), got {type(adapter).__name__}")
+    return calibrate_sensitivity(adapter, batches, config or CalibrationConfig())
+
+
+def allocate(sensitivity: Sensitivity, budget: float, config: AllocationConfig | None = None) -> Plan:
+    """Bits per output row under `budget` average bits per weight (see `qvla_quant.allocation`)."""
+    from qvla_quant.allocation import AllocationConfig, allocate_plan
+    from qvla_quant.sensitivity import Sensitivity
+
+    if not isinstance(sensitivity, Sensitivity):
+        raise TypeError(f"allocate needs a Sensitivity (from calibrate), got {type(sensitivity).__name__}")
+    return allocate_plan(sensitivity, budget, config or AllocationConfig())
+
+
+def _model_of(adapter_or_model) -> nn.Module:
+    if isinstance(adapter_or_model, PolicyAdapter):
+        return adapter_or_model.model
+    if isinstance(adapter_or_model, nn.Module):
+        return adapter_or_model
+    raise TypeError(f"expected a PolicyAdapter or an nn.Module, got {type(adapter_or_model).__name__}")
+
+
+def check_plan_source(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan calibrated on another model (architecture or checkpoint), when the plan records its source."""
+    from qvla_quant.artifact import fingerprint_id, model_fingerprint
+
+    if not plan.model_fingerprint:
+        return
+    have = fingerprint_id(model_fingerprint(model))
+    if have != plan.model_fingerprint:
+        what = "architecture" if have.split("-")[0] != plan.model_fingerprint.split("-")[0] else "weights"
+        raise ValueError(
+            f"the plan was allocated for another model (its {what} differ: plan {plan.model_fingerprint}, model "
+            f"{have}); calibrate and allocate on this checkpoint, or pass check_source=False to apply it anyway"
+        )
+
+
+def quantize(adapter_or_model, plan: Plan, *, inplace: bool = True, check_source: bool = True) -> nn.Module:
+    """Replace the planned layers by packed mixed-precision layers (`qvla_quant.packed.quantize_model`).
+
+    With an adapter and inplace=True the adapter's own model is quantized, so the adapter keeps working on it.
+    """
+    from qvla_quant.packed import quantize_model
+
+    model = _model_of(adapter_or_model)
+    if check_source:
+        check_plan_source(model, plan)
+    return quantize_model(model, plan, inplace=inplace)
+
+
+def save(path: str | os.PathLike, adapter_or_model, plan: Plan, *, extra: dict | None = None) -> Path:
+    """Write an artifact (`qvla_quant.artifact`). With an adapter, its config is stored so that `load` can
+    rebuild the skeleton without any other input; the float model is quantized into a copy if not done yet."""
+    from qvla_quant.artifact import save_artifact
+
+    model = _model_of(adapter_or_model)
+    extra = dict(extra or {})
+    model_config, adapter_name = None, None
+    if isinstance(adapter_or_model, PolicyAdapter):
+        config = adapter_or_model.config_dict()
+        extra["adapter_config"] = config
+        adapter_name = adapter_or_model.name
+        model_config = config.get("model_config")
+    return save_artifact(path, model, plan, model_config=model_config, adapter=adapter_name, extra=extra)
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu", **adapter_kwargs) -> PolicyAdapter:
+    """Load an artifact written by `save` into a fresh skeleton (rebuilt from the stored adapter config through the
+    adapter registry, on the meta device) and return the adapter around the quantized model.
+
+    model: a float skeleton to load into instead (required for the generic adapter, with actions_fn=...).
+    A skeleton whose parameters differ from the artifact's source is refused with the differences listed.
+    """
+    from qvla_quant.artifact import ARTIFACT_FILE, artifact_summary, load_artifact
+
+    path = Path(path)
+    artifact_summary(path)  # validates the directory and its versions before anything is built
+    manifest = json.loads((path / ARTIFACT_FILE).read_text())
+    adapter_config = (manifest.get("extra") or {}).get("adapter_config")
+    if not adapter_config:
+        raise ValueError(
+            f"{path} was not saved through qvla_quant.save with an adapter, so it does not say how to rebuild the "
+            "policy; load it with qvla_quant.artifact.load_artifact(path, skeleton)"
+        )
+    adapter = adapter_class(adapter_config["adapter"]).from_config(adapter_config, model=model, **adapter_kwargs)
+    load_artifact(path, adapter.model, device=device)
+    return adapter

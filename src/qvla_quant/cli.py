@@ -1,0 +1,494 @@
+"""`qvla-quant`: calibrate / allocate / apply / inspect from the command line.
+
+    qvla-quant calibrate --policy CKPT --data DATA --out SENS [--budget-free options]   sensitivities (resumable)
+    qvla-quant allocate  --sensitivity SENS --budget 4 --out plan.json                   bits per row
+    qvla-quant apply     --policy CKPT --plan plan.json --out ARTIFACT                    packed artifact
+    qvla-quant inspect   ARTIFACT | plan.json | SENS [--plots DIR]                        summary table (+ plots)
+
+Calibration data (--data): a safetensors file holding one batch of model inputs, or a directory of such files
+(read in name order, one batch per file). Tensor names are the policy's input names with the samples in dimension 0;
+for π0 that is input_ids, attention_mask, pixel_values [B, cameras, 3, S, S], pixel_attention_mask and state (see
+`qvla_quant.adapters.pi0`). `--batch-size` re-splits the samples into batches of that size.
+
+Bad flags, paths or inputs end with one line `qvla-quant: error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qvla_quant.plan import Plan
+from qvla_quant.quantizer import BIT_CHOICES, WeightQuantConfig
+
+PROG = "qvla-quant"
+
+
+class UsageError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would print the whole usage first)
+        print(f"{PROG}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be a comma-separated list from {BIT_CHOICES}, got {text!r}"
+        ) from None
+    if not bits or set(bits) - set(BIT_CHOICES):
+        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {BIT_CHOICES}, got {text!r}")
+    return bits
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+def load_batches(path, batch_size: int | None = None, max_batches: int | None = None) -> list[dict]:
+    """Model-input batches from a safetensors file or a directory of them (see the module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"calibration data directory {str(path)!r} holds no *.safetensors files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"calibration data {str(path)!r} does not exist")
+    batches = []
+    for f in files:
+        try:
+            batches.append(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+        if not batches[-1]:
+            raise ValueError(f"{f} holds no tensors")
+    if batch_size is not None:
+        keys = set(batches[0])
+        if any(set(b) != keys for b in batches):
+            raise ValueError(f"the files in {path} hold different tensor names; every batch needs the same inputs")
+        merged = {k: torch.cat([b[k] for b in batches]) for k in keys}
+        n = next(iter(merged.values())).shape[0]
+        batches = [{k: v[i : i + batch_size] for k, v in merged.items()} for i in range(0, n, batch_size)]
+    return batches[:max_batches] if max_batches else batches
+
+
+def save_batches(directory, batches) -> list[Path]:
+    """Write batches in the --data format (one file per batch); returns the files."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, batch in enumerate(batches):
+        f = directory / f"batch_{i:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in batch.items()}, str(f))
+        files.append(f)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tables and plots
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def summary_rows(plan: Plan, source_dtype: torch.dtype) -> list[dict]:
+    """Per role and in total: layers, weights, average bits, pruned fraction, weight bytes before and after."""
+    from qvla_quant.packed import predicted_weight_bytes
+
+    rows = []
+    for role in [*plan.roles(), None]:
+        layers = [lp for lp in plan.layers.values() if role is None or lp.role == role]
+        rows.append(
+            {
+                "role": role or "total",
+                "layers": len(layers),
+                "weights": sum(lp.n_weights for lp in layers),
+                "avg_bits": plan.average_bits(role),
+                "pruned": plan.pruned_fraction(role),
+                "bytes_before": sum(lp.n_weights for lp in layers) * _itemsize(source_dtype),
+                "bytes_after": sum(predicted_weight_bytes(lp, source_dtype) for lp in layers),
+            }
+        )
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = ["role", "layers", "weights", "avg bits", "pruned", "bytes before", "bytes after", "ratio"]
+    body = [
+        [
+            r["role"], str(r["layers"]), f"{r['weights']:,}", f"{r['avg_bits']:.3f}", f"{100 * r['pruned']:.2f}%",
+            _human(r["bytes_before"]), _human(r["bytes_after"]),
+            f"{r['bytes_after'] / r['bytes_before']:.3f}" if r["bytes_before"] else "-",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for b in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))))
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+ROLE_COLORS = {
+    "vision": "tab:blue", "projector": "tab:purple", "language": "tab:green", "action": "tab:red",
+    "action_head": "tab:orange", "other": "tab:gray",
+}  # fmt: skip
+
+
+def plot_sensitivity(sens, directory) -> Path:
+    """sensitivity_map.png: log10 s of every channel, one column of dots per layer, one panel per bit-width."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    qbits = [b for b in sens.bits if b != 16]
+    fig, axes = plt.subplots(len(qbits), 1, figsize=(max(8, 0.18 * len(sens.layers)), 2.2 * len(qbits)), sharex=True)
+    axes = [axes] if len(qbits) == 1 else axes
+    names = list(sens.layers)
+    for ax, b in zip(axes, qbits):
+        col = sens.bit_index(b)
+        for x, name in enumerate(names):
+            v = sens.values(name)[:, col]
+            v = v[v > 0]
+            if len(v):
+                jitter = (torch.rand(len(v), generator=torch.Generator().manual_seed(x)) - 0.5) * 0.6
+                ax.scatter(x + jitter, v.log10(), s=2, color=ROLE_COLORS.get(sens.layers[name].role, "k"), alpha=0.5)
+        ax.set_ylabel(f"log10 s ({b} bit)")
+    axes[-1].set_xticks(range(len(names)))
+    axes[-1].set_xticklabels([n.split(".", 2)[-1] for n in names], rotation=90, fontsize=5)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=r) for r, c in ROLE_COLORS.items()]
+    axes[0].legend(handles=handles, fontsize=6, ncol=6, loc="upper right")
+    axes[0].set_title(f"action-space sensitivity per channel ({len(sens.dead_layers)} dead layers not shown)")
+    fig.tight_layout()
+    path = directory / "sensitivity_map.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_plan(plan: Plan, directory) -> list[Path]:
+    """bit_histogram.png (share of weights at each bit-width, per role) and layer_bits.png (average per layer)."""
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    roles = plan.roles()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(1, len(roles))
+    for i, role in enumerate(roles):
+        hist = plan.bit_histogram(role)
+        total = sum(hist.values()) or 1
+        xs = [j + i * width for j in range(len(BIT_CHOICES))]
+        ax.bar(xs, [hist[b] / total for b in BIT_CHOICES], width, label=role, color=ROLE_COLORS.get(role))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BIT_CHOICES))])
+    ax.set_xticklabels([f"{b} bit" if b else "pruned" for b in BIT_CHOICES])
+    ax.set_ylabel("share of the role's weights")
+    ax.set_title(f"{plan.method}: {plan.average_bits():.3f} bits/weight (budget {plan.budget})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    hist_path = directory / "bit_histogram.png"
+    fig.savefig(hist_path, dpi=120)
+    plt.close(fig)
+
+    names = list(plan.layers)
+    fig, ax = plt.subplots(figsize=(max(8, 0.18 * len(names)), 3.5))
+    ax.bar(
+        range(len(names)),
+        [sum(lp.bits) / lp.out_features for lp in plan.layers.values()],
+        color=[ROLE_COLORS.get(lp.role, "k") for lp in plan.layers.values()],
+    )
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n.split(".", 2)[-1] for n in names], rotation=90, fontsize=5)
+    ax.set_ylabel("average bits per row")
+    fig.tight_layout()
+    layer_path = directory / "layer_bits.png"
+    fig.savefig(layer_path, dpi=120)
+    plt.close(fig)
+    return [hist_path, layer_path]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+def _check_policy_path(args) -> None:
+    if not Path(args.policy).exists():  # before any expensive step
+        raise FileNotFoundError(f"policy checkpoint {args.policy!r} does not exist")
+
+
+def _load_policy(args):
+    from qvla_quant.adapters import load_policy
+
+    kwargs = {"device": args.device}
+    if getattr(args, "action_dim", None):
+        kwargs["action_dim"] = args.action_dim
+    return load_policy(args.policy, **kwargs)
+
+
+def _template(path):
+    from qvla_quant.roles import PlanTemplate
+
+    if path is None:
+        return None
+    try:
+        return PlanTemplate.from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"template file {path!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"template file {path!r} is not valid JSON ({e})") from None
+
+
+def cmd_calibrate(args) -> int:
+    from qvla_quant.api import calibrate
+    from qvla_quant.roles import PlanTemplate
+    from qvla_quant.sensitivity import CalibrationConfig
+
+    _check_policy_path(args)
+    batches = load_batches(args.data, args.batch_size, args.max_batches)
+    config = CalibrationConfig(
+        bits=args.bits,
+        method=args.method,
+        proxy=args.proxy,
+        exact_fraction=args.exact_fraction,
+        rank_sample=args.rank_sample,
+        channels_per_pass=args.channels_per_pass,
+        max_exact_dims=args.max_exact_dims,
+        n_probes=args.n_probes,
+        seed=args.seed,
+        weight=WeightQuantConfig(clip_search=not args.no_clip_search),
+        template=_template(args.template) or PlanTemplate(),
+        store_dir=str(args.out),
+        progress=not args.quiet,
+    )
+    adapter = _load_policy(args)
+    t0 = time.perf_counter()
+    sens = calibrate(adapter, batches, config)
+    r = sens.report
+    print(f"calibrated {r['n_channels']:,} channels in {r['n_layers']} layers on {r['n_samples']} samples "
+          f"in {time.perf_counter() - t0:.1f} s (this run) -> {args.out}")  # fmt: skip
+    print(f"dead layers ({len(sens.dead_layers)}): {', '.join(sens.dead_layers) or '-'}")
+    for key, v in (r.get("rank_correlation") or {}).items():
+        per_bit = ", ".join(f"{b}b {v[str(b)]:.3f}" for b in sens.bits if str(b) in v)
+        print(f"spearman(exact, {key} proxy) on {v['n']} sampled channels: {v['all']:.3f} ({per_bit})")
+    if args.plots:
+        print(f"plot: {plot_sensitivity(sens, args.plots)}")
+    return 0
+
+
+def cmd_allocate(args) -> int:
+    from qvla_quant.allocation import AllocationConfig
+    from qvla_quant.api import allocate
+    from qvla_quant.sensitivity import Sensitivity
+
+    sens = Sensitivity.load(args.sensitivity)
+    config = AllocationConfig(
+        bits=args.bits,
+        solver=args.solver,
+        max_pruned_fraction=args.max_pruned_fraction,
+        prune_threshold=args.prune_threshold,
+        activation_bits=args.activation_bits,
+        template=_template(args.template),
+    )
+    plan = allocate(sens, args.budget, config)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(plan.to_json() + "\n")
+    a = plan.info["allocation"]
+    dtype = getattr(torch, (sens.adapter_config or {}).get("dtype", "float32"))
+    print(format_table(summary_rows(plan, dtype)))
+    print(
+        f"{plan.method}: {a['average_bits']:.4f} bits/weight for budget {args.budget:g}; total action error "
+        f"{a['total_error']:.4e}, lower bound {a['lower_bound']:.4e} (gap {a['relative_gap']:.3f}) -> {out}"
+    )
+    if args.plots:
+        print("plots: " + ", ".join(str(p) for p in plot_plan(plan, args.plots)))
+    return 0
+
+
+def _read_plan_file(path) -> Plan:
+    try:
+        return Plan.from_json(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a plan JSON written by allocate ({e})") from None
+
+
+def cmd_apply(args) -> int:
+    from qvla_quant.api import quantize, save
+    from qvla_quant.artifact import artifact_summary
+
+    _check_policy_path(args)
+    plan = _read_plan_file(args.plan)
+    adapter = _load_policy(args)
+    dtype = adapter.dtype if hasattr(adapter, "dtype") else torch.float32
+    quantize(adapter, plan, check_source=not args.ignore_source)
+    path = save(args.out, adapter, plan)
+    summary = artifact_summary(path)
+    print(format_table(summary_rows(plan, dtype)))
+    print(
+        f"measured packed weights: {_human(summary['quantized_weight_bytes_before'])} -> "
+        f"{_human(summary['quantized_weight_bytes_after'])}; all parameters "
+        f"{_human(summary['parameter_bytes_before'])} -> {_human(summary['parameter_bytes_after'])} -> {path}"
+    )
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    path = Path(args.path)
+    if (path / "artifact.json").is_file():
+        from qvla_quant.artifact import artifact_summary, read_plan
+
+        summary = artifact_summary(path)
+        plan = read_plan(path)
+        cfg = json.loads((path / "artifact.json").read_text()).get("extra", {}).get("adapter_config") or {}
+        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        print(f"artifact {path} (adapter {summary.get('adapter')}, plan {summary['plan_hash']}, {plan.method}, "
+              f"budget {plan.budget})")  # fmt: skip
+        print(format_table(summary_rows(plan, dtype)))
+        print(f"measured: quantized weights {_human(summary['quantized_weight_bytes_before'])} -> "
+              f"{_human(summary['quantized_weight_bytes_after'])}, all parameters "
+              f"{_human(summary['parameter_bytes_before'])} -> {_human(summary['parameter_bytes_after'])}")  # fmt: skip
+    elif (path / "index.json").is_file():
+        from qvla_quant.sensitivity import Sensitivity
+
+        sens = Sensitivity.load(path)
+        r = sens.report
+        print(f"sensitivity store {path}: {r.get('n_channels')} channels, {len(sens.layers)} layers, bits "
+              f"{list(sens.bits)}, method {r.get('method')}, proxy {sens.proxy}")  # fmt: skip
+        print(f"dead layers: {', '.join(sens.dead_layers) or '-'}")
+        for key, v in (r.get("rank_correlation") or {}).items():
+            print(f"spearman(exact, {key} proxy): {v['all']:.3f} on {v['n']} sampled channels")
+        if args.plots:
+            print(f"plot: {plot_sensitivity(sens, args.plots)}")
+        return 0
+    elif path.is_file():
+        plan = _read_plan_file(path)
+        print(f"plan {path} ({plan.method}, budget {plan.budget}, weights counted as {args.dtype})")
+        print(format_table(summary_rows(plan, getattr(torch, args.dtype))))
+    else:
+        raise FileNotFoundError(f"{str(path)!r} is neither an artifact directory, a sensitivity store nor a plan file")
+    if args.plots:
+        print("plots: " + ", ".join(str(p) for p in plot_plan(plan, args.plots)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, description="QVLA: action-aware per-channel mixed-precision quantization of VLA policies"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("calibrate", help="measure per-channel action-space sensitivities (resumable)")
+    c.add_argument("--policy", required=True, help="local checkpoint directory (e.g. a π0 saved by transformers)")
+    c.add_argument("--data", required=True, help="safetensors file or directory of model-input batches")
+    c.add_argument("--out", required=True, help="sensitivity store directory (an unfinished one is resumed)")
+    c.add_argument("--method", choices=("two_stage", "proxy", "exact"), default="two_stage")
+    c.add_argument("--proxy", choices=("aligned", "gain"), default="aligned")
+    c.add_argument("--exact-fraction", type=float, default=0.05, help="two_stage: share refined exactly per bit")
+    c.add_argument("--rank-sample", type=int, default=64, help="random channels measured exactly for the report")
+    c.add_argument("--channels-per-pass", type=int, default=16)
+    c.add_argument("--max-exact-dims", type=int, default=64)
+    c.add_argument("--n-probes", type=int, default=16)
+    c.add_argument("--bits", type=_bits, default=BIT_CHOICES)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--template", help="PlanTemplate JSON ({'roles': {...}, 'names': {...}})")
+    c.add_argument("--no-clip-search", action="store_true", help="plain min-max ranges (no MSE clip search)")
+    c.add_argument("--batch-size", type=int, help="re-split the samples into batches of this size")
+    c.add_argument("--max-batches", type=int)
+    c.add_argument("--action-dim", type=int, help="action dims the robot uses (π0: the rest is padding)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--plots", help="write sensitivity_map.png here")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_calibrate)
+
+    a = sub.add_parser("allocate", help="allocate bits per row under an average-bit budget")
+    a.add_argument("--sensitivity", required=True, help="sensitivity store directory from calibrate")
+    a.add_argument("--budget", required=True, type=_positive_float, help="average bits per weight")
+    a.add_argument("--out", required=True, help="plan JSON to write")
+    a.add_argument("--solver", choices=("greedy", "lagrangian"), default="greedy")
+    a.add_argument("--bits", type=_bits, default=BIT_CHOICES, help="candidate bit-widths, e.g. 2,4,8,16")
+    a.add_argument("--max-pruned-fraction", type=float, default=0.5)
+    a.add_argument("--prune-threshold", type=float, help="never prune a channel whose s(0) is above this")
+    a.add_argument("--activation-bits", type=int, choices=(8, 16), default=16)
+    a.add_argument("--template", help="PlanTemplate JSON overriding the calibrated one")
+    a.add_argument("--plots", help="write bit_histogram.png and layer_bits.png here")
+    a.set_defaults(func=cmd_allocate)
+
+    p = sub.add_parser("apply", help="quantize a checkpoint with a plan and save the packed artifact")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--action-dim", type=int)
+    p.add_argument("--ignore-source", action="store_true", help="apply a plan made for another checkpoint")
+    p.set_defaults(func=cmd_apply)
+
+    i = sub.add_parser("inspect", help="summary table of an artifact, a plan file or a sensitivity store")
+    i.add_argument("path")
+    i.add_argument("--dtype", default="bfloat16", help="source dtype a bare plan's bytes are counted in")
+    i.add_argument("--plots", help="write plots here")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv=None) -> int:
+    from qvla_quant.allocation import BudgetError
+    from qvla_quant.sensitivity import CalibrationError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dtype", None) and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        print(f"{PROG}: error: --dtype {args.dtype!r} is not a torch dtype name (e.g. bfloat16)", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (BudgetError, CalibrationError, ValueError, OSError, KeyError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the exception put in it
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (a calibration resumes from its store when run again)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Sensitivity: exact Eq. 4 against a weight-copy brute force, the first-order proxies, two-stage calibration and its
+report, the resumable store, hook hygiene, and the cumulative Eq. 5."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qvla_quant.sensitivity as S
+from qvla_quant import CalibrationConfig, GenericAdapter, Sensitivity, calibrate
+from qvla_quant.adapters import load_policy
+from qvla_quant.quantizer import WeightQuantConfig
+from qvla_quant.sensitivity import (
+    CalibrationError,
+    brute_force_sensitivity,
+    cumulative_sensitivity,
+    exact_sensitivity,
+    proxy_sensitivity,
+    spearman,
+)
+
+WCFG = WeightQuantConfig()
+
+
+def _info(adapter, name):
+    return next(i for i in adapter.layers() if i.name == name)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "model.vlm.vision_tower.embeddings.patch_embedding",  # conv, the first layer
+        "model.vlm.language_model.layers.0.mlp.down_proj",  # language, feeds the KV cache
+        "model.vlm.multi_modal_projector.linear",
+        "model.dit.layers.1.self_attn.v_proj",  # action expert: perturbed at every denoising step
+    ],
+)
+def test_exact_equals_brute_force_weight_copy(tiny_pi0, tiny_batches, layer):
+    jobs = [(0, 2), (3, 4), (5, 0), (1, 8), (2, 2)]
+    data = S._prepare(tiny_pi0, tiny_batches, 0)
+    hooked = exact_sensitivity(tiny_pi0, data, _info(tiny_pi0, layer), jobs, (0, 2, 4, 8), WCFG, channels_per_pass=3)
+    brute = [brute_force_sensitivity(tiny_pi0, tiny_batches, layer, r, b, WCFG) for r, b in jobs]
+    # fp32 forward passes at different batch sizes: equal to ~1e-4 relative, plus a floor for near-zero values
+    torch.testing.assert_close(hooked, torch.tensor(brute, dtype=torch.float64), rtol=2e-3, atol=1e-12)
+    assert hooked.min() > 0
+    assert all(not m._forward_hooks for m in tiny_pi0.model.modules())
+
+
+# ---- a linear policy: the first-order proxy is exact there
+class LinearPolicy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.b(self.a(x)).view(-1, 3, 4)
+
+
+def linear_adapter(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GenericAdapter(LinearPolicy().eval(), lambda m, b, n: m(b["x"]), role_rules={"re:.*": "language"}, **kw)
+
+
+def linear_batches(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(3, 8, generator=g)} for _ in range(n)]
+
+
+def test_aligned_proxy_is_exact_on_a_linear_policy_and_gain_bounds_it():
+    adapter = linear_adapter()
+    data = S._prepare(adapter, linear_batches(), 0)
+    layers = adapter.layers()
+    proxy = proxy_sensitivity(adapter, data, layers, (0, 2, 4, 8), WCFG, max_exact_dims=64)
+    assert proxy.probes == "exact" and proxy.dead == []
+    for info in layers:
+        jobs = [(r, b) for r in range(info.out_features) for b in (0, 2, 4, 8)]
+        exact = exact_sensitivity(adapter, data, info, jobs, (0, 2, 4, 8), WCFG).view(info.out_features, 4)
+        torch.testing.assert_close(proxy.aligned[info.name], exact, rtol=1e-4, atol=1e-12)
+        assert (proxy.gain[info.name] >= proxy.aligned[info.name] * (1 - 1e-6)).all()  # Cauchy-Schwarz
+
+
+def test_random_projection_proxy_ranks_like_the_exact_one():
+    adapter = linear_adapter()
+    data = S._prepare(adapter, linear_batches(4), 0)
+    info = adapter.layers()[0]
+    exact = proxy_sensitivity(adapter, data, [info], (2,), WCFG, max_exact_dims=64).aligned[info.name]
+    rand = proxy_sensitivity(adapter, data, [info], (2,), WCFG, max_exact_dims=4, n_probes=64, seed=3)
+    assert rand.probes == "random(64)"
+    assert spearman(exact, rand.aligned[info.name]) > 0.8
+    assert (rand.aligned[info.name] / exact).mean().item() == pytest.approx(1.0, rel=0.3)  # unbiased
+
+
+def test_two_stage_calibration_of_tiny_pi0(tiny_sensitivity):
+    sens, store = tiny_sensitivity
+    report = sens.report
+    # the last VLM layer's q/o/MLP cannot reach the action: dead, zero, not an error
+    assert len(sens.dead_layers) == 5 and all(".language_model.layers.1." in n for n in sens.dead_layers)
+    for name in sens.dead_layers:
+        assert torch.equal(sens.values(name), torch.zeros_like(sens.values(name)))
+    # the default template leaves the projector and the action head out
+    roles = {layer.role for layer in sens.layers.values()}
+    assert roles == {"vision", "language", "action"}
+    # proxy/exact rank correlation on a random sample: reported for both proxies, and positive
+    rank = report["rank_correlation"]
+    assert rank["aligned"]["n"] == 48 and rank["gain"]["n"] == 48
+    assert rank["aligned"]["all"] > 0.5 and rank["gain"]["all"] > 0.5
+    assert report["better_proxy"] in ("aligned", "gain")
+    # refined channels carry exact values; everything is finite, s(16) = 0
+    n_exact = sum(int(torch.isfinite(layer.exact[:, :-1]).sum()) for layer in sens.layers.values() if not layer.dead)
+    assert n_exact >= report["n_exact_top"]
+    for name in sens.layers:
+        v = sens.values(name)
+        assert v.shape == (sens.layers[name].out_features, 5) and torch.isfinite(v).all() and (v[:, -1] == 0).all()
+    assert set(sens.proxy_scale) == {0, 2, 4, 8}
+    # the stored copy reads back identically
+    again = Sensitivity.load(store)
+    assert again.report == json.loads(json.dumps(report))
+    for name in sens.layers:
+        assert torch.equal(again.values(name), sens.values(name))
+
+
+def test_interrupted_calibration_resumes_at_the_next_layer(
+    tiny_pi0_dir, tiny_batches, tiny_calibration, tmp_path, monkeypatch
+):
+    config = CalibrationConfig(store_dir=str(tmp_path / "store"), **tiny_calibration)
+    adapter = load_policy(tiny_pi0_dir)
+    calls = []
+    real = S.exact_sensitivity
+
+    def flaky(*args, **kwargs):
+        calls.append(args[2].name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a user pressing Ctrl-C in the middle of the exact stage
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "exact_sensitivity", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(adapter, tiny_batches, config)
+    # hooks are gone and parameters are as they were, even though the run died inside a pass
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in adapter.model.modules())
+    assert all(p.requires_grad for p in adapter.model.parameters())
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    assert not index["complete"] and all(m["proxy_done"] for m in index["layers"].values())
+    with pytest.raises(ValueError, match="not finished"):
+        Sensitivity.load(tmp_path / "store")
+
+    resumed_calls = []
+    monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: resumed_calls.append(a[2].name) or real(*a, **k))
+    monkeypatch.setattr(S, "proxy_sensitivity", lambda *a, **k: pytest.fail("the proxy stage was already stored"))
+    resumed = calibrate(adapter, tiny_batches, config)
+    assert calls[2] == resumed_calls[0] and not set(calls[:2]) & set(resumed_calls)
+
+    monkeypatch.setattr(S, "exact_sensitivity", real)
+    monkeypatch.undo()
+    fresh = calibrate(load_policy(tiny_pi0_dir), tiny_batches, CalibrationConfig(**tiny_calibration))
+    for name in fresh.layers:
+        torch.testing.assert_close(resumed.values(name), fresh.values(name), rtol=1e-9, atol=0)
+
+
+def test_store_refuses_other_settings_or_data(tiny_sensitivity, tiny_pi0_dir, tiny_batches, tiny_calibration):
+    _, store = tiny_sensitivity
+    adapter = load_policy(tiny_pi0_dir)
+    other_seed = CalibrationConfig(store_dir=str(store), **{**tiny_calibration, "rank_sample": 8})
+    with pytest.raises(ValueError, match="different config"):
+        calibrate(adapter, tiny_batches, other_seed)
+    same = CalibrationConfig(store_dir=str(store), **tiny_calibration)
+    with pytest.raises(ValueError, match="calibration data"):
+        calibrate(adapter, tiny_batches[:1], same)
+
+
+def test_failed_calibration_leaves_no_hooks():
+    adapter = linear_adapter()
+    calls = {"n": 0}
+
+    def actions(model, batch, noise):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("camera unplugged")
+        return model(batch["x"])
+
+    adapter.actions_fn = actions
+    with pytest.raises(RuntimeError, match="camera unplugged"):
+        calibrate(adapter, linear_batches(), CalibrationConfig(progress=False))
+    assert all(not m._forward_hooks for m in adapter.model.modules())
+    assert all(p.requires_grad for p in adapter.model.parameters())
+
+
+def test_layer_that_is_not_batch_major_is_a_clear_error():
+    class TimeMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 2)
+
+        def forward(self, x):  # x [B, T=3, 4] processed as [T, B, 4]
+            return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+    adapter = GenericAdapter(TimeMajor(), lambda m, b, n: m(b["x"]), role_rules={"proj": "action"})
+    data = S._prepare(adapter, [{"x": torch.randn(2, 3, 4)}], 0)
+    with pytest.raises(CalibrationError, match="batch-major"):
+        exact_sensitivity(adapter, data, adapter.layers()[0], [(0, 2), (1, 2)], (2,), WCFG)
+    assert not adapter.model.proj._forward_hooks
+
+
+def test_cumulative_sensitivity_sums_norms_over_each_episode():
+    adapter = linear_adapter()
+    episodes = [linear_batches(3, seed=s) for s in range(2)]  # 2 episodes x 3 batches x 3 steps
+    info = adapter.layers()[0]
+    jobs = {info.name: [(0, 2), (1, 4), (2, 0)]}
+    got = cumulative_sensitivity(adapter, episodes, jobs)[info.name]
+    # by hand: copy the weight, sum the per-step deviation norms per episode, average over episodes
+    expected = []
+    for row, bits in jobs[info.name]:
+        total = 0.0
+        for episode in episodes:
+            with torch.no_grad():
+                ref = [adapter.actions(b, None) for b in episode]
+                w = info.module.weight
+                saved = w.clone()
+                w[row] += S.row_quantization_error(w, bits, WCFG)[row]
+                pert = [adapter.actions(b, None) for b in episode]
+                w.copy_(saved)
+            total += sum(float((p - r).flatten(1).norm(dim=1).sum()) for p, r in zip(pert, ref))
+        expected.append(total / len(episodes))
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-9)
+    # Eq. 5 and Eq. 4 rank these channels alike
+    data = S._prepare(adapter, [b for e in episodes for b in e], 0)
+    eq4 = exact_sensitivity(adapter, data, info, jobs[info.name], (0, 2, 4), WCFG)
+    assert spearman(eq4, got) == pytest.approx(1.0)
+
+
+def test_calibration_config_validates_and_round_trips():
+    config = CalibrationConfig(bits=(8, 2), proxy="gain", exact_fraction=0.1, weight=WeightQuantConfig(clip_grid=5))
+    assert config.bits == (2, 8, 16)  # 16 is always there, sorted
+    again = CalibrationConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    for bad, match in [
+        (dict(bits=(3,)), "not in"),
+        (dict(method="fast"), "method"),
+        (dict(proxy="hessian"), "proxy"),
+        (dict(exact_fraction=1.5), "exact_fraction"),
+        (dict(channels_per_pass=0), "channels_per_pass"),
+        (dict(bits=(16,)), "at least one"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CalibrationConfig(**bad)
+    with pytest.raises(ValueError, match="unknown keys"):
+        CalibrationConfig.from_dict({"bitz": [2]})
+
+
+def test_spearman_edge_cases():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_exact_and_proxy_only_methods():
+    adapter = linear_adapter()
+    batches = linear_batches()
+    exact = calibrate(adapter, batches, CalibrationConfig(method="exact", progress=False))
+    proxy = calibrate(adapter, batches, CalibrationConfig(method="proxy", rank_sample=10, progress=False))
+    data = S._prepare(adapter, batches, 0)
+    for info in adapter.layers():
+        jobs = [(r, b) for r in range(info.out_features) for b in (0, 2, 4, 8)]
+        brute = exact_sensitivity(adapter, data, info, jobs, (0, 2, 4, 8), WCFG).view(info.out_features, 4)
+        assert torch.equal(exact.values(info.name)[:, :4], brute)
+        assert exact.layers[info.name].proxy_aligned is None
+        # a linear policy: the proxy-only values equal the exact ones up to rounding
+        torch.testing.assert_close(proxy.values(info.name)[:, :4], brute, rtol=1e-4, atol=1e-12)
+    assert "rank_correlation" not in exact.report and proxy.report["n_exact_top"] == 0
+    assert proxy.report["n_rank_sample"] == 10
