@@ -28,6 +28,14 @@ def share_tree(folder: str):
 CONSOLE_SCRIPTS = [
     # qvla_quant CLIs (no ROS needed)
     "qvla-quant = qvla_quant.cli:main",
+    # ROS 2 runtime: nodes, the launch-free bring-up runner, the demo
+    "qvla-policy-node = qvla_ros.nodes.policy_node:main",
+    "qvla-sim-rig-node = qvla_ros.nodes.sim_rig_node:main",
+    "qvla-bringup = qvla_ros.bringup:main",
+    "qvla-demo = qvla_ros.demo:main",
+    # simulated rig and episodes (no ROS needed)
+    "qvla-sim = qvla_ros.sim.cli:main",
+    "qvla-episodes = qvla_ros.episodes.cli:main",
     # policies: training and closed-loop evaluation in the simulated rig
     "qvla-train = qvla_ros.policy.train:main",
     "qvla-eval = qvla_ros.policy.evaluate:main",

@@ -1,0 +1,1 @@
+"""π0 policies on the robot side: processor, runtime, training, evaluation (no ROS imports)."""
