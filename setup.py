@@ -39,6 +39,7 @@ CONSOLE_SCRIPTS = [
     # policies: training and closed-loop evaluation in the simulated rig
     "qvla-train = qvla_ros.policy.train:main",
     "qvla-eval = qvla_ros.policy.evaluate:main",
+    "qvla-policy-quantize = qvla_ros.policy.quantize:main",
 ]
 
 setup(

@@ -52,7 +52,13 @@ class PolicyRuntime:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", warmup: bool = True, noise_seed: int = 0,
-             num_steps: int | None = None) -> PolicyRuntime:
+             num_steps: int | None = None, cache_dequantized: bool = False) -> PolicyRuntime:
+        """Load a policy directory or a qvla_quant artifact.
+
+        cache_dequantized (artifacts only): dequantize the packed rows once and keep them in the compute dtype.
+        Same outputs, the speed of the float model, the memory of a float copy of the stored rows; for CPU
+        evaluation runs. Off by default: the packed weights are what a memory-bound robot wants.
+        """
         path = Path(path)
         if not path.exists():
             raise PolicyFormatError(f"policy path {path} does not exist")
@@ -62,6 +68,10 @@ class PolicyRuntime:
         processor = Pi0Processor.load(path)
         if is_quantized_artifact(path):
             model, quant = _load_quantized(path, device)
+            if cache_dequantized:
+                from qvla_quant.packed import set_dequantized_cache
+
+                set_dequantized_cache(model, True)
             model_id = f"{path.name}@{quant.get('plan_hash', '')}"
         else:
             model = load_pi0_model(path, device=device)
@@ -150,16 +160,19 @@ def _load_quantized(path: Path, device: str):
         raise PolicyFormatError(f"{path} is a quantized artifact but qvla_quant is not importable: {exc}") from exc
     adapter = qvla_quant.load(path, device=device)
     model = getattr(adapter, "model", adapter)
-    summary = json.loads((path / ARTIFACT_MARKER).read_text()).get("summary", {})
-    roles = sorted(summary.get("role_average_bits", {}))
+    manifest = json.loads((path / ARTIFACT_MARKER).read_text())
+    summary = manifest.get("summary", {})
+    by_role = summary.get("average_bits_by_role", {})
+    roles = sorted(by_role)
     status = {
         "artifact_id": str(path),
         "average_bits": float(summary.get("average_bits", float("nan"))),
         "roles": roles,
-        "role_average_bits": [float(summary["role_average_bits"][r]) for r in roles],
+        "role_average_bits": [float(by_role[r]) for r in roles],
         "pruned_fraction": float(summary.get("pruned_fraction", 0.0)),
-        "weight_bytes": int(summary.get("weight_bytes", 0)),
-        "fp_weight_bytes": int(summary.get("fp_weight_bytes", 0)),
-        "plan_hash": str(summary.get("plan_hash", "")),
+        # all parameters as stored vs the float source: what the robot's memory actually holds
+        "weight_bytes": int(summary.get("parameter_bytes_after", 0)),
+        "fp_weight_bytes": int(summary.get("parameter_bytes_before", 0)),
+        "plan_hash": str(manifest.get("plan_hash", "")),
     }
     return model.eval(), status

@@ -151,6 +151,21 @@ def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shi
 
 
 # ---------------------------------------------------------------------------------------------------- training
+def list_episodes(directory) -> list[Path]:
+    paths = sorted(p for p in Path(directory).iterdir() if not p.name.startswith("."))
+    if not paths:
+        raise ValueError(f"no episodes in {directory}")
+    return paths
+
+
+def validation_split(n_episodes: int, n_val: int, data_seed: int) -> list[int]:
+    """Indices (into the sorted episode list) of the held-out episodes. Depends on data_seed only, so a resumed
+    run, and the benchmarks, use the same held-out episodes as the training run."""
+    if n_episodes <= n_val:
+        raise ValueError(f"{n_episodes} episodes; need more than val_episodes={n_val}")
+    return sorted(np.random.default_rng(data_seed).permutation(n_episodes)[:n_val].tolist())
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -194,13 +209,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last"
 
-    episode_paths = sorted(p for p in Path(cfg.episodes).iterdir() if not p.name.startswith("."))
-    if len(episode_paths) <= cfg.val_episodes:
-        raise ValueError(f"{cfg.episodes} holds {len(episode_paths)} episodes; need more than val_episodes="
-                         f"{cfg.val_episodes}")
-    # the split depends on data_seed only, so a resumed run validates on the same episodes
-    order = np.random.default_rng(cfg.data_seed).permutation(len(episode_paths))
-    val_eps = set(order[: cfg.val_episodes].tolist())
+    episode_paths = list_episodes(cfg.episodes)
+    val_eps = set(validation_split(len(episode_paths), cfg.val_episodes, cfg.data_seed))
 
     spec = cfg.spec
     from qvla_ros.policy.tiny import BIMANUAL_JOINTS, CAMERAS
@@ -239,7 +249,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     def checkpoint(step: int, val: float | None) -> None:
         info = {"train_config": cfg.to_dict(), "step": step, "val_loss": val,
                 "n_train_samples": int(len(train_idx)), "n_val_samples": int(len(val_idx)),
-                "episodes": [p.name for p in episode_paths], "val_episodes": sorted(int(i) for i in val_eps)}
+                "episodes": [p.name for p in episode_paths],
+                "val_episodes": sorted(episode_paths[i].name for i in val_eps)}
         tmp = out / "last.tmp"
         save_policy(tmp, model, processor, info)
         tensors, meta = _optimizer_tensors(opt)
@@ -287,7 +298,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         _rmtree(final)
     save_policy(final, model.eval(), processor,
                 {"train_config": cfg.to_dict(), "step": step, "history": state["history"],
-                 "episodes": [p.name for p in episode_paths]})
+                 "episodes": [p.name for p in episode_paths],
+                 "val_episodes": sorted(episode_paths[i].name for i in val_eps)})
     return final
 
 
