@@ -20,7 +20,10 @@ die() { printf '\033[31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 # hash of the given files/folders' contents (paths and bytes), for the stamps
 inputs_hash() {
-    find "$@" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 2>/dev/null | sort -z \
+    local existing=() p
+    for p in "$@"; do [ -e "$p" ] && existing+=("$p"); done
+    [ "${#existing[@]}" -gt 0 ] || { echo none; return; }
+    find "${existing[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 2>/dev/null | sort -z \
         | xargs -0 sha256sum | sha256sum | cut -c1-16
 }
 stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
