@@ -81,6 +81,39 @@ LAUNCH_ARGUMENTS = (
 LAUNCHES = ("bimanual", "sim")
 
 
+def launch_description(launch: str):
+    """The launch_ros description of `launch` ("bimanual" or "sim"): what launch/*.launch.py return.
+
+    `launch`/`launch_ros` are imported here, not at module level: they exist in a ROS 2 install, not in the wheels
+    the runner uses.
+    """
+    from launch import LaunchDescription
+    from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+    from launch.substitutions import LaunchConfiguration
+    from launch_ros.actions import Node
+
+    def nodes(context, *args, **kwargs):
+        values = {a.name: LaunchConfiguration(a.name).perform(context) for a in LAUNCH_ARGUMENTS}
+        specs, notes = node_set(values, launch=launch)
+        actions = [LogInfo(msg=f"qvla: {note}") for note in notes]
+        for s in specs:
+            actions.append(Node(
+                package=s.package, executable=s.executable, name=s.name, namespace=s.namespace,
+                # the override dict comes after the file: launch_ros keys it by the node's full name, which
+                # outranks the file's shared /** block
+                parameters=[*s.params_files, dict(s.parameters)] if s.module else [],
+                remappings=list(s.remappings), additional_env=dict(s.env), output="screen",
+            ))
+        return actions
+
+    return LaunchDescription([
+        *[DeclareLaunchArgument(a.name, default_value=a.default, description=a.description,
+                                **({"choices": list(a.choices)} if a.choices else {}))
+          for a in LAUNCH_ARGUMENTS],
+        OpaqueFunction(function=nodes),
+    ])
+
+
 class BringupError(ValueError):
     """A launch argument is invalid; the message names it and says what to do."""
 
