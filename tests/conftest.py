@@ -20,13 +20,25 @@ def ros_available() -> bool:
     return importlib.util.find_spec("rclpy") is not None and importlib.util.find_spec("qvla_msgs") is not None
 
 
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def pytest_collection_modifyitems(config, items):
-    if ros_available():
-        return
-    skip = pytest.mark.skip(reason="rclpy or qvla_msgs not importable: run `make setup` (or source your ROS 2 install)")
+    skips = {}
+    if not ros_available():
+        skips["ros"] = pytest.mark.skip(
+            reason="rclpy or qvla_msgs not importable: run `make setup` (or source your ROS 2 install)")
+    if any("gpu" in item.keywords for item in items) and not cuda_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
     for item in items:
-        if "ros" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture
