@@ -68,27 +68,37 @@ class EvalReport:
 
 
 def run_episode(rig, policy: PolicyRuntime, seed: int, *, steps: int = 240, replan_every: int = 10,
-                reference: PolicyRuntime | None = None, stop_on_success: bool = False) -> EpisodeResult:
-    """One closed-loop episode of `steps` 30 Hz command ticks in `rig` (a qvla_ros.sim.rig.SimRig)."""
+                reference: PolicyRuntime | None = None, stop_on_success: bool = False,
+                blending: str = "latest", ensemble_decay: float = 2.0) -> EpisodeResult:
+    """One closed-loop episode of `steps` 30 Hz command ticks in `rig` (a qvla_ros.sim.rig.SimRig).
+
+    The sim waits for each prediction (no inference latency here: this measures the policy, the ROS benchmarks
+    measure the timing). blending: how chunks are played out, with the policy node's ChunkScheduler ("latest":
+    each chunk alone until the next; "temporal_ensemble": overlapping chunks averaged, newer ones weighted up).
+    """
+    from qvla_ros.control.scheduler import ChunkScheduler
+
     obs = rig.reset(seed=seed)
     period = 1.0 / rig.command_hz
-    chunk, row = None, 0
+    scheduler = ChunkScheduler(len(policy.joint_names), mode=blending, decay=ensemble_decay, ramp=0.0)
     latencies, curve = [], []
     cum = cum_first = 0.0
     for k in range(steps):
         t = k * period
-        if chunk is None or row >= min(replan_every, chunk.horizon):
+        if k % replan_every == 0:
             o = Observation(images=obs.images, state=obs.qpos, instruction=rig.instruction, stamp=t)
             chunk = policy.predict(o)
             latencies.append(chunk.latency)
-            row = 0
+            scheduler.add(chunk.actions, stamp=t, step_period=chunk.step_period, now=t, model_id=chunk.model_id)
             if reference is not None:
                 ref = reference.predict(o)
                 cum += float(np.linalg.norm(chunk.actions - ref.actions))
                 cum_first += float(np.linalg.norm(chunk.actions[0] - ref.actions[0]))
                 curve.append(cum)
-        rig.command(chunk.actions[row], stamp=t)
-        row += 1
+        target, _ = scheduler.target(t)
+        if target is None:  # replan_every longer than the chunk: hold the last row
+            target = chunk.actions[-1]
+        rig.command(target, stamp=t)
         rig.step_to(t + period)
         if stop_on_success and rig.episode_success:
             break
@@ -103,7 +113,7 @@ def run_episode(rig, policy: PolicyRuntime, seed: int, *, steps: int = 240, repl
 
 def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_cube", reference=None,
              steps: int = 240, replan_every: int = 10, image_size=(240, 320), progress: bool = True,
-             policy_name: str = "", reference_name: str | None = None) -> EvalReport:
+             policy_name: str = "", reference_name: str | None = None, blending: str = "latest") -> EvalReport:
     from tqdm import tqdm
 
     from qvla_ros.sim.rig import SimRig
@@ -114,7 +124,7 @@ def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_c
         bar = tqdm(seeds, desc="eval", unit="ep", disable=not progress)
         for seed in bar:
             results.append(run_episode(rig, policy, seed, steps=steps, replan_every=replan_every,
-                                       reference=reference))
+                                       reference=reference, blending=blending))
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
     if reference is not None and not reference_name:
         reference_name = reference.model_id
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="transfer_cube")
     p.add_argument("--steps", type=int, default=240, help="30 Hz command ticks per episode (240 = 8 s)")
     p.add_argument("--replan-every", type=int, default=10, help="command ticks between predictions")
+    p.add_argument("--blending", default="latest", choices=("latest", "temporal_ensemble", "weighted_overlap"),
+                   help="how overlapping chunks are played out (the policy node's scheduler)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -155,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qvla-eval: error: {exc}", file=sys.stderr)
         return 2
     report = evaluate(policy, seeds, task=args.task, reference=reference, steps=args.steps,
-                      replan_every=args.replan_every, policy_name=args.policy, reference_name=args.reference)
+                      replan_every=args.replan_every, policy_name=args.policy, reference_name=args.reference,
+                      blending=args.blending)
     print(json.dumps(report.summary(), indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
