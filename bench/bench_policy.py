@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,20 @@ def teacher_forced_mse(fp: PolicyRuntime, q: PolicyRuntime, observations, batch_
     return float(np.concatenate(errs).mean())
 
 
+def evaluate_artifact(policy: Path, artifact: Path, seeds: list[int], mse_obs, threads: int, **eval_kwargs) -> dict:
+    """Success, Eq. 5 deviation and teacher-forced MSE of one quantized artifact against the FP policy."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    fp = PolicyRuntime.load(policy)
+    q = fp if artifact == policy else PolicyRuntime.load(artifact, cache_dequantized=True)
+    mse = teacher_forced_mse(fp, q, mse_obs)
+    report = evaluate(q, seeds, reference=fp, progress=False, policy_name=artifact.name, **eval_kwargs)
+    s = report.summary()
+    return {"success": report.success_rate, "successes": s["successes"], "cum_dev": s["mean_cumulative_deviation"],
+            "mse": mse, "eval_s": time.time() - t0, "latency_ms": s["mean_latency_ms"],
+            "weight_bytes": q.quantization_status()["weight_bytes"]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--policy", required=True, help="full-precision policy directory")
@@ -69,7 +85,11 @@ def main() -> int:
     p.add_argument("--mse-samples-per-episode", type=int, default=16)
     p.add_argument("--work", default="runs/bench_policy", help="where the artifacts are written")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replan-every", type=int, default=10, help="30 Hz ticks between predictions")
+    p.add_argument("--blending", default="latest", help="chunk blending (see qvla-eval)")
+    p.add_argument("--jobs", type=int, default=2, help="artifacts evaluated in parallel (one process each)")
     p.add_argument("--json", help="write all results here")
+    p.add_argument("--eval-artifact", help=argparse.SUPPRESS)  # internal: evaluate one artifact, print JSON
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,22 +102,17 @@ def main() -> int:
     train_eps, val_eps = held_out_episodes(policy, list_episodes(args.episodes))
     calib_eps = train_eps[:: max(1, len(train_eps) // args.calib_episodes)][: args.calib_episodes]
     mse_obs = [o for _, _, o in episode_observations(val_eps, args.mse_samples_per_episode, 30, seed=1)]
+    if args.eval_artifact:
+        print(json.dumps(evaluate_artifact(policy, Path(args.eval_artifact), seeds, mse_obs, args.threads,
+                                           replan_every=args.replan_every, blending=args.blending)))
+        return 0
     print(f"bench_policy: {policy}; {len(seeds)} closed-loop episodes (seeds {args.seeds}); calibration on "
           f"{len(calib_eps)} training episodes x {args.samples_per_episode} samples; action MSE on {len(mse_obs)} "
-          f"held-out samples of {len(val_eps)} validation episodes; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"held-out samples of {len(val_eps)} validation episodes; chunks: replan every {args.replan_every} "
+          f"ticks, blending {args.blending}; torch {torch.__version__}, {args.jobs} evaluation processes x 1 thread",
+          flush=True)
 
-    fp = PolicyRuntime.load(policy)
     rows = []
-    t0 = time.time()
-    fp_report = evaluate(fp, seeds, progress=False, policy_name="fp")
-    fp_status = fp.quantization_status()
-    rows.append({"method": "FP (fp32)", "budget": None, "avg_bits": 32.0, "pruned": 0.0,
-                 "weight_bytes": fp_status["weight_bytes"], "success": fp_report.success_rate,
-                 "successes": fp_report.summary()["successes"], "cum_dev": 0.0, "mse": 0.0,
-                 "eval_s": time.time() - t0, "latency_ms": fp_report.summary()["mean_latency_ms"]})
-    print(f"FP: success {fp_report.success_rate:.0%} ({time.time() - t0:.0f} s)", flush=True)
-
     t0 = time.time()
     sens, info = calibrate_policy(policy, calib_eps, samples_per_episode=args.samples_per_episode,
                                   store_dir=work / "sensitivity")
@@ -112,22 +127,26 @@ def main() -> int:
     for b in [int(x) for x in args.rtn.split(",") if x]:
         plans.append((f"RTN W{b} per-channel", float(b), uniform_plan(template, b)))
 
+    artifacts = [("FP (fp32)", None, None, policy)]  # the reference itself: deviation and MSE are 0 by definition
     for name, budget, plan in plans:
-        t0 = time.time()
         out = work / f"{name.replace(' ', '_')}_{budget:g}"
         write_quantized_policy(policy, plan, out, plots_of=sens if name.startswith("QVLA") else None)
-        q = PolicyRuntime.load(out, cache_dequantized=True)
-        status = q.quantization_status()
-        mse = teacher_forced_mse(fp, q, mse_obs)
-        report = evaluate(q, seeds, reference=fp, progress=False, policy_name=name)
-        s = report.summary()
-        rows.append({"method": name, "budget": budget, "avg_bits": plan.average_bits(),
-                     "pruned": plan.pruned_fraction(), "weight_bytes": status["weight_bytes"],
-                     "success": report.success_rate, "successes": s["successes"],
-                     "cum_dev": s["mean_cumulative_deviation"], "mse": mse, "eval_s": time.time() - t0,
-                     "latency_ms": s["mean_latency_ms"]})
-        print(f"{name} @ {budget:g}: success {report.success_rate:.0%}, MSE {mse:.3g} ({time.time() - t0:.0f} s)",
-              flush=True)
+        artifacts.append((name, budget, plan, out))
+
+    def run_one(item):
+        # a process per artifact: each has its own MuJoCo context and torch threads, and the 2 cores are used
+        name, budget, plan, out = item
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-artifact", str(out), "--threads", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"evaluating {out} failed:\n{done.stderr[-3000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name} @ {budget}: success {r['success']:.0%}, MSE {r['mse']:.3g} ({r['eval_s']:.0f} s)", flush=True)
+        bits, pruned = (32.0, 0.0) if plan is None else (plan.average_bits(), plan.pruned_fraction())
+        return {"method": name, "budget": budget, "avg_bits": bits, "pruned": pruned, **r}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows += list(pool.map(run_one, artifacts))
 
     n = len(seeds)
     print()
