@@ -71,3 +71,23 @@ def test_short_training_reduces_loss_and_resumes(demos, tmp_path):
     train(cfg, resume=True, progress=False)
     hist = json.loads((tmp_path / "run" / "train_state.json").read_text())["history"]
     assert [h["step"] for h in hist] == [80, 160, 180]
+
+
+def test_fine_tuning_starts_from_the_source_policy(demos, tmp_path):
+    base = TrainConfig(episodes=str(demos), out=str(tmp_path / "base"), spec=SPEC, steps=40, batch_size=16,
+                       lr=2e-3, warmup_steps=5, val_episodes=1, checkpoint_every=40, threads=1)
+    source = train(base, progress=False)
+    tuned_cfg = TrainConfig(episodes=str(demos), out=str(tmp_path / "tuned"), spec=SPEC, steps=1, batch_size=16,
+                            lr=1e-9, warmup_steps=1, val_episodes=1, checkpoint_every=1, threads=1,
+                            init_from=str(source))
+    tuned = train(tuned_cfg, progress=False)
+    # one step at a negligible learning rate: the weights are the source's, and so is the processor
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(source / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert (source / "processor.json").read_text() == (tuned / "processor.json").read_text()
+    info = json.loads((tuned / "train_config.json").read_text())
+    assert info["train_config"]["init_from"] == str(source)
+    assert info["init_from_config"]["train_config"]["steps"] == 40  # the source's provenance travels along

@@ -44,8 +44,11 @@ class TrainConfig:
     data_seed: int = 0  # train/validation split
     val_episodes: int = 2
     checkpoint_every: int = 1000
-    shift_augment: int = 4  # random image shift in pixels (of the resized image); 0 = off
+    # random image shift in pixels (of the resized image); 0 = off. Off by default: with a fixed top camera the
+    # cube's pixel position IS the signal, and a shift of a few pixels at ~1 cm/pixel taught a policy to ignore it
+    shift_augment: int = 0
     threads: int = 0  # torch threads; 0 = torch's default
+    init_from: str | None = None  # start from this policy's weights and processor (fine-tuning) instead of random
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -223,6 +226,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         processor = Pi0Processor.load(last)
         model = load_pi0_model(last).train()
         state = json.loads((out / "train_state.json").read_text())
+    elif cfg.init_from:
+        # fine-tuning keeps the source's processor (normalization, vocabulary) so its weights stay meaningful
+        processor = Pi0Processor.load(cfg.init_from)
+        model = load_pi0_model(cfg.init_from).train()
+        if model.config.chunk_size != spec.chunk_size or processor.config.image_size != spec.image_size:
+            raise ValueError(f"--init-from {cfg.init_from} has chunk size {model.config.chunk_size} and image size "
+                             f"{processor.config.image_size}; the spec asks for {spec.chunk_size} / {spec.image_size}")
+        source_info = Path(cfg.init_from) / "train_config.json"
+        state = {"step": 0, "history": [], "init_from": str(cfg.init_from),
+                 # provenance of the starting weights travels with the fine-tuned policy
+                 "init_from_config": json.loads(source_info.read_text()) if source_info.is_file() else None}
     else:
         state_norm = Normalizer.fit(samples.state[train_idx])
         action_norm = Normalizer.fit(samples.actions[train_idx])
@@ -298,6 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         _rmtree(final)
     save_policy(final, model.eval(), processor,
                 {"train_config": cfg.to_dict(), "step": step, "history": state["history"],
+                 "init_from_config": state.get("init_from_config"),
                  "episodes": [p.name for p in episode_paths],
                  "val_episodes": sorted(episode_paths[i].name for i in val_eps)})
     return final
@@ -345,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--spec", default="{}", help='JSON overrides of the model size, e.g. \'{"width": 192}\'')
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", help="fine-tune: start from this policy directory's weights and processor")
+    p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
@@ -353,10 +370,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg.steps = args.steps
         else:
             spec = SmallPi0Spec(**json.loads(args.spec))
+            if args.init_from and args.spec == "{}":  # the source's own sizes
+                source = json.loads((Path(args.init_from) / "train_config.json").read_text())
+                spec = SmallPi0Spec(**source["train_config"]["spec"])
             cfg = TrainConfig(episodes=args.episodes, out=args.out, spec=spec, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
                               val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
-                              shift_augment=args.shift_augment, threads=args.threads)
+                              shift_augment=args.shift_augment, threads=args.threads, init_from=args.init_from,
+                              warmup_steps=args.warmup_steps)
         final = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
         print(f"qvla-train: error: {exc}", file=sys.stderr)
