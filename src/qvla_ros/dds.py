@@ -8,24 +8,10 @@ host. The bring-up runner, the demo and the tests start their ROS processes with
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from qvla_ros.paths import config_path
 
 SHM_PROFILE_NAME = "fastdds_shm.xml"
-
-
-def config_dir() -> Path:
-    """The qvla_ros config folder: the source tree's when running from a checkout, else the installed share."""
-    source = Path(__file__).resolve().parents[2] / "config"
-    if (source / SHM_PROFILE_NAME).is_file():
-        return source
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return Path(get_package_share_directory("qvla_ros")) / "config"
-    except Exception:  # ament_index not importable, or the package not in AMENT_PREFIX_PATH
-        import sys
-
-        return Path(sys.prefix) / "share" / "qvla_ros" / "config"
 
 
 def local_dds_environment(domain_id: int | None = None, base: dict | None = None) -> dict[str, str]:
@@ -35,12 +21,7 @@ def local_dds_environment(domain_id: int | None = None, base: dict | None = None
     None keeps the caller's (or 0).
     """
     env = dict(os.environ if base is None else base)
-    profile = config_dir() / SHM_PROFILE_NAME
-    if not profile.is_file():
-        raise FileNotFoundError(
-            f"Fast DDS profile {profile} is missing; reinstall qvla_ros (make setup) or set "
-            "FASTDDS_DEFAULT_PROFILES_FILE yourself"
-        )
+    profile = config_path(SHM_PROFILE_NAME)  # a clear error listing where it looked when missing
     env["RMW_IMPLEMENTATION"] = env.get("RMW_IMPLEMENTATION") or "rmw_fastrtps_cpp"
     env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
     # LOCALHOST would make rmw_fastrtps replace the profile's transports with its own (UDP on loopback)
