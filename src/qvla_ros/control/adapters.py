@@ -138,6 +138,21 @@ class OutputAdapter:
             raise AdapterError(f"{what}: expected {PER_ARM} values (6 joints + gripper), got {v.size}")
         return v
 
+    def _named_positions(self, names, positions, arm: str, what: str) -> np.ndarray:
+        """The arm's 7 values in our joint order, from a message that names its joints (any order, extra joints
+        allowed); a message without names must already be in our order."""
+        names, pos = list(names), list(positions)
+        if names:
+            if len(names) != len(pos):
+                raise AdapterError(f"{what} for {arm}: {len(names)} joint names but {len(pos)} positions")
+            by_name = dict(zip(names, pos))
+            joints = self.output(arm).joints
+            missing = [j for j in joints if j not in by_name]
+            if missing:
+                raise AdapterError(f"{what} for {arm} lacks {', '.join(missing)} (has {', '.join(names)})")
+            pos = [by_name[j] for j in joints]
+        return self._check7(pos, f"{what} for {arm}")
+
 
 class JointStateAdapter(OutputAdapter):
     name = "joint_state"
@@ -150,18 +165,7 @@ class JointStateAdapter(OutputAdapter):
         return {"header": {"stamp": stamp_fields(t)}, "name": list(out.joints), "position": q7.tolist()}
 
     def parse(self, msg, arm):
-        out = self.output(arm)
-        names = list(msg.name)
-        pos = list(msg.position)
-        if names:
-            if len(names) != len(pos):
-                raise AdapterError(f"JointState for {arm}: {len(names)} names but {len(pos)} positions")
-            by_name = dict(zip(names, pos))
-            missing = [j for j in out.joints if j not in by_name]
-            if missing:
-                raise AdapterError(f"JointState for {arm} lacks {', '.join(missing)} (has {', '.join(names)})")
-            pos = [by_name[j] for j in out.joints]
-        return self._check7(pos, f"JointState for {arm}")
+        return self._named_positions(msg.name, msg.position, arm, "JointState")
 
 
 class ForwardCommandAdapter(OutputAdapter):
@@ -193,20 +197,9 @@ class JointTrajectoryAdapter(OutputAdapter):
                 "points": [{"positions": q7.tolist(), "time_from_start": duration_fields(lead)}]}
 
     def parse(self, msg, arm):
-        out = self.output(arm)
         if not msg.points:
             raise AdapterError(f"JointTrajectory for {arm} has no points")
-        names = list(msg.joint_names)
-        pos = list(msg.points[-1].positions)
-        if names:
-            if len(names) != len(pos):
-                raise AdapterError(f"JointTrajectory for {arm}: {len(names)} joint names but {len(pos)} positions")
-            by_name = dict(zip(names, pos))
-            missing = [j for j in out.joints if j not in by_name]
-            if missing:
-                raise AdapterError(f"JointTrajectory for {arm} lacks {', '.join(missing)}")
-            pos = [by_name[j] for j in out.joints]
-        return self._check7(pos, f"JointTrajectory for {arm}")
+        return self._named_positions(msg.joint_names, msg.points[-1].positions, arm, "JointTrajectory")
 
 
 class Y1Adapter(OutputAdapter):
