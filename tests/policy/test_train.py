@@ -23,7 +23,8 @@ def demos(tmp_path_factory):
     from qvla_ros.sim.rig import SimRig
 
     out = tmp_path_factory.mktemp("demos")
-    with SimRig(image_size=(48, 64)) as rig:
+    # large enough for the cube to cover a few pixels of the top camera (the localization test needs to see it)
+    with SimRig(image_size=(96, 128)) as rig:
         for seed in (0, 1):
             res = record_episode(out / f"episode_{seed:06d}", seed, rig)
             assert res.success
@@ -91,3 +92,36 @@ def test_fine_tuning_starts_from_the_source_policy(demos, tmp_path):
     info = json.loads((tuned / "train_config.json").read_text())
     assert info["train_config"]["init_from"] == str(source)
     assert info["init_from_config"]["train_config"]["steps"] == 40  # the source's provenance travels along
+
+
+def test_object_localization_aux_loss_learns_and_stays_out_of_the_policy(demos, tmp_path):
+    from safetensors.torch import load_file
+
+    from qvla_ros.episodes.reader import read_episode
+    from qvla_ros.policy.train import initial_object_xy
+    from qvla_ros.sim.rig import sample_object_poses
+
+    # the sim recorder writes each object's initial pose; older recordings fall back to the seed
+    episode = read_episode(demos / "episode_000001", horizon=SPEC.chunk_size)
+    expected = sample_object_poses("transfer_cube", 1)[:2]
+    np.testing.assert_allclose(initial_object_xy(episode.metadata), expected, atol=1e-6)
+    legacy = {k: v for k, v in episode.metadata.items() if k != "initial_object_poses"}
+    np.testing.assert_allclose(initial_object_xy(legacy), expected, atol=1e-6)
+    assert initial_object_xy({"source": "teleop"}) is None
+
+    weight = 1.0
+    # both episodes train (no validation split): the standardized targets are +-1 per axis, so the
+    # zero-initialized head starts at loss `weight`; telling two cube positions apart from the image drives it down
+    spec = SmallPi0Spec(**{**SPEC.to_dict(), "image_size": 64})
+    cfg = TrainConfig(episodes=str(demos), out=str(tmp_path / "aux"), spec=spec, steps=200, batch_size=16,
+                      lr=2e-3, warmup_steps=10, val_episodes=0, checkpoint_every=200, threads=1,
+                      object_aux_weight=weight)
+    final = train(cfg, progress=False)
+    hist = json.loads((tmp_path / "aux" / "train_state.json").read_text())["history"]
+    assert hist[-1]["object_aux_loss_ema"] < 0.7 * weight, hist
+    # the auxiliary head is training-only: the policy has exactly the π0 weights of a run without it
+    plain = TrainConfig(episodes=str(demos), out=str(tmp_path / "plain"), spec=SPEC, steps=1, batch_size=4,
+                        warmup_steps=1, val_episodes=1, checkpoint_every=1, threads=1)
+    assert load_file(str(final / "model.safetensors")).keys() == \
+        load_file(str(train(plain, progress=False) / "model.safetensors")).keys()
+    assert (tmp_path / "aux" / "aux_head.safetensors").is_file()

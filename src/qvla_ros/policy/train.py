@@ -49,6 +49,13 @@ class TrainConfig:
     shift_augment: int = 0
     threads: int = 0  # torch threads; 0 = torch's default
     init_from: str | None = None  # start from this policy's weights and processor (fine-tuning) instead of random
+    # Auxiliary localization loss (training only, nothing of it is saved in the policy): a linear head on the first
+    # camera's projected image tokens regresses the objects' initial xy, on frames before the task first moves
+    # them. The flow-matching loss alone left the vision tower ignoring where the cube is (the policy reached for
+    # the average cube position); this makes the image tokens carry it. Needs episodes whose metadata gives the
+    # initial object poses (sim recordings); 0 = off.
+    object_aux_weight: float = 0.0
+    object_aux_until_s: float = 2.4  # the scripted expert lifts the cube at 2.6 s
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,6 +81,8 @@ class SampleSet:
     instruction_idx: np.ndarray
     instructions: list[str]
     episode_idx: np.ndarray
+    timestamps: np.ndarray  # seconds since the episode's start
+    object_xy: np.ndarray  # [N, 2 * n_objects] the episode's initial object positions (NaN when unknown)
 
     def __len__(self) -> int:
         return len(self.state)
@@ -87,16 +96,31 @@ def resize_uint8(images: np.ndarray, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def initial_object_xy(metadata: dict) -> np.ndarray | None:
+    """The objects' initial xy positions of an episode from its metadata: `initial_object_poses` as the sim
+    recorder writes it, or, for sim recordings made before it did, reproduced from the task and seed (the sim
+    places objects deterministically per seed). None for episodes that carry neither (real teleoperation)."""
+    poses = metadata.get("initial_object_poses")
+    if poses is None and metadata.get("source") == "sim" and "seed" in metadata and "task" in metadata:
+        from qvla_ros.sim.rig import sample_object_poses
+
+        poses = sample_object_poses(metadata["task"], int(metadata["seed"])).reshape(-1, 7).tolist()
+    if poses is None:
+        return None
+    return np.asarray(poses, dtype=np.float32).reshape(-1, 7)[:, :2].reshape(-1)
+
+
 def load_samples(episode_paths: list[Path], camera_names: list[str], image_size: int, horizon: int,
                  rate_hz: float = 30.0, progress: bool = True) -> SampleSet:
     from tqdm import tqdm
 
     from qvla_ros.episodes.reader import read_episode
 
-    images, states, actions, instr_idx, ep_idx = [], [], [], [], []
+    images, states, actions, instr_idx, ep_idx, stamps, obj_xy = [], [], [], [], [], [], []
     instructions: list[str] = []
     for e, path in enumerate(tqdm(episode_paths, desc="reading episodes", disable=not progress, unit="ep")):
         episode = read_episode(path, horizon=horizon, rate_hz=rate_hz)
+        xy = initial_object_xy(episode.metadata)
         for start in range(0, len(episode.samples), 64):
             block = episode.samples[start:start + 64]
             cams = np.stack([s.images[name] for s in block for name in camera_names])
@@ -109,12 +133,19 @@ def load_samples(episode_paths: list[Path], camera_names: list[str], image_size:
                 instructions.append(s.instruction)
             instr_idx.append(instructions.index(s.instruction))
             ep_idx.append(e)
+            stamps.append(s.timestamp)
+            obj_xy.append(xy)
         del episode
         _release_freed_memory()
     if not states:
         raise ValueError(f"no samples in {len(episode_paths)} episodes")
+    width = max((len(v) for v in obj_xy if v is not None), default=0)
+    objects = np.full((len(states), width), np.nan, dtype=np.float32)
+    for i, v in enumerate(obj_xy):
+        if v is not None and len(v) == width:
+            objects[i] = v
     return SampleSet(torch.cat(images), np.stack(states), np.stack(actions), np.asarray(instr_idx),
-                     instructions, np.asarray(ep_idx))
+                     instructions, np.asarray(ep_idx), np.asarray(stamps, dtype=np.float64), objects)
 
 
 def _release_freed_memory() -> None:
@@ -151,6 +182,45 @@ def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shi
         "state": processor.state_tensor(list(samples.state[idx])),
         "actions": processor.actions_to_model(samples.actions[idx]),
     }
+
+
+class ObjectLocalizationAux:
+    """The auxiliary localization loss of TrainConfig.object_aux_weight: captures the projected image tokens of
+    the model's own forward pass (a hook on the multimodal projector, so no second vision pass) and regresses the
+    standardized initial object xy from the first camera's tokens with a linear head."""
+
+    def __init__(self, model, samples: SampleSet, train_idx: np.ndarray, cfg: TrainConfig, n_cameras: int):
+        projectors = [m for n, m in model.named_modules() if n.endswith("multi_modal_projector")]
+        if len(projectors) != 1:
+            raise ValueError("object_aux_weight needs a π0 model with one multimodal projector")
+        known = np.isfinite(samples.object_xy).all(axis=1) & (samples.object_xy.shape[1] > 0)
+        usable = known & (samples.timestamps < cfg.object_aux_until_s)
+        if not usable[train_idx].any():
+            raise ValueError("object_aux_weight > 0 but no training episode's metadata gives initial object poses "
+                             "(sim recordings do); train with --object-aux-weight 0")
+        self.usable = usable
+        fit = samples.object_xy[train_idx[usable[train_idx]]]
+        self.mean, self.std = fit.mean(0), fit.std(0) + 1e-6
+        self.samples, self.n_cameras, self.weight = samples, n_cameras, cfg.object_aux_weight
+        tokens = model.config.vlm_config.text_config.num_image_tokens
+        width = model.config.vlm_config.text_config.hidden_size
+        self.head = torch.nn.Linear(tokens * width, samples.object_xy.shape[1])
+        torch.nn.init.zeros_(self.head.weight)
+        self._features = None
+        projectors[0].register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output):
+        self._features = output
+
+    def loss(self, idx: np.ndarray) -> torch.Tensor | None:
+        feats, self._features = self._features, None
+        mask = self.usable[idx]
+        if feats is None or not mask.any():
+            return None
+        first_camera = feats.reshape(len(idx), self.n_cameras, -1)[:, 0]
+        target = torch.from_numpy((self.samples.object_xy[idx] - self.mean) / self.std)
+        m = torch.from_numpy(mask)
+        return self.weight * F.mse_loss(self.head(first_camera[m]), target[m])
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -251,7 +321,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if unknown:
         raise ValueError(f"instructions not in the policy's vocabulary: {unknown}")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aux = None
+    if cfg.object_aux_weight > 0:
+        aux = ObjectLocalizationAux(model, samples, train_idx, cfg, len(CAMERAS))
+        if resume and (out / "aux_head.safetensors").is_file():
+            aux.head.load_state_dict(load_file(str(out / "aux_head.safetensors")))
+    params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume and (out / "optimizer.safetensors").is_file():
         _load_optimizer(opt, load_file(str(out / "optimizer.safetensors")),
                         json.loads((out / "optimizer.json").read_text()))
@@ -276,6 +352,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         tmp.rename(last)
         (last / "optimizer.safetensors").replace(out / "optimizer.safetensors")
         (last / "optimizer.json").replace(out / "optimizer.json")
+        if aux is not None:
+            save_file({k: v.contiguous() for k, v in aux.head.state_dict().items()}, str(out / "aux_head.safetensors"))
         state["step"] = step
         (out / "train_state.json").write_text(json.dumps(state, indent=1))
 
@@ -283,7 +361,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     torch.manual_seed(cfg.seed + state["step"])
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", disable=not progress, unit="step",
                mininterval=5.0)
-    step, t_start, ema = state["step"], time.time(), None
+    step, t_start, ema, aux_ema = state["step"], time.time(), None, None
     model.train()
     while step < cfg.steps:
         idx = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
@@ -291,20 +369,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = model(**batch).loss
+        value = loss.item()  # the flow-matching loss alone, comparable with runs without the auxiliary loss
+        if aux is not None:
+            aux_loss = aux.loss(idx)
+            if aux_loss is not None:
+                loss = loss + aux_loss
+                aux_ema = aux_loss.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
-        value = loss.item()
         ema = value if ema is None else 0.98 * ema + 0.02 * value
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr_at(step, cfg):.1e}", refresh=False)
+        extra = {} if aux_ema is None else {"aux": f"{aux_ema:.4f}"}
+        bar.set_postfix(loss=f"{ema:.4f}", **extra, lr=f"{lr_at(step, cfg):.1e}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             val = validation_loss(model, samples, val_idx, processor, cfg.batch_size)
             state["history"].append({"step": step, "train_loss_ema": ema, "val_loss": val,
-                                     "elapsed_s": time.time() - t_start})
-            print(f"[train] step {step}: train loss (ema) {ema:.4f}, val loss {val:.4f}", flush=True)
+                                     "object_aux_loss_ema": aux_ema, "elapsed_s": time.time() - t_start})
+            aux_text = "" if aux_ema is None else f", localization loss (ema) {aux_ema:.4f}"
+            print(f"[train] step {step}: train loss (ema) {ema:.4f}, val loss {val:.4f}{aux_text}", flush=True)
             checkpoint(step, val)
     bar.close()
     final = out / "final"
@@ -362,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", help="fine-tune: start from this policy directory's weights and processor")
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    p.add_argument("--object-aux-weight", type=float, default=TrainConfig.object_aux_weight,
+                   help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
@@ -377,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
                               val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
                               shift_augment=args.shift_augment, threads=args.threads, init_from=args.init_from,
-                              warmup_steps=args.warmup_steps)
+                              warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight)
         final = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
         print(f"qvla-train: error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import numpy as np
 from qvla_ros.episodes.topics import TopicConfig, load_topic_config
 from qvla_ros.episodes.writer import EpisodeWriter, sim_stamp_ns
 from qvla_ros.sim.expert import EXPERT_VERSION, TransferCubeExpert, run_expert_episode
-from qvla_ros.sim.rig import SimRig
+from qvla_ros.sim.rig import SimRig, sample_object_poses
 
 PARTIAL_DIR = ".partial"
 
@@ -50,6 +50,9 @@ def _metadata(rig: SimRig, expert: TransferCubeExpert, seed: int) -> dict:
         "command_mode": rig.command_mode,
         "duration_s": expert.duration,
         "time_base": "sim time since reset, from SIM_EPOCH_NS",
+        # privileged ground truth a real recording lacks: each object's initial pose (xyz + wxyz quaternion),
+        # for training aids such as the policy trainer's auxiliary localization loss
+        "initial_object_poses": sample_object_poses(rig.task, seed).reshape(-1, 7).tolist(),
     }
 
 
