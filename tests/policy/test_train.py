@@ -1,4 +1,5 @@
-"""A short training run on real (scripted-expert) episodes lowers the flow-matching loss; resume continues."""
+"""Policy training on real (scripted-expert) episodes: the loss falls, resume and fine-tuning continue, the
+auxiliary localization loss learns, wrist-camera dropout blanks what it should."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from qvla_ros.policy.model import SmallPi0Spec
 from qvla_ros.policy.runtime import PolicyRuntime
@@ -53,8 +55,6 @@ def test_short_training_reduces_loss_and_resumes(demos, tmp_path):
     val_name = json.loads((final / "train_config.json").read_text())["val_episodes"][0]
     train_ep = [i for i, p in enumerate(sorted(demos.iterdir())) if p.name != val_name]
     idx = np.nonzero(np.isin(samples.episode_idx, train_ep))[0][::3]
-    import torch
-
     torch.manual_seed(cfg.seed)
     untrained = PI0ForConditionalGeneration(small_pi0_config(SPEC, proc.tokenizer.get_vocab_size(),
                                                              proc.config.image_token_id))
@@ -125,3 +125,21 @@ def test_object_localization_aux_loss_learns_and_stays_out_of_the_policy(demos, 
     assert load_file(str(final / "model.safetensors")).keys() == \
         load_file(str(train(plain, progress=False) / "model.safetensors")).keys()
     assert (tmp_path / "aux" / "aux_head.safetensors").is_file()
+
+
+def test_wrist_dropout_blanks_only_the_wrist_cameras(demos):
+    from qvla_ros.policy.processor import Normalizer
+    from qvla_ros.policy.tiny import BIMANUAL_JOINTS, CAMERAS, make_processor
+    from qvla_ros.policy.train import make_batch
+
+    samples = load_samples(sorted(demos.iterdir()), CAMERAS, SPEC.image_size, SPEC.chunk_size, progress=False)
+    proc = make_processor(SPEC, samples.instructions, BIMANUAL_JOINTS, CAMERAS, Normalizer.fit(samples.state),
+                          Normalizer.fit(samples.actions))
+    idx = np.arange(0, len(samples), 7)
+    kept = make_batch(samples, idx, proc, 0, np.random.default_rng(0))["pixel_values"]
+    dropped = make_batch(samples, idx, proc, 0, np.random.default_rng(0), wrist_dropout=1.0)["pixel_values"]
+    assert torch.equal(dropped[:, 0], kept[:, 0])  # the top camera is untouched
+    assert float(dropped[:, 1:].abs().max()) == 0.0 and float(kept[:, 1:].abs().max()) > 0.5
+    some = make_batch(samples, idx, proc, 0, np.random.default_rng(0), wrist_dropout=0.5)["pixel_values"]
+    blank = (some[:, 1:].flatten(1).abs().amax(1) == 0).float().mean()
+    assert 0.2 < float(blank) < 0.8

@@ -56,6 +56,11 @@ class TrainConfig:
     # initial object poses (sim recordings); 0 = off.
     object_aux_weight: float = 0.0
     object_aux_until_s: float = 2.4  # the scripted expert lifts the cube at 2.6 s
+    # Probability that a sample's wrist cameras (all cameras after the first) are blanked to mid-gray. A policy
+    # trained with all three learned to steer by the wrist views alone and barely reacted to the top camera
+    # (swapping in another scene's top image moved its 1 s target ~10x less than the expert's), so it had no idea
+    # where the cube was until a wrist camera saw it; dropping the wrist views makes the top view carry the task.
+    wrist_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -161,10 +166,14 @@ def _release_freed_memory() -> None:
 
 
 def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shift: int,
-               rng: np.random.Generator) -> dict[str, torch.Tensor]:
-    """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation)."""
+               rng: np.random.Generator, wrist_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+    """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation and
+    wrist-camera dropout, see TrainConfig)."""
     imgs = samples.images[torch.as_tensor(idx)]  # [B, n, S, S, 3] uint8
     x = imgs.permute(0, 1, 4, 2, 3).float()  # [B, n, 3, S, S]
+    if wrist_dropout > 0 and x.shape[1] > 1:
+        drop = torch.from_numpy(rng.random(len(idx)) < wrist_dropout)
+        x[drop, 1:] = 127.5  # mid-gray: 0 after the [-1, 1] normalization
     if shift > 0:
         # DrQ-style random shift: pad by replication and crop back, per image; keeps the cube's apparent
         # position from being memorized pixel-exactly with only tens of demonstrations
@@ -365,7 +374,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model.train()
     while step < cfg.steps:
         idx = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
-        batch = make_batch(samples, idx, processor, cfg.shift_augment, rng)
+        batch = make_batch(samples, idx, processor, cfg.shift_augment, rng, cfg.wrist_dropout)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = model(**batch).loss
@@ -447,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", help="fine-tune: start from this policy directory's weights and processor")
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
+    p.add_argument("--wrist-dropout", type=float, default=TrainConfig.wrist_dropout,
+                   help="probability of blanking a sample's wrist cameras (forces use of the top camera)")
     p.add_argument("--object-aux-weight", type=float, default=TrainConfig.object_aux_weight,
                    help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)")
     args = p.parse_args(argv)
@@ -464,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
                               val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
                               shift_augment=args.shift_augment, threads=args.threads, init_from=args.init_from,
-                              warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight)
+                              warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight,
+                              wrist_dropout=args.wrist_dropout)
         final = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
         print(f"qvla-train: error: {exc}", file=sys.stderr)
