@@ -92,6 +92,8 @@ def test_fine_tuning_starts_from_the_source_policy(demos, tmp_path):
     info = json.loads((tuned / "train_config.json").read_text())
     assert info["train_config"]["init_from"] == str(source)
     assert info["init_from_config"]["train_config"]["steps"] == 40  # the source's provenance travels along
+    checkpoint = json.loads((tmp_path / "tuned" / "last" / "train_config.json").read_text())
+    assert checkpoint["init_from_config"]["train_config"]["steps"] == 40  # and into every checkpoint
 
 
 def test_object_localization_aux_loss_learns_and_stays_out_of_the_policy(demos, tmp_path):

@@ -347,6 +347,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     def checkpoint(step: int, val: float | None) -> None:
         info = {"train_config": cfg.to_dict(), "step": step, "val_loss": val,
+                # checkpoints are fine-tuned from too: the lineage must survive in every saved policy
+                "init_from_config": state.get("init_from_config"),
                 "n_train_samples": int(len(train_idx)), "n_val_samples": int(len(val_idx)),
                 "episodes": [p.name for p in episode_paths],
                 "val_episodes": sorted(episode_paths[i].name for i in val_eps)}
