@@ -1,5 +1,5 @@
 """Policy training on real (scripted-expert) episodes: the loss falls, resume and fine-tuning continue, the
-auxiliary localization loss learns, wrist-camera dropout blanks what it should."""
+auxiliary localization loss learns, wrist-camera and state dropout blank what they should."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_object_localization_aux_loss_learns_and_stays_out_of_the_policy(demos, 
     assert (tmp_path / "aux" / "aux_head.safetensors").is_file()
 
 
-def test_wrist_dropout_blanks_only_the_wrist_cameras(demos):
+def test_wrist_and_state_dropout_blank_what_they_should(demos):
     from qvla_ros.policy.processor import Normalizer
     from qvla_ros.policy.tiny import BIMANUAL_JOINTS, CAMERAS, make_processor
     from qvla_ros.policy.train import make_batch
@@ -145,3 +145,9 @@ def test_wrist_dropout_blanks_only_the_wrist_cameras(demos):
     some = make_batch(samples, idx, proc, 0, np.random.default_rng(0), wrist_dropout=0.5)["pixel_values"]
     blank = (some[:, 1:].flatten(1).abs().amax(1) == 0).float().mean()
     assert 0.2 < float(blank) < 0.8
+
+    # state dropout replaces the normalized state with 0 (the dataset mean) and leaves the images alone
+    full = make_batch(samples, idx, proc, 0, np.random.default_rng(0))
+    none = make_batch(samples, idx, proc, 0, np.random.default_rng(0), state_dropout=1.0)
+    assert float(none["state"].abs().max()) == 0.0 and float(full["state"].abs().max()) > 0.1
+    assert torch.equal(none["pixel_values"], full["pixel_values"]) and torch.equal(none["actions"], full["actions"])

@@ -61,6 +61,11 @@ class TrainConfig:
     # (swapping in another scene's top image moved its 1 s target ~10x less than the expert's), so it had no idea
     # where the cube was until a wrist camera saw it; dropping the wrist views makes the top view carry the task.
     wrist_dropout: float = 0.0
+    # Probability that a sample's state input is replaced by the dataset mean (0 after normalization). In the
+    # demonstrations the arm always heads for the cube, so a policy can read the cube's place off the arm's own
+    # trajectory: it fit the training chunks closely after the first second yet never corrected a first chunk
+    # that was 2 cm off (it followed its own arm). Without the state it has to look.
+    state_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -166,7 +171,8 @@ def _release_freed_memory() -> None:
 
 
 def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shift: int,
-               rng: np.random.Generator, wrist_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+               rng: np.random.Generator, wrist_dropout: float = 0.0,
+               state_dropout: float = 0.0) -> dict[str, torch.Tensor]:
     """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation and
     wrist-camera dropout, see TrainConfig)."""
     imgs = samples.images[torch.as_tensor(idx)]  # [B, n, S, S, 3] uint8
@@ -183,12 +189,15 @@ def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shi
         x = torch.stack([flat[i, :, oy:oy + s, ox:ox + s] for i, (oy, ox) in enumerate(offs)]).reshape(b, n, c, s, s)
     pixel_values = x / 127.5 - 1.0
     ids, mask = processor.text_tensors([samples.instructions[i] for i in samples.instruction_idx[idx]])
+    state = processor.state_tensor(list(samples.state[idx]))
+    if state_dropout > 0:
+        state[torch.from_numpy(rng.random(len(idx)) < state_dropout)] = 0.0  # the normalized dataset mean
     return {
         "pixel_values": pixel_values,
         "pixel_attention_mask": torch.ones(pixel_values.shape[:2], dtype=torch.bool),
         "input_ids": ids,
         "attention_mask": mask,
-        "state": processor.state_tensor(list(samples.state[idx])),
+        "state": state,
         "actions": processor.actions_to_model(samples.actions[idx]),
     }
 
@@ -376,7 +385,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     model.train()
     while step < cfg.steps:
         idx = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
-        batch = make_batch(samples, idx, processor, cfg.shift_augment, rng, cfg.wrist_dropout)
+        batch = make_batch(samples, idx, processor, cfg.shift_augment, rng, cfg.wrist_dropout, cfg.state_dropout)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = model(**batch).loss
@@ -460,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
     p.add_argument("--wrist-dropout", type=float, default=TrainConfig.wrist_dropout,
                    help="probability of blanking a sample's wrist cameras (forces use of the top camera)")
+    p.add_argument("--state-dropout", type=float, default=TrainConfig.state_dropout,
+                   help="probability of replacing a sample's state input by the dataset mean")
     p.add_argument("--object-aux-weight", type=float, default=TrainConfig.object_aux_weight,
                    help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)")
     args = p.parse_args(argv)
@@ -478,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                               val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
                               shift_augment=args.shift_augment, threads=args.threads, init_from=args.init_from,
                               warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight,
-                              wrist_dropout=args.wrist_dropout)
+                              wrist_dropout=args.wrist_dropout, state_dropout=args.state_dropout)
         final = train(cfg, resume=args.resume)
     except (ValueError, FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
         print(f"qvla-train: error: {exc}", file=sys.stderr)
