@@ -82,6 +82,8 @@ def main() -> int:
     p.add_argument("--rtn", default="8,4", help="uniform per-channel RTN bit-widths")
     p.add_argument("--calib-episodes", type=int, default=16)
     p.add_argument("--samples-per-episode", type=int, default=4)
+    p.add_argument("--exact-fraction", type=float, default=0.05,
+                   help="fraction of channel-bits whose sensitivity is re-measured exactly (the slow part)")
     p.add_argument("--mse-samples-per-episode", type=int, default=16)
     p.add_argument("--work", default="runs/bench_policy", help="where the artifacts are written")
     p.add_argument("--threads", type=int, default=2)
@@ -107,15 +109,19 @@ def main() -> int:
                                            replan_every=args.replan_every, blending=args.blending)))
         return 0
     print(f"bench_policy: {policy}; {len(seeds)} closed-loop episodes (seeds {args.seeds}); calibration on "
-          f"{len(calib_eps)} training episodes x {args.samples_per_episode} samples; action MSE on {len(mse_obs)} "
+          f"{len(calib_eps)} training episodes x {args.samples_per_episode} samples (exact fraction "
+          f"{args.exact_fraction}); action MSE on {len(mse_obs)} "
           f"held-out samples of {len(val_eps)} validation episodes; chunks: replan every {args.replan_every} "
           f"ticks, blending {args.blending}; torch {torch.__version__}, {args.jobs} evaluation processes x 1 thread",
           flush=True)
 
     rows = []
     t0 = time.time()
+    from qvla_quant import CalibrationConfig
+
+    calibration = CalibrationConfig(exact_fraction=args.exact_fraction, store_dir=str(work / "sensitivity"))
     sens, info = calibrate_policy(policy, calib_eps, samples_per_episode=args.samples_per_episode,
-                                  store_dir=work / "sensitivity")
+                                  calibration=calibration)
     calib_s = time.time() - t0
     print(f"calibration: {calib_s:.0f} s ({info['samples']} samples)", flush=True)
 
