@@ -63,11 +63,15 @@ def evaluate_artifact(policy: Path, artifact: Path, seeds: list[int], mse_obs, t
     torch.set_num_threads(threads)
     t0 = time.time()
     fp = PolicyRuntime.load(policy)
-    q = fp if artifact == policy else PolicyRuntime.load(artifact, cache_dequantized=True)
-    mse = teacher_forced_mse(fp, q, mse_obs)
-    report = evaluate(q, seeds, reference=fp, progress=False, policy_name=artifact.name, **eval_kwargs)
+    if artifact == policy:  # the reference row: its deviation and MSE are 0 by definition, nothing to run twice
+        q, mse, reference = fp, 0.0, None
+    else:
+        q = PolicyRuntime.load(artifact, cache_dequantized=True)
+        mse, reference = teacher_forced_mse(fp, q, mse_obs), fp
+    report = evaluate(q, seeds, reference=reference, progress=False, policy_name=artifact.name, **eval_kwargs)
     s = report.summary()
-    return {"success": report.success_rate, "successes": s["successes"], "cum_dev": s["mean_cumulative_deviation"],
+    return {"success": report.success_rate, "successes": s["successes"],
+            "cum_dev": s["mean_cumulative_deviation"] if reference is not None else 0.0,
             "mse": mse, "eval_s": time.time() - t0, "latency_ms": s["mean_latency_ms"],
             "weight_bytes": q.quantization_status()["weight_bytes"]}
 

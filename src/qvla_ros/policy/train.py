@@ -173,8 +173,8 @@ def _release_freed_memory() -> None:
 def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shift: int,
                rng: np.random.Generator, wrist_dropout: float = 0.0,
                state_dropout: float = 0.0) -> dict[str, torch.Tensor]:
-    """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation and
-    wrist-camera dropout, see TrainConfig)."""
+    """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation,
+    wrist-camera dropout and state dropout, see TrainConfig)."""
     imgs = samples.images[torch.as_tensor(idx)]  # [B, n, S, S, 3] uint8
     x = imgs.permute(0, 1, 4, 2, 3).float()  # [B, n, 3, S, S]
     if wrist_dropout > 0 and x.shape[1] > 1:
