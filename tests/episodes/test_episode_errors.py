@@ -51,8 +51,8 @@ def test_corrupt_chunk_gives_a_clear_error(tmp_path):
     with open(mcap, "rb") as f:
         chunk = make_reader(f).get_summary().chunk_indexes[1]
     data = bytearray(mcap.read_bytes())
-    # garble a chunk's header (times, sizes, CRC, compression): bit rot or a bad copy. Payload bytes alone can
-    # go unnoticed: rosbags writes no CRCs.
+    # garble a chunk's header (times, sizes, CRC, compression): bit rot or a bad copy (a flipped payload byte is
+    # caught by the chunk's CRC: test_episode_checksums.py)
     start = chunk.chunk_start_offset + 9
     data[start : start + 48] = b"\xff" * 48
     mcap.write_bytes(bytes(data))
@@ -94,6 +94,58 @@ def test_crash_mid_recording_loses_at_most_the_last_messages(tmp_path):
     assert ep.samples[-1].timestamp >= 3.0 - 0.5 - 1 / 30 - 1e-6
     assert ep.instruction == "crash test" and ep.success is None
     np.testing.assert_array_equal(ep.samples[10].actions[0], np.full(14, 10.0))
+
+
+def test_crashed_recording_keeps_checksummed_chunks(tmp_path):
+    from mcap.exceptions import EndOfFile
+    from mcap.records import Chunk
+    from mcap.stream_reader import StreamReader
+
+    path = tmp_path / "crashed"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", CRASHING_RECORDER, str(path)], env=env, capture_output=True)
+    assert proc.returncode == 1, proc.stderr.decode()
+    chunks = []
+    reader = StreamReader(str(next(path.glob("*.mcap"))), emit_chunks=True, validate_crcs=True).records
+    with pytest.raises(EndOfFile):  # no footer: the recorder died
+        for record in reader:
+            if isinstance(record, Chunk):
+                chunks.append(record)
+    assert len(chunks) >= 5 and all(c.uncompressed_crc for c in chunks)  # flushed, checksummed, validated
+
+
+@pytest.mark.parametrize("metadata_yaml", [True, False], ids=["closed", "no-metadata.yaml"])
+def test_zero_size_file(tmp_path, metadata_yaml):
+    truth = write_synthetic(tmp_path / "empty")
+    mcap = next(truth.path.glob("*.mcap"))
+    mcap.write_bytes(b"")
+    if not metadata_yaml:
+        (truth.path / "metadata.yaml").unlink()
+    for target in (truth.path, mcap):
+        with pytest.raises(EpisodeError) as e:
+            read_episode(target)
+        msg = str(e.value)
+        assert msg.startswith(f"{mcap}: the file is empty (0 bytes)") and "cannot recover" in msg
+    with pytest.raises(EpisodeError, match="empty") as e:
+        repair_episode(truth.path)
+    assert str(mcap) in str(e.value)
+
+
+@pytest.mark.parametrize("metadata_yaml", [True, False], ids=["closed", "no-metadata.yaml"])
+def test_garbage_under_an_mcap_name(tmp_path, metadata_yaml):
+    truth = write_synthetic(tmp_path / "garbage")
+    mcap = next(truth.path.glob("*.mcap"))
+    mcap.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 64)  # say, a zip archive renamed
+    if not metadata_yaml:
+        (truth.path / "metadata.yaml").unlink()
+    for target in (truth.path, mcap):
+        with pytest.raises(EpisodeError) as e:
+            read_episode(target)
+        msg = str(e.value)
+        assert msg.startswith(f"{mcap}: not an MCAP file (it starts with b'PK\\x03\\x04") and "cannot recover" in msg
+    with pytest.raises(EpisodeError, match="not an MCAP file") as e:
+        repair_episode(truth.path)
+    assert str(mcap) in str(e.value)
 
 
 def test_missing_topic(tmp_path):

@@ -1,7 +1,11 @@
 """`qvla-episodes`: inspect and repair recorded episodes (no ROS needed).
 
-    qvla-episodes info demos/episode_000000 [more ...]   # samples, duration, success, instruction, dropped
-    qvla-episodes repair demos/episode_000007            # recover an unfinished/truncated recording
+    qvla-episodes info demos/episode_000000 [more ...]   # samples, duration, success, instruction, dropped, CRCs
+    qvla-episodes repair demos/episode_000007            # recover an unfinished, truncated or damaged recording
+
+info checks every CRC of the file (crc=ok; crc=none for episodes written before qvla wrote CRCs). Exit status:
+0 all fine; 1 an episode cannot be read (unfinished, truncated, not an episode, ...); 2 an episode is damaged (a
+CRC mismatch: its bytes changed after writing; `repair` keeps the intact chunks), or bad arguments/configuration.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--rate-hz", type=float, default=30.0)
     i.add_argument("--topics", type=Path, default=None, help="topic configuration (default config/topics.yaml)")
     i.add_argument("--json", action="store_true", help="one JSON line per episode")
-    r = sub.add_parser("repair", help="copy the complete part of an unfinished or truncated episode")
+    r = sub.add_parser("repair", help="copy the intact part of an unfinished, truncated or damaged episode")
     r.add_argument("path", type=Path)
     r.add_argument("--out", type=Path, default=None, help="output episode (default: <path>_repaired)")
     return p
@@ -30,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from qvla_ros.episodes.reader import EpisodeError, read_episode
+    from qvla_ros.episodes.reader import EpisodeChecksumError, EpisodeError, check_integrity, read_episode
     from qvla_ros.episodes.topics import TopicConfigError, load_topic_config
     from qvla_ros.paths import ConfigNotFoundError
 
@@ -41,14 +45,20 @@ def main(argv: list[str] | None = None) -> int:
             out, report = repair_episode(args.path, args.out)
             print(f"wrote {out}: {report['messages_recovered']} messages recovered "
                   f"(reading stopped at: {report['stopped_at']})")
+            for d in report["dropped_chunks"]:
+                print(f"dropped {d['description']}: {d['problem']}")
+            for problem in report["other_damage"]:
+                print(f"ignored: {problem}")
             return 0
         topics = load_topic_config(args.topics)
-        failed = 0
+        failed = damaged = 0
         for path in args.paths:
             try:
                 ep = read_episode(path, horizon=args.horizon, rate_hz=args.rate_hz, topics=topics)
+                crc = check_integrity(path)
             except EpisodeError as e:
                 failed += 1
+                damaged += isinstance(e, EpisodeChecksumError)
                 print(f"qvla-episodes: error: {e}", file=sys.stderr)
                 continue
             s0 = ep.samples[0]
@@ -62,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 "dropped": ep.dropped,
                 "seed": ep.metadata.get("seed"),
                 "source": ep.metadata.get("source"),
+                "crc": crc,
             }
             print(json.dumps(info) if args.json else "  ".join(f"{k}={v}" for k, v in info.items()))
-        return 1 if failed else 0
+        return 2 if damaged else 1 if failed else 0
     except (EpisodeError, TopicConfigError, ConfigNotFoundError, OSError) as e:
         print(f"qvla-episodes: error: {e}", file=sys.stderr)
         return 2

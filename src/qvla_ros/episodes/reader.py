@@ -13,7 +13,9 @@ the latest image per camera and the latest state per arm not after it. A sample 
 is older than `max_staleness_s` is dropped and counted in `Episode.dropped` (a camera that froze must not
 become training data).
 
-Every problem with a file raises EpisodeError, whose message names the file, what is wrong and what to do.
+Every problem with a file raises EpisodeError, whose message names the file, what is wrong and what to do. A
+chunk whose CRC does not match (bytes changed after writing: disk, copy) raises EpisodeChecksumError, naming the
+chunk's time range; `check_integrity` checks a whole file's CRCs (`qvla-episodes info` does).
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from qvla_ros.episodes.topics import ARM_JOINTS, TopicConfig, load_topic_config
-from qvla_ros.episodes.writer import CUSTOM_DATA_KEY, typestore
+from qvla_ros.episodes.writer import CUSTOM_DATA_KEY, MCAP_MAGIC, typestore
 
 SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 REPAIR_HINT = "recover the complete part with `qvla-episodes repair {path}` (writes a new episode next to it)"
+DAMAGE_HINT = "recover the intact chunks with `qvla-episodes repair {path}` (writes a new episode next to it)"
 
 
 class EpisodeError(Exception):
     """An episode cannot be read; the message names the file, the problem, and what to do."""
+
+
+class EpisodeChecksumError(EpisodeError):
+    """An episode's bytes changed after they were written (a CRC mismatch); `chunks` are the damaged ones."""
+
+    def __init__(self, message: str, chunks: list | None = None):
+        super().__init__(message)
+        self.chunks = list(chunks or [])
 
 
 @dataclass
@@ -96,6 +107,7 @@ def _bag_dir(path: Path) -> Path:
         if path.suffix == ".mcap" and (path.parent / "metadata.yaml").exists():
             return path.parent
         if path.suffix == ".mcap":
+            _check_magic(path)
             raise EpisodeError(
                 f"{path}: a bare MCAP file without the episode's metadata.yaml (an unfinished recording, or "
                 f"copied alone); " + REPAIR_HINT.format(path=path)
@@ -104,6 +116,7 @@ def _bag_dir(path: Path) -> Path:
     if not (path / "metadata.yaml").exists():
         mcaps = sorted(path.glob("*.mcap"))
         if mcaps:
+            _check_magic(mcaps[0])
             raise EpisodeError(
                 f"{path}: the recording was never closed (no metadata.yaml beside {mcaps[0].name}: the recorder "
                 "crashed or is still running); " + REPAIR_HINT.format(path=path)
@@ -112,11 +125,83 @@ def _bag_dir(path: Path) -> Path:
     return path
 
 
-def _corrupt(path: Path, err: Exception) -> EpisodeError:
+def _not_mcap(path: Path, why: str) -> EpisodeError:
     return EpisodeError(
-        f"{path}: the MCAP file is truncated or corrupt ({type(err).__name__}: {err}); "
-        + REPAIR_HINT.format(path=path)
+        f"{path}: {why}, so it holds no recording and `qvla-episodes repair` cannot recover anything from it; "
+        "restore the episode from a copy or record it again"
     )
+
+
+def _check_magic(path: Path) -> None:
+    """EpisodeError unless the file starts like an MCAP file (an empty file, or another file under an .mcap name)."""
+    with open(path, "rb") as f:
+        magic = f.read(len(MCAP_MAGIC))
+    if not magic:
+        raise _not_mcap(path, "the file is empty (0 bytes)")
+    if magic != MCAP_MAGIC[: len(magic)]:
+        raise _not_mcap(path, f"not an MCAP file (it starts with {magic!r}, not the MCAP magic)")
+
+
+def _mcap_files(bag: Path) -> list[Path]:
+    return sorted(bag.glob("*.mcap"))
+
+
+def _damage_error(bag: Path, scan) -> EpisodeError | None:
+    """The EpisodeError for what `scan_mcap` found wrong in one of the bag's files, or None."""
+    if scan.not_mcap:
+        return _not_mcap(scan.path, scan.not_mcap)
+    if scan.damaged:
+        n = len(scan.damaged)
+        return EpisodeChecksumError(
+            f"{scan.path}: {n} damaged MCAP chunk{'s' if n > 1 else ''}: {scan.describe_damage()}; the bytes "
+            "changed after they were written (disk, copy); " + DAMAGE_HINT.format(path=bag),
+            scan.damaged,
+        )
+    if scan.problems:
+        return EpisodeChecksumError(f"{scan.path}: {scan.describe_damage()}; " + DAMAGE_HINT.format(path=bag))
+    return None
+
+
+def _corrupt(bag: Path, err: Exception) -> EpisodeError:
+    """rosbags could not read the bag: find out why, independently of rosbags, and say so."""
+    from qvla_ros.episodes.repair import scan_mcap  # repair imports this module
+
+    for f in _mcap_files(bag):
+        try:
+            scan = scan_mcap(f, keep_messages=False)
+        except OSError:
+            continue
+        error = _damage_error(bag, scan)
+        if error is not None:
+            return error
+        if scan.stop:
+            return EpisodeError(f"{f}: the MCAP file is incomplete: {scan.stop}; " + REPAIR_HINT.format(path=bag))
+    return EpisodeError(
+        f"{bag}: the MCAP file is truncated or corrupt ({type(err).__name__}: {err}); " + REPAIR_HINT.format(path=bag)
+    )
+
+
+def check_integrity(path: str | Path) -> str:
+    """Check every CRC of an episode's MCAP file(s): raises EpisodeError (EpisodeChecksumError for a CRC
+    mismatch); returns 'ok' when every chunk and section CRC matches, 'none' when the file carries no CRCs
+    (written before qvla wrote them), or 'partial' when only some parts carry one."""
+    from qvla_ros.episodes.repair import scan_mcap
+
+    bag = _bag_dir(Path(path))
+    files = _mcap_files(bag)
+    if not files:
+        raise EpisodeError(f"{bag}: no .mcap file beside metadata.yaml (only MCAP episodes are supported)")
+    states = set()
+    for f in files:
+        scan = scan_mcap(f, keep_messages=False)
+        error = _damage_error(bag, scan)
+        if error is not None:
+            raise error
+        if scan.stop:
+            raise EpisodeError(f"{f}: {scan.stop}; " + REPAIR_HINT.format(path=bag))
+        parts = [bool(c.crc) for c in scan.chunks] + [scan.data_crc == "ok", scan.summary_crc == "ok"]
+        states.add("ok" if all(parts) else "none" if not any(parts) else "partial")
+    return states.pop() if len(states) == 1 else "partial"
 
 
 # ---------------------------------------------------------------------------- decoding

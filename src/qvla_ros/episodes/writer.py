@@ -11,16 +11,25 @@ Topics and types come from config/topics.yaml. Messages are serialized with rosb
 (type hashes match rclpy's). The MCAP chunks are zstd-compressed and written to disk at least once per
 `flush_every_s` of message time, so a recorder that crashes loses at most that much; the reader detects such an
 unfinished file and `qvla-episodes repair` recovers everything up to the last complete chunk.
+
+Every chunk carries the CRC32 of its uncompressed records, and a closed file the CRC32 of its data section (in
+DataEnd) and of its summary (in the Footer), as the MCAP specification describes: rosbags' MCAP writer leaves them
+all 0 ("not computed"), so `_ChecksummedMcapWriter` fills them in as each chunk is written (a crashed recording's
+flushed chunks are checksummed too). The reader and `qvla-episodes repair` check them; files written before
+(CRC 0) still read, unchecked.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import Writer
 from rosbags.rosbag2.enums import CompressionFormat, CompressionMode, StoragePlugin
+from rosbags.rosbag2.storage_mcap import McapWriter
 from rosbags.typesys import Stores, get_typestore
 
 from qvla_ros.episodes.topics import ARM_JOINTS, TopicConfig, load_topic_config
@@ -47,6 +56,133 @@ def typestore():
 def sim_stamp_ns(t: float) -> int:
     """Bag timestamp of sim time t (seconds since reset)."""
     return SIM_EPOCH_NS + int(round(t * 1e9))
+
+
+# ---------------------------------------------------------------------------- MCAP checksums
+MCAP_MAGIC = b"\x89MCAP0\r\n"
+_OP_FOOTER, _OP_CHUNK, _OP_DATA_END = 0x02, 0x06, 0x0F
+_CHUNK_CRC_AT = 9 + 8 + 8 + 8  # opcode, length, message_start_time, message_end_time, uncompressed_size
+_FOOTER_SIZE = 9 + 8 + 8 + 4  # opcode, length, summary_start, summary_offset_start, summary_crc
+
+
+class _CrcFile:
+    """The file rosbags' MCAP writer writes to: passes every byte on while keeping the CRC32 of all of them, and
+    can hold the next writes back so that their CRC fields are filled in before they reach the file."""
+
+    def __init__(self, raw, written: bytes):
+        self.raw = raw
+        self.crc = zlib.crc32(written)  # of every byte that reached `raw`, from the start of the file
+        self.pos = len(written)
+        self.held: bytearray | None = None
+        self._close_asked = False
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if self.held is not None:
+            self.held += data
+        else:
+            self.crc = zlib.crc32(data, self.crc)
+            self.raw.write(data)
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        if self.held is not None:
+            self._close_asked = True  # McapWriter.close closes the file before its CRCs are filled in
+        else:
+            self.raw.close()
+
+    def hold(self) -> int:
+        """Keep the following writes in memory; returns the file offset they start at."""
+        self.held = bytearray()
+        return self.pos
+
+    def take(self) -> bytearray:
+        held, self.held = self.held, None
+        return held
+
+    def put(self, data: bytearray) -> None:
+        """Write what `take` returned (patched), then close the file if that was asked for meanwhile."""
+        self.pos -= len(data)
+        self.write(data)
+        if self._close_asked:
+            self.raw.close()
+
+    def drop(self) -> None:
+        """Forget what was held (a write failed half-way): the file keeps its last complete record."""
+        self.pos -= len(self.take())
+        if self._close_asked:
+            self.raw.close()
+
+
+class _ChecksummedMcapWriter(McapWriter):
+    """rosbags' MCAP storage writer, plus the chunk, data-section and summary CRCs it leaves at 0."""
+
+    def __init__(self, path: Path, compression: CompressionMode) -> None:
+        super().__init__(path, compression)
+        self.bio.flush()  # the magic and the Header record, which the data-section CRC covers too
+        self.bio = _CrcFile(self.bio, self.path.read_bytes())
+
+    def close_chunk(self) -> None:
+        with self.chunk.bio.getbuffer() as records:
+            crc = zlib.crc32(records)
+        self.bio.hold()
+        try:
+            super().close_chunk()  # the Chunk record (CRC 0), then its MessageIndex records
+        except BaseException:
+            self.bio.drop()
+            raise
+        out = self.bio.take()
+        if out[0] != _OP_CHUNK:
+            raise RuntimeError(f"rosbags' MCAP writer wrote opcode {out[0]:#x} where a Chunk was expected")
+        struct.pack_into("<I", out, _CHUNK_CRC_AT, crc)
+        self.bio.put(out)
+
+    def close(self, version: int, metadata: str) -> None:
+        if self.chunk.bio.tell():
+            self.close_chunk()
+        start = self.bio.hold()
+        try:
+            super().close(version, metadata)  # Metadata, DataEnd, the summary, Footer, magic
+            out = self.bio.take()
+            self._fill_tail_crcs(out, start)
+        except BaseException:
+            self.bio.drop()  # left unfinished (no DataEnd): `qvla-episodes repair` recovers it
+            raise
+        self.bio.put(out)
+
+    def _fill_tail_crcs(self, out: bytearray, start: int) -> None:
+        at = 0
+        while out[at] != _OP_DATA_END:  # the data section goes on (rosbags: the Metadata record) up to DataEnd
+            (length,) = struct.unpack_from("<Q", out, at + 1)
+            at += 9 + length
+        struct.pack_into("<I", out, at + 9, zlib.crc32(out[:at], self.bio.crc))
+        footer = len(out) - len(MCAP_MAGIC) - _FOOTER_SIZE
+        if out[footer] != _OP_FOOTER or out[-len(MCAP_MAGIC) :] != MCAP_MAGIC:
+            raise RuntimeError("rosbags' MCAP writer did not end the file with a Footer record and the magic")
+        (summary_start,) = struct.unpack_from("<Q", out, footer + 9)
+        if summary_start:
+            crc_at = footer + _FOOTER_SIZE - 4
+            struct.pack_into("<I", out, crc_at, zlib.crc32(out[summary_start - start : crc_at]))
+
+
+class _Bag(Writer):
+    STORAGE_PLUGINS = {**Writer.STORAGE_PLUGINS, StoragePlugin.MCAP: _ChecksummedMcapWriter}
+
+
+def open_bag(path: str | Path, compress: bool = True) -> Writer:
+    """A new rosbags rosbag2 writer (MCAP storage, zstd chunks when `compress`) that writes MCAP CRCs; opened."""
+    w = _Bag(path, version=ROSBAG_VERSION, storage_plugin=StoragePlugin.MCAP)
+    if compress:
+        w.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    w.open()
+    return w
 
 
 class EpisodeWriter:
@@ -95,10 +231,7 @@ class EpisodeWriter:
         if self.path.exists():
             raise FileExistsError(f"{self.path} exists already: episodes are never overwritten; choose a new path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        w = Writer(self.path, version=ROSBAG_VERSION, storage_plugin=StoragePlugin.MCAP)
-        if self.compress:
-            w.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
-        w.open()
+        w = open_bag(self.path, self.compress)
         ts = typestore()
         for topic, msgtype in self.topics.all_topics().items():
             self._conn[topic] = w.add_connection(topic, msgtype, typestore=ts)
