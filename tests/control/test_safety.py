@@ -50,6 +50,58 @@ def test_clips_to_limits_and_limits_the_step():
     assert d.command[1] == pytest.approx(0.0) and np.all(d.command <= f.desc.upper)
 
 
+def test_clips_to_the_lower_limit_too():
+    f = SafetyFilter(y1(), rate_hz=30.0)
+    lo, hi = f.desc.lower, f.desc.upper
+    below, above = lo - 1.0, hi + 1.0
+    assert np.array_equal(f.clip(below)[0], lo) and f.clip(below)[1] == list(f.desc.joint_names)
+    assert np.array_equal(f.clip(above)[0], hi) and f.clip(above)[1] == list(f.desc.joint_names)
+    inside = (lo + hi) / 2
+    assert np.array_equal(f.clip(inside)[0], inside) and f.clip(inside)[1] == []
+    # through `step`: j3's lower limit is 0 (HOME has it at 1.0); a target at -5 ends at exactly 0, never below
+    f.step(HOME, {}, fallback=HOME)
+    low = HOME.copy()
+    low[9] = -5.0  # right_joint3
+    d = f.step(low, {})
+    assert d.clipped == ["right_joint3"] and d.rate_limited
+    for _ in range(100):
+        d = f.step(low, {})
+        assert np.all(d.command >= f.desc.lower)
+    assert d.command[9] == pytest.approx(0.0) and d.command == pytest.approx(np.where(np.arange(14) == 9, 0.0, HOME))
+    # a measured state below the limits is clipped up when it becomes the hold command
+    g = SafetyFilter(y1(), rate_hz=30.0)
+    state = HOME.copy()
+    state[2] = -0.7  # left_joint3 below 0
+    d = g.step(None, {"loading": "policy loading"}, fallback=state)
+    assert d.held and d.command[2] == pytest.approx(0.0)
+
+
+def test_the_step_limit_applies_in_both_directions():
+    f = SafetyFilter(y1(), rate_hz=30.0)
+    f.step(HOME, {}, fallback=HOME)
+    target = HOME.copy()
+    target[0] -= 2.0  # left_joint1 down (limit -2.8)
+    target[7] += 2.0  # right_joint1 up
+    target[6] = 0.0  # left gripper closes: 0.5 down, limited by the gripper's own velocity
+    target[13] = 1.0  # right gripper opens: 0.5 up
+    step = f.max_step
+    d = f.step(target, {})
+    assert d.rate_limited and not d.clipped
+    assert d.command[0] == pytest.approx(HOME[0] - step[0]) and d.command[7] == pytest.approx(HOME[7] + step[7])
+    assert d.command[6] == pytest.approx(HOME[6] - step[6]) and d.command[13] == pytest.approx(HOME[13] + step[13])
+    prev = d.command
+    for _ in range(200):
+        d = f.step(target, {})
+        assert np.all(np.abs(d.command - prev) <= step + 1e-12)
+        prev = d.command
+    assert d.command == pytest.approx(target) and not d.rate_limited
+    # and back up from below: a small downward step is not limited, a large one is
+    d = f.step(target - np.where(np.arange(14) == 3, 0.5 * step[3], 0.0), {})
+    assert not d.rate_limited
+    d = f.step(target - np.where(np.arange(14) == 3, 0.5, 0.0), {})
+    assert d.rate_limited and d.command[3] == pytest.approx(target[3] - 0.5 * step[3] - step[3])
+
+
 def test_non_finite_target_holds_last_safe_and_recovers():
     f = SafetyFilter(y1(), rate_hz=30.0)
     f.step(HOME, {}, fallback=HOME)

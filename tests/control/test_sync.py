@@ -50,6 +50,33 @@ def test_staleness_uses_arrival_time_and_names_the_camera():
     assert s.stale(1.25) == [r.reason] and list(s.stale_by_name(1.25)) == ["left_wrist"]
 
 
+def test_staleness_ignores_the_header_stamp_of_an_offset_camera_clock():
+    # header stamps and arrival times disagree by far more than max_age: only the arrival time may count
+    s = ApproxTimeSync(CAMS, slop=0.02, max_age=0.1)
+    # the cameras' clock lags the node's by 5 s: every frame's stamp is "5 s old" although it just arrived
+    for k in range(3):
+        for name in CAMS:
+            s.add(name, 95.0 + k / 30, 100.0 + k / 30 + 0.002, f"{name}@{k}")
+    now = 100.0 + 2 / 30 + 0.01
+    r = s.newest(now)
+    assert r.ok and s.stale(now) == [] and r.stamp == pytest.approx(95.0 + 2 / 30)
+    assert all(a == pytest.approx(0.008) for a in s.ages(now).values())
+    # the clock of one camera runs 5 s ahead instead: its stamps look fresh (even future), but its last frame
+    # arrived 250 ms ago, so it is stale
+    s = ApproxTimeSync(CAMS, slop=10.0, max_age=0.1)
+    s.add("top", 200.0, 200.24, "x")
+    s.add("left_wrist", 200.0, 200.24, "x")
+    s.add("right_wrist", 205.0, 200.0, "ahead")
+    r = s.newest(200.25)
+    assert not r.ok and "right_wrist" in r.reason and "stale" in r.reason and "250 ms" in r.reason
+    assert list(s.stale_by_name(200.25)) == ["right_wrist"]
+    assert s.ages(200.25)["right_wrist"] == pytest.approx(0.25)
+    # a new arrival from that camera makes it fresh again, its stamp still 5 s ahead
+    s.add("right_wrist", 205.1, 200.245, "ahead, fresh")
+    r = s.newest(200.25)
+    assert r.ok and r.items["right_wrist"].msg == "ahead, fresh"
+
+
 def test_missing_camera_is_reported():
     s = ApproxTimeSync(CAMS, slop=0.02, max_age=0.1)
     feed(s, 0.0, names=CAMS[:2])

@@ -33,10 +33,19 @@ def test_committed_policies_load_and_predict_finite_chunks():
     for chunk in (a, b):
         assert chunk.actions.shape == (30, 14) and np.isfinite(chunk.actions).all()
     assert np.array_equal(a.actions, fp.predict(obs).actions)  # fixed noise: deterministic
-    # the quantized policy acts like the float one on a real scene: same start of the motion, small deviation
+    # The quantized policy acts like the float one on a real scene. The bar is set by what it must be told apart
+    # from: on this scene (seed 1000) the 4-bit artifact's largest deviation from FP is 1.35% of the largest
+    # action, while the FP policy itself started from other flow-matching noise (noise_seed 1..8) deviates
+    # 7.4% to 13% (7.44% for seed 1, the closest). 3% lies between them with a margin of about 2.2x on the
+    # artifact's side and 2.5x on the other: an artifact that acted no more like FP than a re-drawn noise does
+    # fails, ordinary float differences across CPUs and torch builds do not. (Other scenes: 2.0% at 1001, 3.3% at
+    # 1002; the bar holds for this scene only.)
+    tolerance = 0.03
     scale = np.abs(a.actions).max()
-    assert np.abs(a.actions - b.actions).max() < 0.1 * scale
+    assert np.abs(a.actions - b.actions).max() < tolerance * scale
     assert not np.array_equal(a.actions, b.actions)  # and it is really the quantized model that ran
+    other_noise = PolicyRuntime.load(FP, noise_seed=1).predict(obs)  # the bar separates the two
+    assert np.abs(a.actions - other_noise.actions).max() > tolerance * scale
 
 
 def test_committed_artifact_is_a_real_packed_model():

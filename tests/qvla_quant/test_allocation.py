@@ -102,6 +102,32 @@ def test_pruning_guards():
     assert ((bits == 0) & (p.s[:, 0] <= threshold)).any()
 
 
+def test_the_pruning_stage_prunes_the_least_sensitive_rows_first():
+    # hand-made: four rows alike at 2..16 bits, pruning costs 4, 1, 3, 2; budget 1 bit/weight after the 2-bit stage
+    # (2 bits/weight) needs two rows pruned: the two cheapest (rows 1 and 3), not the first two
+    s = torch.zeros(4, 5, dtype=torch.float64)
+    s[:, 0] = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    s[:, 1:4] = torch.tensor([0.1, 0.01, 0.001])
+    for solver in ("greedy", "lagrangian"):
+        p = problem({"x": (10, s)}, 1.0, max_pruned_fraction=1.0, solver=solver)
+        assert solve(p).bits.tolist() == [2, 0, 2, 0], solver
+    # measured-like tables: every pruned row costs no more per saved weight-bit than any row left at 2 bits
+    tables = random_tables(n_layers=4)
+    p = problem(tables, 1.5, max_pruned_fraction=1.0)
+    bits = greedy_allocate(p).bits
+    rho = (p.s[:, 0] - p.s[:, 1]) / (2 * p.fan)
+    assert (bits == 0).sum() > 10 and (bits == 2).sum() > 10 and set(bits.unique().tolist()) == {0, 2}
+    assert rho[bits == 0].max() <= rho[bits == 2].min()
+    # with the per-layer cap, inside each layer the pruned rows are still that layer's least sensitive ones
+    p = problem(tables, 1.2, max_pruned_fraction=0.5)
+    bits = greedy_allocate(p).bits
+    for li in range(len(p.layers)):
+        mine = p.layer_of == li
+        pruned, kept = mine & (bits == 0), mine & (bits == 2)
+        assert pruned.any() and kept.any()
+        assert rho[pruned].max() <= rho[kept].min(), p.layers[li].name
+
+
 def test_impossible_budgets_name_the_minimum():
     tables = random_tables(n_layers=3)
     with pytest.raises(BudgetError, match=r"lowest reachable average is 2\.0000"):
