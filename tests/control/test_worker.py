@@ -134,6 +134,54 @@ def test_reload_swaps_and_closes_the_old_backend():
     assert made["B"].closed
 
 
+def test_a_reload_after_a_failed_first_load_clears_the_failure():
+    """Defect: the worker kept status/load_error of a failed first load while the reloaded policy ran, so the node
+    held the arms for good. A successful reload must leave it exactly as a first successful load would."""
+
+    def factory(path, **kw):
+        if path == "missing":
+            raise WorkerError(f"policy path {path} does not exist")
+        return StubBackend(path)
+
+    chunks, loaded = [], []
+    stop = threading.Event()
+    w = InferenceWorker("thread", "missing", get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
+                        on_chunk=lambda c, t: chunks.append(c), on_error=lambda m, t: None, on_loaded=loaded.append,
+                        backend_factory=factory)
+    w.start()
+    try:
+        assert wait_for(lambda: w.status == "load failed")
+        assert "does not exist" in w.load_error and not chunks
+        ok, msg = w.reload("B")
+        assert ok, msg
+        assert w.status == "running" and w.load_error == "" and w.path == "B"
+        assert wait_for(lambda: len(chunks) > 2) and chunks[-1].model_id == "stub:B"
+        time.sleep(1.2)  # past the retry backoff: the failed path must not be retried over the reloaded policy
+        assert w.status == "running" and w.load_error == "" and w.info.model_id == "stub:B"
+        assert [i.model_id for i in loaded] == ["stub:B"]
+    finally:
+        stop.set()
+        w.stop()
+
+
+def test_a_failed_reload_after_a_good_load_keeps_the_status():
+    stop = threading.Event()
+    w = InferenceWorker("thread", "A", get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
+                        on_chunk=lambda c, t: None, on_error=lambda m, t: None, backend_factory=StubBackend,
+                        check=lambda info: "cameras differ" if "bad" in info.path else "")
+    w.start()
+    try:
+        assert wait_for(lambda: w.status == "running")
+        for _ in range(2):  # failed, then good, then failed again: each answered, the status always true
+            ok, _ = w.reload("bad")
+            assert not ok and w.status == "running" and w.load_error == "" and w.info.model_id == "stub:A"
+            ok, _ = w.reload("A")
+            assert ok and w.status == "running"
+    finally:
+        stop.set()
+        w.stop()
+
+
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory):
     from qvla_ros.policy.tiny import make_tiny_policy

@@ -29,29 +29,49 @@ class ImageFormatError(ValueError):
     """An image message cannot be turned into an RGB array; the message says what was wrong and what to do."""
 
 
-def image_to_rgb(msg, source: str = "image") -> np.ndarray:
-    """A sensor_msgs/Image (fields height, width, encoding, step, data, is_bigendian) -> HxWx3 uint8 RGB.
-
-    The result may share memory with `msg.data` (read-only view) when no conversion is needed.
-    """
+def check_image(msg, source: str = "image") -> tuple[int, int, int, int]:
+    """The checks of `image_to_rgb` that need only the message's fields, not its pixels (cheap enough for every
+    frame on arrival): (height, width, channels, step), or ImageFormatError saying what is wrong."""
     enc = str(msg.encoding)
     if enc not in _ENCODINGS:
         raise ImageFormatError(
             f"{source}: encoding {enc!r} is not supported (supported: {', '.join(SUPPORTED_ENCODINGS)}); "
             "configure the camera driver for rgb8 or bgr8"
         )
-    channels, order = _ENCODINGS[enc]
+    channels = _ENCODINGS[enc][0]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
         raise ImageFormatError(f"{source}: empty image ({w}x{h})")
     if step < w * channels:
         raise ImageFormatError(f"{source}: step {step} is shorter than a row of {w} {enc} pixels ({w * channels} B)")
-    buf = np.frombuffer(msg.data, dtype=np.uint8)
-    if buf.size < step * h:
+    if len(msg.data) < step * h:
         raise ImageFormatError(
-            f"{source}: data has {buf.size} bytes but height {h} x step {step} needs {step * h}; "
+            f"{source}: data has {len(msg.data)} bytes but height {h} x step {step} needs {step * h}; "
             "the message is truncated or its step is wrong"
         )
+    return h, w, channels, step
+
+
+def check_compressed(msg, source: str = "image") -> None:
+    """The cheap checks of `compressed_to_rgb` (format named, payload present); decoding errors come later."""
+    fmt = str(msg.format).lower()
+    if not any(c in fmt for c in COMPRESSED_FORMATS):
+        raise ImageFormatError(
+            f"{source}: compressed format {msg.format!r} is not supported (supported: jpeg, png); "
+            "use image_transport's jpeg or png compression"
+        )
+    if len(msg.data) == 0:
+        raise ImageFormatError(f"{source}: empty {msg.format!r} payload (0 bytes)")
+
+
+def image_to_rgb(msg, source: str = "image") -> np.ndarray:
+    """A sensor_msgs/Image (fields height, width, encoding, step, data, is_bigendian) -> HxWx3 uint8 RGB.
+
+    The result may share memory with `msg.data` (read-only view) when no conversion is needed.
+    """
+    h, w, channels, step = check_image(msg, source)
+    order = _ENCODINGS[str(msg.encoding)][1]
+    buf = np.frombuffer(msg.data, dtype=np.uint8)
     rows = buf[: step * h].reshape(h, step)[:, : w * channels].reshape(h, w, channels)
     if channels == 1:
         return np.repeat(rows, 3, axis=2)
@@ -88,12 +108,7 @@ def compressed_to_rgb(msg, source: str = "image") -> np.ndarray:
     """
     from PIL import Image as PILImage  # Pillow: imported here so raw-image users never pay for it
 
-    fmt = str(msg.format).lower()
-    if not any(c in fmt for c in COMPRESSED_FORMATS):
-        raise ImageFormatError(
-            f"{source}: compressed format {msg.format!r} is not supported (supported: jpeg, png); "
-            "use image_transport's jpeg or png compression"
-        )
+    check_compressed(msg, source)
     data = bytes(msg.data)
     try:
         with PILImage.open(io.BytesIO(data)) as im:

@@ -275,6 +275,9 @@ POLICY_NODE = Schema("policy_node", _SHARED + (
               "file's default", allow_empty=False),
     ParamSpec("safety.step_scale", "double", "scales the per-tick step limit (max velocity / rate_hz from the arm "
               "description)", range=(0.01, 10.0), dynamic=True),
+    ParamSpec("safety.state_margin", "double", "a measured arm state outside its joint limits by more than this "
+              "fraction of the joint's range is refused as an observation (the node holds and says which joint)",
+              range=(0.0, 10.0), dynamic=True),
     ParamSpec("diagnostics.period", "double", "seconds between /diagnostics messages (also sent at once when the "
               "node starts or stops holding)", range=(0.05, 60.0)),
     ParamSpec("publish.chunks", "bool", "publish every chunk as qvla_msgs/ActionChunk on ~/action_chunk"),

@@ -77,6 +77,27 @@ def load_arm_description(path: str | Path, profile: str, joint_names: tuple[str,
     )
 
 
+def measured_state_problem(desc: ArmDescription, q: np.ndarray, start: int = 0, margin: float = 0.2) -> str:
+    """'' when the measured values `q` (entries start..start+len(q) of the command vector) are finite and within
+    the limits widened by `margin` x each joint's range; otherwise which joint is impossible and by how much.
+    A finite but impossible reading (a driver reporting 100 rad) must not become a policy observation."""
+    q = np.asarray(q, dtype=np.float64)
+    idx = slice(start, start + q.size)
+    names = desc.joint_names[idx]
+    bad = np.flatnonzero(~np.isfinite(q))
+    if bad.size:
+        return "non-finite measured position for " + ", ".join(names[i] for i in bad)
+    lo, hi = desc.lower[idx], desc.upper[idx]
+    slack = margin * (hi - lo)
+    out = np.flatnonzero((q < lo - slack) | (q > hi + slack))
+    if out.size:
+        i = int(out[0])
+        return (f"measured {names[i]} = {q[i]:.4g} is outside its limits [{lo[i]:.4g}, {hi[i]:.4g}] by more than "
+                f"{margin:g} of the range" + (f" (and {out.size - 1} more)" if out.size > 1 else "")
+                + ": check the arm driver's units and joint order")
+    return ""
+
+
 @dataclass
 class Decision:
     """What the filter did on one tick."""

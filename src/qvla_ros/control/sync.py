@@ -7,6 +7,13 @@ other and that all arrived within `max_age` (on the node's clock) — `ApproxTim
 the receipt time, not the header stamp, so a camera whose clock is offset is still judged by when its frames
 actually arrive. Matching uses the header stamps. Thread-safe: subscription callbacks `add`, the inference worker
 and the control timer read.
+
+A frame whose header stamp is not newer than its stream's previous one is ignored (counted as out of order). When
+a stream's frames keep arriving with stamps behind the last accepted one for `restart_after` seconds (default:
+max(1 s, 5 x max_age); a driver restarted its clock, or one frame carried a stamp far in the future), the stream
+restarts its timeline from the new stamps (`resets` counts it) instead of being ignored for good. Meanwhile the
+reasons say what is wrong: stamps going backwards while frames arrive, or streams out of sync, with each stream's
+header-minus-receipt offset so that a clock mismatch between one camera and the others is plain.
 """
 
 from __future__ import annotations
@@ -46,12 +53,23 @@ class _StreamStats:
         self.dropped = 0  # estimated from gaps in header stamps larger than 1.5 typical periods
         self._last_stamp: float | None = None
         self._periods: deque[float] = deque(maxlen=31)
+        # frames ignored since the last accepted one: how many, the first one's receipt time, the newest's stamp
+        self.ignored_run = 0
+        self.ignored_since: float | None = None
+        self.ignored_last: tuple[float, float] | None = None  # (stamp, received) of the newest ignored frame
+        self.offset: float | None = None  # header stamp - receipt time of the newest accepted frame, s
 
-    def add(self, stamp: float) -> bool:
+    def add(self, stamp: float, received: float) -> bool:
         """Count a frame; False when it is older than (or as old as) the previous one and must be ignored."""
         if self._last_stamp is not None and stamp <= self._last_stamp:
             self.out_of_order += 1
+            if self.ignored_run == 0:
+                self.ignored_since = received
+            self.ignored_run += 1
+            self.ignored_last = (stamp, received)
             return False
+        self.ignored_run, self.ignored_since, self.ignored_last = 0, None, None
+        self.offset = stamp - received
         self.frames += 1
         if self._last_stamp is not None:
             gap = stamp - self._last_stamp
@@ -68,12 +86,26 @@ class _StreamStats:
             return None
         return sorted(self._periods)[len(self._periods) // 2]
 
+    def restart_timeline(self) -> None:
+        """Forget the last accepted stamp (its clock jumped): the next frame starts a new timeline."""
+        self._last_stamp = None
+        self._periods.clear()
+        self.ignored_run, self.ignored_since, self.ignored_last = 0, None, None
+
+    def backwards(self) -> str:
+        """Why frames are being ignored, or '' when none is."""
+        if not self.ignored_run or self.ignored_last is None or self._last_stamp is None:
+            return ""
+        back = self._last_stamp - self.ignored_last[0]
+        return (f"frames arrive but their header stamps went backwards by {back:.3f} s "
+                f"({self.ignored_run} ignored since the last accepted frame)")
+
 
 class ApproxTimeSync:
     """Newest approximately-synchronized set of frames from `names`, refusing sets older than `max_age`."""
 
     def __init__(self, names: list[str] | tuple[str, ...], slop: float, max_age: float, queue_size: int = 5,
-                 kind: str = "camera"):
+                 kind: str = "camera", restart_after: float | None = None):
         if not names:
             raise ValueError("ApproxTimeSync needs at least one stream name")
         if slop < 0 or max_age <= 0 or queue_size < 1:
@@ -83,15 +115,30 @@ class ApproxTimeSync:
         self.slop = float(slop)
         self.max_age = float(max_age)
         self.kind = kind
+        self._restart_after = restart_after
         self._queues: dict[str, deque[Stamped]] = {n: deque(maxlen=queue_size) for n in self.names}
         self._stats = {n: _StreamStats() for n in self.names}
         self._lock = threading.Lock()
         self.unmatched = 0  # newest() calls where every stream was fresh but no set fell within slop
+        self.resets = 0  # streams whose timeline restarted after their stamps went backwards for > max_age
 
     def add(self, name: str, stamp: float, received: float, msg: Any) -> None:
         with self._lock:
-            if self._stats[name].add(stamp):
-                self._queues[name].append(Stamped(float(stamp), float(received), msg))
+            st = self._stats[name]
+            if not st.add(stamp, received):
+                if received - st.ignored_since <= self.restart_after:
+                    return  # not newer than the stream's previous frame: ignored
+                # stamps have been behind the last accepted one for a long while (the node held, saying so): the
+                # stream's clock restarted, or the last accepted stamp was bogus. Start its timeline over from here.
+                st.restart_timeline()
+                self._queues[name].clear()
+                self.resets += 1
+                st.add(stamp, received)
+            self._queues[name].append(Stamped(float(stamp), float(received), msg))
+
+    @property
+    def restart_after(self) -> float:
+        return self._restart_after if self._restart_after is not None else max(1.0, 5 * self.max_age)
 
     def ages(self, now: float) -> dict[str, float | None]:
         """Seconds since each stream's newest frame arrived (None: nothing yet)."""
@@ -99,21 +146,33 @@ class ApproxTimeSync:
             return {n: (now - q[-1].received) if q else None for n, q in self._queues.items()}
 
     def stale_by_name(self, now: float) -> dict[str, str]:
-        """stream name -> why it is stale, for every stream with no message younger than max_age."""
+        """stream name -> why it is stale, for every stream with no usable message younger than max_age."""
         out = {}
         for name, age in self.ages(now).items():
-            if age is None:
+            with self._lock:
+                st = self._stats[name]
+                back = st.backwards() if st.ignored_last and now - st.ignored_last[1] <= self.max_age else ""
+            if back and (age is None or age > self.max_age):
+                out[name] = f"{self.kind} '{name}': {back}"
+            elif age is None:
                 out[name] = f"{self.kind} '{name}': no message yet"
             elif age > self.max_age:
                 out[name] = (f"{self.kind} '{name}' stale: last message {age * 1e3:.0f} ms ago "
                              f"(limit {self.max_age * 1e3:.0f} ms)")
         return out
 
+    def offsets(self) -> dict[str, float | None]:
+        """Per stream: header stamp - receipt time of its newest accepted frame, s (None: nothing yet)."""
+        with self._lock:
+            return {n: s.offset for n, s in self._stats.items()}
+
     def stale(self, now: float) -> list[str]:
         """Human-readable reasons for every stale stream (empty: all fresh)."""
         return list(self.stale_by_name(now).values())
 
-    def newest(self, now: float) -> SyncResult:
+    def newest(self, now: float, count: bool = True) -> SyncResult:
+        """The newest synchronized set (see the module docstring). count=False: a status check that leaves the
+        `unmatched` counter alone (the control tick asks every tick; the counter is for observation requests)."""
         stale = self.stale(now)
         if stale:
             return SyncResult(False, reason="; ".join(stale))
@@ -130,10 +189,19 @@ class ApproxTimeSync:
             if spread <= self.slop:
                 return SyncResult(True, items=items, spread=spread)
             best_spread = spread if best_spread is None else min(best_spread, spread)
-        with self._lock:
-            self.unmatched += 1
-        return SyncResult(False, reason=f"{self.kind}s out of sync: best spread {best_spread * 1e3:.0f} ms "
-                                        f"> slop {self.slop * 1e3:.0f} ms")
+        if count:
+            with self._lock:
+                self.unmatched += 1
+        newest = {n: max(s.stamp for s in frames) for n, frames in fresh.items()}
+        ref = sorted(newest.values())[len(newest) // 2]
+        behind = ", ".join(f"{n} {(t - ref) * 1e3:+.0f} ms" for n, t in newest.items())
+        offsets = {n: o for n, o in self.offsets().items() if o is not None}
+        why = (f"{self.kind}s out of sync: best spread {best_spread * 1e3:.0f} ms > slop {self.slop * 1e3:.0f} ms "
+               f"(newest stamps vs the median: {behind})")
+        if offsets and max(offsets.values()) - min(offsets.values()) > max(self.slop, self.max_age):
+            why += ("; header stamp - receipt time: " + ", ".join(f"{n} {o:+.3f} s" for n, o in offsets.items())
+                    + ": their clocks disagree (use one time source for every driver, or stamp on receipt)")
+        return SyncResult(False, reason=why)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per stream: frames, out_of_order, dropped (estimated), period (typical, s; 0 if unknown)."""

@@ -294,6 +294,7 @@ class InferenceWorker:
         self._backend = None
         self._in_use = None
         self._retired: list = []
+        self._installs = 0  # policies installed so far (first load, restarts, reloads)
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
@@ -347,20 +348,32 @@ class InferenceWorker:
                 new = self._load(path)
             except Exception as e:
                 return False, f"refused {path}: {e} (the running policy {self._model_id()} keeps running)"
-            with self._lock:
-                old = self._backend
-                self._backend = new
-                self.path = path
-                if old is not None and old is self._in_use:
-                    self._retired.append(old)  # the driver closes it after its current predict
-                    old = None
-            if old is not None:
-                _close_later(old)
-            self._on_loaded(new.info)
+            self._install(new, path)
             return True, (f"loaded {new.info.model_id} from {path} in {new.info.load_seconds:.1f} s "
                           f"({self.mode} worker)")
         finally:
             self._reload_lock.release()
+
+    def _install(self, new, path: str, if_installs: int | None = None) -> bool:
+        """Make `new` the running policy, exactly the same way for a first load, a restart and a reload (status,
+        error and path all describe the new policy). With if_installs: only if nothing was installed since that
+        count (a restart racing a reload must not replace the reloaded policy); False when it was not installed."""
+        with self._lock:
+            if if_installs is not None and self._installs != if_installs:
+                return False
+            old = self._backend
+            self._backend = new
+            self.path = path
+            self._installs += 1
+            self.status = "running"
+            self.load_error = ""
+            if old is not None and old is self._in_use:
+                self._retired.append(old)  # the driver closes it after its current predict
+                old = None
+        if old is not None:
+            _close_later(old)
+        self._on_loaded(new.info)
+        return True
 
     def _model_id(self) -> str:
         info = self.info
@@ -420,19 +433,23 @@ class InferenceWorker:
             self.restarts += 1
             self._on_error(f"the inference {self.mode} stopped; restarting it", None)
             dead.close()
-        self.status = "loading"
-        try:
-            backend = self._load(self.path)
-        except Exception as e:
-            self.status = "load failed"
-            self.load_error = str(e)
-            self._on_error(f"could not load the policy {self.path}: {e}", None)
-            return None
         with self._lock:
-            self._backend = backend
-        self.status = "running"
-        self.load_error = ""
-        self._on_loaded(backend.info)
+            installs, path = self._installs, self.path
+            if self.status != "load failed":  # keep saying why the last try failed while retrying
+                self.status = "loading"
+        try:
+            backend = self._load(path)
+        except Exception as e:
+            with self._lock:
+                if self._installs != installs:
+                    return self._backend  # a reload installed a policy meanwhile: this failure is moot
+                self.status = "load failed"
+                self.load_error = str(e)
+            self._on_error(f"could not load the policy {path}: {e}", None)
+            return None
+        if not self._install(backend, path, if_installs=installs):
+            backend.close()  # a reload won the race: keep its policy
+            return self._backend
         return backend
 
 

@@ -41,9 +41,20 @@ from std_msgs.msg import Bool, String
 from qvla_msgs.msg import ActionChunk, QuantizationStatus
 from qvla_msgs.srv import EpisodeControl, ReloadPolicy
 from qvla_ros.control.adapters import AdapterError, JointStateAdapter, fill, import_message_type, make_adapter
-from qvla_ros.control.images import ImageFormatError, compressed_to_rgb, image_to_rgb
+from qvla_ros.control.images import (
+    ImageFormatError,
+    check_compressed,
+    check_image,
+    compressed_to_rgb,
+    image_to_rgb,
+)
 from qvla_ros.control.params import POLICY_NODE, ParameterError
-from qvla_ros.control.safety import ArmDescriptionError, SafetyFilter, load_arm_description
+from qvla_ros.control.safety import (
+    ArmDescriptionError,
+    SafetyFilter,
+    load_arm_description,
+    measured_state_problem,
+)
 from qvla_ros.control.scheduler import ChunkScheduler
 from qvla_ros.control.sync import ApproxTimeSync, LatestStore
 from qvla_ros.control.timing import CycleTimer, LatencyStats, RateMonitor
@@ -104,6 +115,10 @@ class PolicyNode(Node):
         self.episode_start = -1.0  # node-clock time of the last START: older inputs are not used after it
         self.last_obs_stamp = -1.0
         self.chunks_dropped = 0
+        self.sync_resets_seen = 0
+        # per camera / arm: why its newest message was refused on arrival (cleared by the next good one)
+        self.camera_errors: dict[str, str] = {}
+        self.state_errors: dict[str, str] = {}
         self.policy_info: PolicyInfo | None = None
         self.last_decision = None
         self.realtime = "normal scheduling"
@@ -112,6 +127,7 @@ class PolicyNode(Node):
         # ---- ROS interfaces
         msg_type = Image if c["cameras.transport"] == "raw" else CompressedImage
         self.to_rgb = image_to_rgb if msg_type is Image else compressed_to_rgb
+        self.check_frame = check_image if msg_type is Image else check_compressed
         for name, topic in zip(c["cameras.names"], c["cameras.topics"]):
             self.create_subscription(msg_type, topic, lambda m, n=name: self._on_camera(n, m), qos(c["cameras.qos"]))
         for arm, topic in zip(self.arm_names, c["arms.state_topics"]):
@@ -159,12 +175,30 @@ class PolicyNode(Node):
     # ---------------------------------------------------------------- inputs (store only)
     def _on_camera(self, name: str, msg) -> None:
         now = self.now()
+        # field checks only (no pixels): a malformed frame is refused at once, with the reason, instead of making
+        # the camera look stale 120 ms later
+        try:
+            self.check_frame(msg, f"camera '{name}'")
+        except ImageFormatError as e:
+            self.camera_errors[name] = str(e)
+            return
+        self.camera_errors.pop(name, None)
         stamp = to_seconds(msg.header.stamp) or now  # drivers that leave stamps at zero: arrival time
         self.cameras.add(name, stamp, now, msg)
 
     def _on_state(self, arm: str, msg: JointState) -> None:
         now = self.now()
-        self.states.add(arm, to_seconds(msg.header.stamp) or now, now, msg)
+        try:
+            q = self.state_parser.parse(msg, arm)
+        except AdapterError as e:
+            self.state_errors[arm] = f"arm state: {e}"
+            return
+        why = measured_state_problem(self.desc, q, self.arm_names.index(arm) * len(q), self.cfg["safety.state_margin"])
+        if why:
+            self.state_errors[arm] = f"arm state of {arm}: {why}"
+            return
+        self.state_errors.pop(arm, None)
+        self.states.add(arm, to_seconds(msg.header.stamp) or now, now, q)
 
     def _on_instruction(self, msg: String) -> None:
         if msg.data != self.instruction:
@@ -177,18 +211,17 @@ class PolicyNode(Node):
         self.estop = bool(msg.data)
 
     def _state_vector(self, now: float) -> np.ndarray | None:
-        """The measured 14-dim state, or None when an arm's state is missing, stale, or older than START."""
+        """The measured 14-dim state, or None when an arm's state is missing, stale, refused, or older than START.
+        (States are parsed and checked on arrival: the store holds each arm's last valid 7 values.)"""
+        if self.state_errors:
+            return None
         latest = self.states.latest()
         parts = []
         for arm in self.arm_names:
             s = latest[arm]
             if s is None or now - s.received > self.states.max_age or s.received < self.episode_start:
                 return None
-            try:
-                parts.append(self.state_parser.parse(s.msg, arm))
-            except AdapterError as e:
-                self.input_error = f"arm state: {e}"
-                return None
+            parts.append(s.msg)
         return np.concatenate(parts)
 
     # ---------------------------------------------------------------- inference worker callbacks (worker thread)
@@ -196,6 +229,12 @@ class PolicyNode(Node):
         if self.estop or self.paused or not self.instruction:
             return None
         now = self.now()
+        if self.camera_errors:
+            return None
+        if self.cameras.resets != self.sync_resets_seen:
+            # a camera's clock restarted: stamps from before it say nothing about what is new now
+            self.sync_resets_seen = self.cameras.resets
+            self.last_obs_stamp = -1.0
         sync = self.cameras.newest(now)
         if not sync.ok or sync.stamp <= self.last_obs_stamp:
             return None
@@ -255,6 +294,7 @@ class PolicyNode(Node):
 
     def _on_loaded(self, info: PolicyInfo) -> None:
         self.policy_info = info
+        self.inference_error = ""  # errors of the policy this one replaces (or of failed loads) no longer apply
         self.get_logger().info(f"policy {info.model_id} ready ({info.load_seconds:.1f} s; horizon {info.horizon} "
                                f"x {info.step_period * 1e3:.1f} ms; cameras {', '.join(info.camera_names)})")
         q = info.quantization
@@ -281,9 +321,18 @@ class PolicyNode(Node):
         if self.worker.status != "running":
             r["policy"] = f"policy {self.worker.status}" + (f": {self.worker.load_error}" if self.worker.load_error
                                                              else "")
-        for name, text in self.cameras.stale_by_name(now).items():
+        stale = self.cameras.stale_by_name(now)
+        for name, text in stale.items():
             r[f"camera:{name}"] = text
+        for name, text in list(self.camera_errors.items()):
+            r[f"camera:{name}"] = text  # a refused frame says more than "stale"
+        if not stale and not self.camera_errors:
+            sync = self.cameras.newest(now, count=False)
+            if not sync.ok:
+                r["sync"] = sync.reason
         for name, text in self.states.stale_by_name(now).items():
+            r[f"state:{name}"] = text
+        for name, text in list(self.state_errors.items()):
             r[f"state:{name}"] = text
         if self.inference_error:
             r["inference"] = self.inference_error
@@ -336,7 +385,11 @@ class PolicyNode(Node):
             return response
         self.get_logger().info(f"reloading the policy from {path} (the command stream continues)")
         ok, message = self.worker.reload(path)
-        (self.get_logger().info if ok else self.get_logger().warning)(message)
+        # one call site per severity: rclpy refuses a call site that changes severity (ValueError)
+        if ok:
+            self.get_logger().info(message)
+        else:
+            self.get_logger().warning(message)
         response.success, response.message = ok, message
         return response
 
@@ -473,8 +526,25 @@ class PolicyServices(Node):
 
     def __init__(self, policy: PolicyNode):
         super().__init__(f"{policy.get_name()}_services", namespace=policy.get_namespace())
-        self.create_service(ReloadPolicy, policy.resolve_service_name("~/reload_policy"), policy._on_reload)
-        self.create_service(EpisodeControl, policy.resolve_service_name("~/episode"), policy._on_episode)
+        self.create_service(ReloadPolicy, policy.resolve_service_name("~/reload_policy"),
+                            self._guarded("reload_policy", policy._on_reload))
+        self.create_service(EpisodeControl, policy.resolve_service_name("~/episode"),
+                            self._guarded("episode", policy._on_episode))
+
+    def _guarded(self, name: str, callback):
+        """A service callback that cannot kill the services thread: an exception is logged and answered with
+        success=False (an exception escaping into the executor would stop every later service call)."""
+
+        def serve(request, response):
+            try:
+                return callback(request, response)
+            except Exception as e:  # any bug or unexpected input: answer, log, keep serving
+                response.success = False
+                response.message = f"{name} failed: {type(e).__name__}: {e} (the node keeps running)"
+                self.get_logger().error(response.message)
+                return response
+
+        return serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,6 +580,11 @@ def _spin(executor) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # Ctrl-C shuts the context down under the services thread's executor (RCLError: context is not valid):
+        # expected at shutdown, a real error otherwise
+        if rclpy.ok():
+            raise
 
 
 if __name__ == "__main__":
