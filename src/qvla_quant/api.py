@@ -106,7 +106,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu
     model: a float skeleton to load into instead (required for the generic adapter, with actions_fn=...).
     A skeleton whose parameters differ from the artifact's source is refused with the differences listed.
     """
-    from qvla_quant.artifact import ARTIFACT_FILE, artifact_summary, load_artifact
+    from qvla_quant.artifact import ARTIFACT_FILE, ArtifactError, artifact_summary, load_artifact
 
     path = Path(path)
     artifact_summary(path)  # validates the directory and its versions before anything is built
@@ -117,6 +117,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu
             f"{path} was not saved through qvla_quant.save with an adapter, so it does not say how to rebuild the "
             "policy; load it with qvla_quant.artifact.load_artifact(path, skeleton)"
         )
+    if not isinstance(adapter_config, dict) or "adapter" not in adapter_config:
+        raise ArtifactError(f"{path / ARTIFACT_FILE}: 'extra.adapter_config' has no adapter name; the file is "
+                            "corrupt: re-save the artifact")
     adapter = adapter_class(adapter_config["adapter"]).from_config(adapter_config, model=model, **adapter_kwargs)
     load_artifact(path, adapter.model, device=device)
     return adapter

@@ -369,6 +369,32 @@ def _structure_diff(skeleton: list[list], stored: list[list], limit: int = 12) -
     return "\n  ".join(lines)
 
 
+def _describe(t: torch.Tensor) -> str:
+    return f"{_dtype_name(t.dtype)} [{', '.join(str(d) for d in t.shape)}]"
+
+
+def _first(items: list[str], limit: int = 12) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _refuse_pickles(directory: Path, path: Path) -> None:
+    """An artifact is read with safetensors only: a pickle in its place, or beside it, is refused unread."""
+    from qvla_quant.checkpoint import pickle_files, sniff_payload
+
+    kind = sniff_payload(path)
+    if kind is not None:
+        raise ArtifactError(
+            f"{path} holds a {kind} payload, not safetensors; it was not loaded (qvla_quant never unpickles): "
+            "the file was replaced: copy the artifact again or re-save it"
+        )
+    pickles = pickle_files(directory)
+    if pickles:
+        raise ArtifactError(
+            f"{pickles[0]} is a pickle-based weights file in the artifact {directory}, which save_artifact never "
+            f"writes; it was not loaded (qvla_quant never unpickles): remove {', '.join(p.name for p in pickles)}"
+        )
+
+
 def load_artifact(
     directory: str | os.PathLike,
     model_skeleton: nn.Module,
@@ -413,6 +439,7 @@ def load_artifact(
     path = directory / TENSORS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; the artifact is incomplete: re-save it")
+    _refuse_pickles(directory, path)
     if verify_checksum and manifest.get("tensors_sha256") not in (None, _sha256_file(path)):
         raise ArtifactError(
             f"{path} does not have the checksum recorded in {directory / ARTIFACT_FILE}: the file was damaged or "
@@ -448,19 +475,22 @@ def load_artifact(
         setattr(parent, attr, packed)
 
     expected = model_skeleton.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = [f"{k} {_describe(v)}" for k, v in expected.items() if k not in tensors]
+    unexpected = [f"{k} {_describe(t)}" for k, t in tensors.items() if k not in expected]
     wrong = [
-        f"{k}: file {tuple(tensors[k].shape)} {_dtype_name(tensors[k].dtype)}, expected "
-        f"{tuple(v.shape)} {_dtype_name(v.dtype)}"
+        f"{k}: file {_describe(tensors[k])}, expected {_describe(v)}"
         for k, v in expected.items()
         if k in tensors and (tensors[k].shape != v.shape or tensors[k].dtype != v.dtype)
     ]
     if missing or unexpected or wrong:
-        parts = [f"missing: {', '.join(missing[:12])}"] if missing else []
-        parts += [f"unexpected: {', '.join(unexpected[:12])}"] if unexpected else []
-        parts += wrong[:12]
-        raise ArtifactError(f"{path} does not hold the tensors the plan and skeleton need:\n  " + "\n  ".join(parts))
+        parts = [f"missing ({len(missing)}): {_first(missing)}"] if missing else []
+        parts += [f"unexpected ({len(unexpected)}): {_first(unexpected)}"] if unexpected else []
+        parts += [f"wrong shape or dtype ({len(wrong)}): {_first(wrong)}"] if wrong else []
+        raise ArtifactError(
+            f"{path} does not hold the tensors the plan and skeleton need:\n  "
+            + "\n  ".join(parts)
+            + "\nThe file was edited or comes from another artifact: copy the artifact again or re-save it"
+        )
     model_skeleton.load_state_dict(tensors, strict=True, assign=True)
 
     for name, t in nonpersistent.items():

@@ -251,8 +251,22 @@ def plot_plan(plan: Plan, directory) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # commands
 def _check_policy_path(args) -> None:
-    if not Path(args.policy).exists():  # before any expensive step
+    """Refuse a missing or damaged checkpoint before any expensive step, naming the file."""
+    from qvla_quant.checkpoint import check_checkpoint_dir
+
+    path = Path(args.policy)
+    if not path.exists():
         raise FileNotFoundError(f"policy checkpoint {args.policy!r} does not exist")
+    if not path.is_dir() or (path / "artifact.json").is_file():
+        return  # an artifact is validated by its loader
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not valid JSON ({' '.join(str(e).split())}): the checkpoint's config is "
+                             "damaged; copy the checkpoint again") from None
+    check_checkpoint_dir(path)  # pickle weights, an artifact without artifact.json, unreadable safetensors
 
 
 def _load_policy(args):

@@ -104,3 +104,73 @@ def test_bad_inputs_give_clear_errors(tiny_dir, tmp_path):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(PolicyFormatError, match="model.safetensors"):
         PolicyRuntime.load(truncated)
+
+
+# ---------------------------------------------------------------- cameras of different resolutions
+def previous_images_tensor(proc: Pi0Processor, images: list[dict[str, np.ndarray]]):
+    """The processor's former implementation (stack all cameras, then resize once): equal-size cameras only."""
+    import torch
+    import torch.nn.functional as F
+
+    c = proc.config
+    per_camera = [torch.stack([torch.from_numpy(np.ascontiguousarray(s[n])) for s in images]) for n in c.camera_names]
+    x = torch.stack(per_camera, dim=1).permute(0, 1, 4, 2, 3).float()
+    b, n = x.shape[:2]
+    x = x.reshape(b * n, *x.shape[2:])
+    if x.shape[-2:] != (c.image_size, c.image_size):
+        x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x / 127.5 - 1.0).reshape(b, n, 3, c.image_size, c.image_size)
+
+
+def camera_images(seed: int, sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.integers(0, 256, (*sizes[c], 3), dtype=np.uint8) for c in CAMERAS}
+
+
+MIXED = {"top": (720, 1280), "left_wrist": (480, 640), "right_wrist": (480, 640)}
+
+
+def test_cameras_of_different_resolutions_are_resized_each(tiny_dir):
+    import torch
+
+    rt = PolicyRuntime.load(tiny_dir, warmup=False)
+    proc, s = rt.processor, rt.processor.config.image_size
+    obs = observation(0)
+    obs.images = camera_images(0, MIXED)
+    chunk = rt.predict(obs)
+    assert chunk.actions.shape == (30, 14) and np.isfinite(chunk.actions).all()
+    # each camera's slot is that camera resized alone, whatever the other cameras' sizes
+    mixed = proc.images_tensor([obs.images, camera_images(1, {**MIXED, "left_wrist": (240, 320)})])
+    assert mixed.shape == (2, 3, 3, s, s)
+    for i, name in enumerate(CAMERAS):
+        alone = previous_images_tensor(proc, [{c: obs.images[name] for c in CAMERAS}])[0, 0]
+        torch.testing.assert_close(mixed[0, i], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(240, 320), (32, 32), (48, 64)])
+def test_equal_size_cameras_give_the_previous_result(tiny_dir, size):
+    import torch
+
+    proc = Pi0Processor.load(tiny_dir)
+    images = [camera_images(seed, dict.fromkeys(CAMERAS, size)) for seed in (0, 1, 2)]
+    # pixel values in [-1, 1]; only the summation order of the resize may differ
+    torch.testing.assert_close(proc.images_tensor(images), previous_images_tensor(proc, images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "image, fragment",
+    [
+        (np.zeros((0, 640, 3), np.uint8), "empty image"),
+        (np.zeros((480, 0, 3), np.uint8), "empty image"),
+        (np.zeros((480, 640, 3), np.float32), "HxWx3 uint8"),
+        (np.zeros((480, 640, 4), np.uint8), "HxWx3 uint8"),
+        (np.zeros((480, 640), np.uint8), "HxWx3 uint8"),
+    ],
+    ids=["zero-height", "zero-width", "float", "rgba", "mono"],
+)
+def test_wrong_camera_images_name_the_camera(tiny_dir, image, fragment):
+    proc = Pi0Processor.load(tiny_dir)
+    images = camera_images(0, MIXED)
+    images["right_wrist"] = image
+    with pytest.raises(PolicyFormatError, match=f"camera 'right_wrist'.*{fragment}"):
+        proc.images_tensor([images])

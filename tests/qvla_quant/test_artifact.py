@@ -246,3 +246,85 @@ def test_sequential_round_trip(tmp_path, dtype):
         loaded = load_artifact(tmp_path, fresh)
         assert loaded[0].kept.dtype == dtype and loaded[1].__class__ is nn.GELU
         assert torch.equal(loaded(x), qmodel(x))
+
+
+# ---- damaged tensors: named with the expected shapes, and never a pickle
+def rewrite_tensors(directory, edit):
+    """Rewrite model.safetensors with edit(tensors) and record its new checksum (a consistently edited artifact)."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = directory / TENSORS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(edit(load_file(str(path))), str(path), metadata=metadata)
+    manifest = json.loads((directory / ARTIFACT_FILE).read_text())
+    manifest["tensors_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / ARTIFACT_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_missing_packed_tensor_is_named_with_its_expected_shape(saved):
+    directory, _, _ = saved
+    from safetensors.torch import load_file
+
+    name = next(k for k in load_file(str(directory / TENSORS_FILE)) if k.startswith("fc1.qweight_"))
+    shape = load_file(str(directory / TENSORS_FILE))[name].shape
+    rewrite_tensors(directory, lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(directory, TinyPolicy())
+    expected = f"missing (1): {name} uint8 [{', '.join(map(str, shape))}]"
+    assert str(directory / TENSORS_FILE) in str(e.value) and expected in str(e.value), str(e.value)
+
+
+def test_an_extra_packed_tensor_is_named_with_its_shape(saved):
+    directory, _, _ = saved
+    rewrite_tensors(directory, lambda t: {**t, "fc1.qweight_3": torch.zeros(2, 5, dtype=torch.uint8)})
+    with pytest.raises(ArtifactError, match=r"unexpected \(1\): fc1.qweight_3 uint8 \[2, 5\]"):
+        load_artifact(directory, TinyPolicy())
+
+
+def test_a_packed_tensor_of_the_wrong_dtype_is_refused(saved):
+    directory, _, _ = saved
+    from safetensors.torch import load_file
+
+    name = next(k for k in load_file(str(directory / TENSORS_FILE)) if k.startswith("fc1.scale_"))
+    rewrite_tensors(directory, lambda t: {**t, name: t[name].float()})
+    with pytest.raises(ArtifactError, match=f"{name}: file float32 .*, expected float16"):
+        load_artifact(directory, TinyPolicy())
+
+
+class _Trap:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("verify_checksum", [True, False])
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_a_pickle_under_the_tensors_name_is_never_unpickled(saved, tmp_path_factory, kind, verify_checksum):
+    import pickle
+
+    directory, _, _ = saved
+    marker = tmp_path_factory.mktemp("trap") / "unpickled"
+    if kind == "pickle":
+        (directory / TENSORS_FILE).write_bytes(pickle.dumps({"trap": _Trap(marker)}))
+    else:
+        torch.save({"trap": _Trap(marker)}, directory / TENSORS_FILE)
+    with pytest.raises(ArtifactError, match="model.safetensors holds a .*pickle.* payload, not safetensors"):
+        load_artifact(directory, TinyPolicy(), verify_checksum=verify_checksum)
+    assert not marker.exists()
+
+
+def test_a_pickle_weights_file_beside_the_artifact_is_refused(saved, tmp_path_factory):
+    directory, _, _ = saved
+    marker = tmp_path_factory.mktemp("trap") / "unpickled"
+    torch.save({"trap": _Trap(marker)}, directory / "pytorch_model.bin")
+    with pytest.raises(ArtifactError, match="pytorch_model.bin is a pickle-based weights file"):
+        load_artifact(directory, TinyPolicy())
+    assert not marker.exists()

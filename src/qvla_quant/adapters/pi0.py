@@ -155,15 +155,17 @@ class Pi0Adapter(PolicyAdapter):
         num_steps: int | None = None,
         noise_seed: int = 0,
     ) -> Pi0Adapter:
-        """Load a π0 checkpoint from a local directory (config.json + safetensors); never downloads."""
+        """Load a π0 checkpoint from a local directory (config.json + model.safetensors); never downloads, never
+        unpickles, and refuses missing, unexpected or mismatched tensors (`qvla_quant.checkpoint`)."""
+        from qvla_quant.checkpoint import load_pretrained_strict
+
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"π0 checkpoint directory {str(path)!r} does not exist")
         if not cls.can_load(path):
             raise ValueError(f"{str(path)!r} is not a π0 checkpoint (config.json with model_type 'pi0' expected)")
         _, model_cls = _transformers_pi0()
-        model = model_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype)
-        model.to(device).eval()
+        model = load_pretrained_strict(model_cls, path, dtype=dtype, device=device)
         return cls(model, action_dim=action_dim, num_steps=num_steps, noise_seed=noise_seed)
 
     def config_dict(self) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qvla_ros.policy.processor import one_line
 from qvla_ros.policy.runtime import PolicyRuntime
 from qvla_ros.policy.types import Observation
 
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         policy = PolicyRuntime.load(args.policy, device=args.device)
         reference = PolicyRuntime.load(args.reference, device=args.device) if args.reference else None
-    except (ValueError, OSError) as exc:
-        print(f"qvla-eval: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as exc:  # PolicyFormatError, qvla_quant's ArtifactError, missing files
+        print(f"qvla-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
     report = evaluate(policy, seeds, task=args.task, reference=reference, steps=args.steps,
                       replan_every=args.replan_every, policy_name=args.policy, reference_name=args.reference,

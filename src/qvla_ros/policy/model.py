@@ -94,10 +94,22 @@ def small_pi0_config(spec: SmallPi0Spec, vocab_size: int, image_token_id: int):
 
 
 def check_policy_dir(path: str | Path) -> Path:
+    """Refuse, before anything is loaded, a directory that is not a complete float π0 policy: missing files,
+    pickle-based weights (never unpickled), a qvla_quant artifact without its artifact.json, or a
+    model.safetensors that is truncated, corrupt or a pickle under that name."""
+    from qvla_quant.checkpoint import CheckpointError, check_checkpoint_dir
+
     path = Path(path)
     if not path.is_dir():
         raise PolicyFormatError(f"policy directory {path} does not exist (train one with `qvla-train`, or pass the "
                                 "directory of a π0 checkpoint in transformers' format)")
+    try:
+        if (path / "model.safetensors").is_file():
+            check_checkpoint_dir(path)
+        else:
+            _check_without_weights(path)
+    except CheckpointError as exc:
+        raise PolicyFormatError(str(exc)) from None
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if missing:
         raise PolicyFormatError(f"{path} is not a π0 policy directory: missing {', '.join(missing)} "
@@ -105,23 +117,32 @@ def check_policy_dir(path: str | Path) -> Path:
     return path
 
 
+def _check_without_weights(path: Path) -> None:
+    """No model.safetensors: say why when the directory holds pickle weights or is an incomplete artifact."""
+    from qvla_quant.checkpoint import check_checkpoint_dir, looks_like_artifact, pickle_files
+
+    if pickle_files(path) or looks_like_artifact(path):
+        check_checkpoint_dir(path)  # raises with the specific reason
+
+
 def load_pi0_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load `PI0ForConditionalGeneration` from a local directory only (never the hub)."""
+    """Load `PI0ForConditionalGeneration` from a local directory only (never the hub), from safetensors only
+    (never pickle), refusing any missing, unexpected or mismatched tensor (see qvla_quant.checkpoint)."""
     from transformers import PI0Config, PI0ForConditionalGeneration
+
+    from qvla_quant.checkpoint import CheckpointError, load_pretrained_strict
 
     _quiet_transformers()
     path = check_policy_dir(path)
     try:
         config = PI0Config.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise PolicyFormatError(f"{path / 'config.json'} is not a π0 config: {exc}") from exc
+        raise PolicyFormatError(f"{path / 'config.json'} is not a π0 config ({' '.join(str(exc).split())}): "
+                                "copy the policy again or re-save it") from None
     try:
-        model = PI0ForConditionalGeneration.from_pretrained(path, config=config, local_files_only=True, dtype=dtype)
-    except Exception as exc:
-        raise PolicyFormatError(
-            f"could not load the weights in {path / 'model.safetensors'} into the π0 of {path / 'config.json'}: "
-            f"{exc}. Check that both files come from the same checkpoint."
-        ) from exc
+        model = load_pretrained_strict(PI0ForConditionalGeneration, path, config=config, dtype=dtype)
+    except CheckpointError as exc:
+        raise PolicyFormatError(str(exc)) from None
     return model.to(device).eval()
 
 

@@ -34,6 +34,11 @@ class PolicyFormatError(ValueError):
     """A policy directory or an observation does not match what the policy expects."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the CLIs print `<prog>: error: <one line>`)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 @dataclass
 class Normalizer:
     """Per-dimension affine normalization x_n = (x - mean) / std, with a floor on std so that joints that never
@@ -129,11 +134,26 @@ class Pi0Processor:
                     f"{directory / name} is missing: a qvla policy directory holds config.json, model.safetensors, "
                     f"{PROCESSOR_FILE} and {TOKENIZER_FILE} (see `qvla-train` or qvla_ros.policy.tiny)"
                 )
+        path = directory / PROCESSOR_FILE
         try:
-            config = ProcessorConfig(**json.loads((directory / PROCESSOR_FILE).read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise PolicyFormatError(f"{directory / PROCESSOR_FILE} is not a valid processor config: {exc}") from exc
-        return cls(config, Tokenizer.from_file(str(directory / TOKENIZER_FILE)))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+            config = ProcessorConfig(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSONDecodeError/UnicodeDecodeError too
+            raise PolicyFormatError(
+                f"{path} is not a valid processor config ({' '.join(str(exc).split())}): copy the policy directory "
+                "again or re-save it"
+            ) from None
+        path = directory / TOKENIZER_FILE
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for a corrupt file
+            raise PolicyFormatError(
+                f"{path} is not a valid `tokenizers` tokenizer ({' '.join(str(exc).split())}): the file is corrupt "
+                "or of another format; copy it again from the policy's source"
+            ) from None
+        return cls(config, tokenizer)
 
     # ---------------------------------------------------------------- inputs
     def _newline_id(self) -> int:
@@ -155,33 +175,47 @@ class Pi0Processor:
         return ids
 
     def images_tensor(self, images: list[dict[str, np.ndarray]]) -> torch.Tensor:
-        """[B, n_cameras, 3, S, S] float in [-1, 1] from uint8 HxWx3 RGB images of any size."""
+        """[B, n_cameras, 3, S, S] float in [-1, 1] from uint8 HxWx3 RGB images of any size.
+
+        Each camera is resized to the model's S x S on its own, so cameras of different resolutions (a 720x1280
+        top camera beside 480x640 wrist cameras) can be mixed, and so can frames of different sizes in a batch.
+        """
         c = self.config
         per_camera = []
         for name in c.camera_names:
-            frames = []
-            for sample in images:
-                if name not in sample:
-                    raise PolicyFormatError(
-                        f"observation has no image from camera {name!r} (has {sorted(sample)}); the policy was "
-                        f"trained with cameras {c.camera_names}"
-                    )
-                img = np.asarray(sample[name])
-                if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                    raise PolicyFormatError(
-                        f"camera {name!r}: expected an HxWx3 uint8 RGB image, got shape {img.shape} {img.dtype}"
-                    )
-                frames.append(torch.from_numpy(np.ascontiguousarray(img)))
-            per_camera.append(torch.stack(frames))  # [B, H, W, 3] per camera
-        x = torch.stack(per_camera, dim=1).permute(0, 1, 4, 2, 3).float()  # [B, n, 3, H, W]
-        b, n = x.shape[:2]
-        x = x.reshape(b * n, *x.shape[2:])
-        if x.shape[-2:] != (c.image_size, c.image_size):
-            # antialias: a 240x320 camera image shrunk to ~96 px would alias badly with plain bilinear
-            x = F.interpolate(x, size=(c.image_size, c.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        x = x / 127.5 - 1.0
-        return x.reshape(b, n, 3, c.image_size, c.image_size)
+            frames = [self._camera_frame(sample, name) for sample in images]
+            if len({f.shape for f in frames}) == 1:
+                resized = self._resize(torch.stack(frames))  # one call for the batch: [B, 3, S, S]
+            else:
+                resized = torch.cat([self._resize(f[None]) for f in frames])
+            per_camera.append(resized)
+        x = torch.stack(per_camera, dim=1)  # [B, n, 3, S, S]
+        return x / 127.5 - 1.0
+
+    def _camera_frame(self, sample: dict[str, np.ndarray], name: str) -> torch.Tensor:
+        """One camera's image of one observation as float [3, H, W] (0..255), validated."""
+        c = self.config
+        if name not in sample:
+            raise PolicyFormatError(
+                f"observation has no image from camera {name!r} (has {sorted(sample)}); the policy was "
+                f"trained with cameras {c.camera_names}"
+            )
+        img = np.asarray(sample[name])
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise PolicyFormatError(
+                f"camera {name!r}: expected an HxWx3 uint8 RGB image, got shape {img.shape} {img.dtype}"
+            )
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise PolicyFormatError(f"camera {name!r}: empty image (shape {img.shape}); expected HxWx3 with H, W > 0")
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, 3, S, S] (unchanged when already S x S)."""
+        size = self.config.image_size
+        if x.shape[-2:] == (size, size):
+            return x
+        # antialias: a 240x320 camera image shrunk to ~96 px would alias badly with plain bilinear
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
     def text_tensors(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from qvla_ros.policy.model import load_pi0_model
-from qvla_ros.policy.processor import PROCESSOR_FILE, TOKENIZER_FILE, Pi0Processor
+from qvla_ros.policy.processor import PROCESSOR_FILE, TOKENIZER_FILE, Pi0Processor, one_line
 from qvla_ros.policy.types import Observation
 
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from qvla_quant import AllocationConfig, BudgetError
+    from qvla_ros.episodes.reader import EpisodeError
 
     try:
         episodes = sorted(x for x in Path(args.episodes).iterdir() if not x.name.startswith("."))[: args.max_episodes]
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         path, summary = quantize_policy(args.policy, episodes, args.out, args.budget,
                                         allocation=AllocationConfig(bits=bits, solver=args.solver),
                                         samples_per_episode=args.samples_per_episode, seed=args.seed)
-    except (ValueError, OSError, BudgetError) as exc:
-        print(f"qvla-policy-quantize: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, BudgetError, EpisodeError) as exc:
+        print(f"qvla-policy-quantize: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0

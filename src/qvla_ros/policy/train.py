@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from qvla_ros.policy.model import SmallPi0Spec, load_pi0_model, save_policy, small_pi0_config
-from qvla_ros.policy.processor import Normalizer, Pi0Processor
+from qvla_ros.policy.processor import Normalizer, Pi0Processor, one_line
 from qvla_ros.policy.tiny import make_processor
 
 
@@ -288,7 +288,7 @@ def validation_loss(model, samples: SampleSet, idx: np.ndarray, processor: Pi0Pr
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train and return the directory of the final policy (`<out>/final`)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import PI0ForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -313,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if resume and (last / "config.json").is_file():
         processor = Pi0Processor.load(last)
         model = load_pi0_model(last).train()
-        state = json.loads((out / "train_state.json").read_text())
+        state = read_json_file(out / "train_state.json", "the run's training state")
     elif cfg.init_from:
         # fine-tuning keeps the source's processor (normalization, vocabulary) so its weights stay meaningful
         processor = Pi0Processor.load(cfg.init_from)
@@ -324,7 +324,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         source_info = Path(cfg.init_from) / "train_config.json"
         state = {"step": 0, "history": [], "init_from": str(cfg.init_from),
                  # provenance of the starting weights travels with the fine-tuned policy
-                 "init_from_config": json.loads(source_info.read_text()) if source_info.is_file() else None}
+                 "init_from_config": read_json_file(source_info, "the source's training record")
+                 if source_info.is_file() else None}
     else:
         state_norm = Normalizer.fit(samples.state[train_idx])
         action_norm = Normalizer.fit(samples.actions[train_idx])
@@ -343,12 +344,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.object_aux_weight > 0:
         aux = ObjectLocalizationAux(model, samples, train_idx, cfg, len(CAMERAS))
         if resume and (out / "aux_head.safetensors").is_file():
-            aux.head.load_state_dict(load_file(str(out / "aux_head.safetensors")))
+            aux.head.load_state_dict(read_tensors_file(out / "aux_head.safetensors"))
     params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume and (out / "optimizer.safetensors").is_file():
-        _load_optimizer(opt, load_file(str(out / "optimizer.safetensors")),
-                        json.loads((out / "optimizer.json").read_text()))
+        _load_optimizer(opt, read_tensors_file(out / "optimizer.safetensors"),
+                        read_json_file(out / "optimizer.json", "the optimizer state"))
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[train] {len(train_idx)} train / {len(val_idx)} val samples from {len(episode_paths)} episodes; "
@@ -423,6 +424,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     return final
 
 
+def read_json_file(path: Path, what: str):
+    """A JSON file of a run or policy directory; a damaged one is named, with what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found ({what})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({one_line(exc)}): the file holding {what} is damaged; "
+                         "restore it from a copy (or train again)") from None
+
+
+def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the run directory (never pickle); a damaged one is named, with what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path} cannot be read as safetensors ({one_line(exc)}): the file is damaged; delete it "
+                         "to resume without it, or start the run again") from None
+
+
+def train_config_of(path: Path, spec_only: bool = False) -> TrainConfig:
+    """The TrainConfig recorded in a policy's train_config.json (spec_only: only its model spec is read, the rest
+    is left at the defaults)."""
+    record = read_json_file(path, "how the policy was trained")
+    try:
+        if spec_only:
+            return TrainConfig(episodes="", out="", spec=SmallPi0Spec(**record["train_config"]["spec"]))
+        return TrainConfig.from_dict(record["train_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} does not hold a qvla-train training record ({one_line(exc)}); pass --spec "
+                         "explicitly, or point at a directory written by qvla-train") from None
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """AdamW state as flat tensors + JSON (safetensors, never pickle)."""
     tensors, meta = {}, {"param_groups": [], "steps": {}}
@@ -474,16 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-aux-weight", type=float, default=TrainConfig.object_aux_weight,
                    help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)")
     args = p.parse_args(argv)
+    from qvla_ros.episodes.reader import EpisodeError
+
     out = Path(args.out)
     try:
         if args.resume and (out / "train_state.json").is_file():
-            cfg = TrainConfig.from_dict(json.loads((out / "last" / "train_config.json").read_text())["train_config"])
+            cfg = train_config_of(out / "last" / "train_config.json")
             cfg.steps = args.steps
         else:
-            spec = SmallPi0Spec(**json.loads(args.spec))
+            try:
+                spec = SmallPi0Spec(**json.loads(args.spec))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"--spec {args.spec!r} is not a JSON object of SmallPi0Spec fields "
+                                 f"({one_line(exc)})") from None
             if args.init_from and args.spec == "{}":  # the source's own sizes
-                source = json.loads((Path(args.init_from) / "train_config.json").read_text())
-                spec = SmallPi0Spec(**source["train_config"]["spec"])
+                spec = train_config_of(Path(args.init_from) / "train_config.json", spec_only=True).spec
             cfg = TrainConfig(episodes=args.episodes, out=args.out, spec=spec, steps=args.steps,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
                               val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
@@ -491,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                               warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight,
                               wrist_dropout=args.wrist_dropout, state_dropout=args.state_dropout)
         final = train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError, TypeError) as exc:
-        print(f"qvla-train: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, EpisodeError) as exc:  # PolicyFormatError, bad files, bad --spec
+        print(f"qvla-train: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"[train] final policy: {final}")
     return 0

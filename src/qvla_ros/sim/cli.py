@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (RigError, EpisodeError, TopicConfigError, ConfigNotFoundError, FileExistsError, OSError) as e:
-        print(f"qvla-sim: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the exception put in it
+        print(f"qvla-sim: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qvla-sim: interrupted", file=sys.stderr)
