@@ -5,10 +5,12 @@ Reproduce (from the repository root; takes about three minutes on 2 cores):
     PYTHONPATH=src .venv/bin/python bench/bench_packed.py            # all shapes and mixes
     PYTHONPATH=src .venv/bin/python bench/bench_packed.py --quick    # the 1024x1024 layer only
 
-Columns: weight bytes (packed codes + fp16 scale/zero + kept rows + int32 row index; bias excluded) and their
-ratio to fp32 / bf16 weights; forward time in ms at 1 token and at 256 tokens (a conv: one 224x224 image, 256
-patches), the best of --rounds x --repeat calls (rounds spread over the run: on a shared 2-core machine the
-minimum is the stable statistic), for
+Columns: bits per weight as planned (b x K per row), the per-row overhead in bits per weight (fp32 scale + uint8
+zero + int32 row index per quantized row, int32 row index per 16-bit kept row, byte padding) and the stored bits
+per weight (the two added); the stored weight bytes (bias excluded; equal to what the plan implies,
+`predicted_weight_bytes`) and their ratio to fp32 / bf16 weights; forward time in ms at 1 token and at 256 tokens
+(a conv: one 224x224 image, 256 patches), the best of --rounds x --repeat calls (rounds spread over the run: on a
+shared 2-core machine the minimum is the stable statistic), for
     packed   PackedLinear, dequantizing blocks of rows on every call (the default)
     naive    dequantizing the whole layer at once, then one matmul (the obvious implementation, for comparison)
     cached   PackedLinear(cache_dequantized=True): dequantized once, kept in fp32 (memory of an fp32 layer)
@@ -80,6 +82,8 @@ class Case:
             "fp32": out * k * 4,
             "bf16": out * k * 2,
             "avg": lp.total_bits / lp.n_weights,
+            "overhead": self.layer.overhead_bits_per_weight(),
+            "stored": self.layer.stored_bits_per_weight(),
         }
         if self.kind == "linear":
             self.inputs = {"1": torch.randn(1, k), "256": torch.randn(256, k)}
@@ -121,7 +125,7 @@ def main() -> None:
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}"
     )
     header = (
-        f"{'layer':30} {'mix':18} {'bits':>5} {'MiB':>7} {'/fp32':>6} {'/bf16':>6} |"
+        f"{'layer':30} {'mix':18} {'bits':>5} {'+ovh':>6} {'stored':>6} {'MiB':>7} {'/fp32':>6} {'/bf16':>6} |"
         f" {'1 tok: packed':>13} {'naive':>8} {'cached':>8} {'fp32':>8} {'x fp32':>6} |"
         f" {'256 tok: packed':>15} {'naive':>8} {'cached':>8} {'fp32':>8} {'x fp32':>6}"
     )
@@ -140,7 +144,8 @@ def main() -> None:
         x1 = f"{r['packed1'] / r['fp321']:6.1f}" if "packed1" in r else f"{'-':>6}"
         x256 = f"{r['packed256'] / r['fp32256']:6.1f}"
         print(
-            f"{shape:30} {mix:18} {r['avg']:5.2f} {r['bytes'] / 2**20:7.3f} {r['bytes'] / r['fp32']:6.3f}"
+            f"{shape:30} {mix:18} {r['avg']:5.2f} {r['overhead']:+6.3f} {r['stored']:6.3f} {r['bytes'] / 2**20:7.3f}"
+            f" {r['bytes'] / r['fp32']:6.3f}"
             f" {r['bytes'] / r['bf16']:6.3f} | {fmt(r, 'packed1'):>13} {fmt(r, 'naive1')} {fmt(r, 'cached1')}"
             f" {fmt(r, 'fp321')} {x1} | {fmt(r, 'packed256'):>15} {fmt(r, 'naive256')} {fmt(r, 'cached256')}"
             f" {fmt(r, 'fp32256')} {x256}"

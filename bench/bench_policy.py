@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from qvla_quant.artifact import artifact_summary  # noqa: E402
 from qvla_ros.policy.evaluate import evaluate, parse_seeds  # noqa: E402
 from qvla_ros.policy.quantize import calibrate_policy, episode_observations, write_quantized_policy  # noqa: E402
 from qvla_ros.policy.runtime import PolicyRuntime  # noqa: E402
@@ -153,19 +154,22 @@ def main() -> int:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name} @ {budget}: success {r['success']:.0%}, MSE {r['mse']:.3g} ({r['eval_s']:.0f} s)", flush=True)
         bits, pruned = (32.0, 0.0) if plan is None else (plan.average_bits(), plan.pruned_fraction())
-        return {"method": name, "budget": budget, "avg_bits": bits, "pruned": pruned, **r}
+        # the per-row overhead (scales, zero points, row index) in bits per weight, beside the plan's average
+        overhead = 0.0 if plan is None else artifact_summary(out)["overhead_bits_per_weight"]
+        return {"method": name, "budget": budget, "avg_bits": bits, "overhead_bits": overhead, "pruned": pruned, **r}
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows += list(pool.map(run_one, artifacts))
 
     n = len(seeds)
     print()
-    print(f"| method | budget | avg bits | pruned | weights (KiB) | success ({n} seeds) | cum. deviation (Eq. 5) "
-          f"| action MSE vs FP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| method | budget | avg bits | +overhead | pruned | weights (KiB) | success ({n} seeds) "
+          f"| cum. deviation (Eq. 5) | action MSE vs FP |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:g}"
-        print(f"| {r['method']} | {budget} | {r['avg_bits']:.2f} | {r['pruned']:.1%} | {r['weight_bytes'] / 1024:.0f} "
+        print(f"| {r['method']} | {budget} | {r['avg_bits']:.2f} | +{r['overhead_bits']:.2f} | {r['pruned']:.1%} "
+              f"| {r['weight_bytes'] / 1024:.0f} "
               f"| {r['successes']}/{n} = {r['success']:.0%} | {r['cum_dev']:.3f} | {r['mse']:.3g} |")
     print(f"\ncalibration (two-stage sensitivity, {info['samples']} samples): {calib_s:.0f} s; "
           f"weights = all parameters as stored (quantized layers packed, the rest fp32)")

@@ -19,8 +19,10 @@ What is measured, and what is not:
   W8 and W4 sit at budgets 8 and 4; W2 (budget 2) is listed below the 2.5 budget as the nearest uniform point.
   Layer-wise RTN: one scale/zero per tensor (LayerPlan.granularity "tensor").
 - Weight bytes: measured with PackedLinear.weight_bytes() on a bf16 copy of the policy packed with each plan (codes,
-  fp16 scale/zero, int32 row index, 16-bit rows in bf16), plus the unquantized projector/heads in bf16: what a GPU
-  deployment stores. The MSE runs the packed fp32 model (fp32 only on this CPU).
+  fp32 scale, uint8 zero, int32 row index, 16-bit rows in bf16), plus the unquantized projector/heads in bf16: what a
+  GPU deployment stores. "+ovh": the per-row overhead of the packed layers in bits per weight beside the plan's
+  average bits (8 x packed bytes / planned weights - avg bits; the same for an fp32 source since kept rows are
+  16-bit there too). The MSE runs the packed fp32 model (fp32 only on this CPU).
 - Timing: single-threaded torch (two threads on a shared 2-core machine were up to 10x slower), wall clock.
 """
 
@@ -69,14 +71,16 @@ def stored_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def evaluate(adapter: Pi0Adapter, plan, evals, reference) -> tuple[float, int, float]:
-    """(action MSE vs FP, bf16 weight bytes, seconds) of the policy packed with `plan`."""
+def evaluate(adapter: Pi0Adapter, plan, evals, reference) -> tuple[float, int, float, float]:
+    """(action MSE vs FP, bf16 weight bytes, overhead bits per weight, seconds) of the policy packed with `plan`."""
     t0 = time.perf_counter()
     q = Pi0Adapter(quantize_model(copy.deepcopy(adapter.model), plan, inplace=True), action_dim=adapter.action_dim)
     actions = [q.predict(b) for b in evals]
     mse = sum(float((a - r).pow(2).mean()) for a, r in zip(actions, reference)) / len(evals)
     bf16 = quantize_model(copy.deepcopy(adapter.model).to(torch.bfloat16), plan, inplace=True)
-    return mse, stored_bytes(bf16), time.perf_counter() - t0
+    packed = sum(m.weight_bytes() for _, m in packed_layers(bf16))
+    overhead = 8 * packed / sum(lp.n_weights for lp in plan.layers.values()) - plan.average_bits()
+    return mse, stored_bytes(bf16), overhead, time.perf_counter() - t0
 
 
 def run_model(name: str, args) -> dict:
@@ -117,10 +121,11 @@ def run_model(name: str, args) -> dict:
     rows = []
 
     def add(budget, method, plan, extra=""):
-        mse, nbytes, secs = evaluate(adapter, plan, evals, reference)
+        mse, nbytes, overhead, secs = evaluate(adapter, plan, evals, reference)
         rows.append(
-            {"budget": budget, "method": method, "avg_bits": plan.average_bits(), "mse": mse, "rel_mse": mse / scale,
-             "bytes": nbytes, "ratio": nbytes / fp_bytes, "note": extra, "eval_s": secs}
+            {"budget": budget, "method": method, "avg_bits": plan.average_bits(), "overhead_bits": overhead,
+             "mse": mse, "rel_mse": mse / scale, "bytes": nbytes, "ratio": nbytes / fp_bytes, "note": extra,
+             "eval_s": secs}
         )  # fmt: skip
 
     template = allocate(sens, 16.0)  # every calibrated layer at 16: the layer set the baselines quantize too
@@ -142,12 +147,13 @@ def run_model(name: str, args) -> dict:
 
     print(f"FP weights (bf16, all linear/conv layers): {fp_bytes / 2**20:.2f} MiB; mean action^2 {scale:.4g}; "
           "MSE from the packed model's forward")  # fmt: skip
-    head = f"{'budget':>6}  {'method':<20} {'avg bits':>8} {'action MSE':>11} {'MSE/E[a^2]':>10} {'weight MiB':>10} " \
-           f"{'vs FP':>6}  note"  # fmt: skip
+    head = f"{'budget':>6}  {'method':<20} {'avg bits':>8} {'+ovh':>6} {'action MSE':>11} {'MSE/E[a^2]':>10} " \
+           f"{'weight MiB':>10} {'vs FP':>6}  note"  # fmt: skip
     print(head)
     print("-" * len(head))
     for row in rows:
-        print(f"{row['budget']:>6g}  {row['method']:<20} {row['avg_bits']:>8.3f} {row['mse']:>11.3e} "
+        print(f"{row['budget']:>6g}  {row['method']:<20} {row['avg_bits']:>8.3f} {row['overhead_bits']:>+6.3f} "
+              f"{row['mse']:>11.3e} "
               f"{row['rel_mse']:>10.2e} {row['bytes'] / 2**20:>10.3f} {row['ratio']:>6.3f}  {row['note']}")  # fmt: skip
     return {"model": name, "calibration_s": calib_s, "report": r, "fp_bytes": fp_bytes, "rows": rows}
 

@@ -57,12 +57,12 @@ def _model_of(adapter_or_model) -> nn.Module:
 
 def check_plan_source(model: nn.Module, plan: Plan) -> None:
     """Refuse a plan calibrated on another model (architecture or checkpoint), when the plan records its source."""
-    from qvla_quant.artifact import fingerprint_id, model_fingerprint
+    from qvla_quant.artifact import fingerprint_id_matches
 
     if not plan.model_fingerprint:
         return
-    have = fingerprint_id(model_fingerprint(model))
-    if have != plan.model_fingerprint:
+    matches, have = fingerprint_id_matches(model, plan.model_fingerprint)  # also the sampled ids of older plans
+    if not matches:
         what = "architecture" if have.split("-")[0] != plan.model_fingerprint.split("-")[0] else "weights"
         raise ValueError(
             f"the plan was allocated for another model (its {what} differ: plan {plan.model_fingerprint}, model "

@@ -5,8 +5,15 @@
                        and all other parameters and buffers (non-persistent buffers too, so that a skeleton built
                        on the meta device comes back complete); tied tensors are stored once
     artifact.json      format versions, adapter name, model config, source fingerprint and parameter structure,
-                       tied-tensor aliases, a summary (bits per role, pruned fraction, bytes before/after)
+                       tied-tensor aliases, a summary (bits per role, pruned fraction, bytes before/after, the
+                       stored bits per weight and their per-row overhead; see `_summary`)
     config.json        the source model's config, when given (what transformers-style tools expect)
+
+Versions. Artifact format 2 (this one): the source fingerprint hashes every byte of every parameter
+(`model_fingerprint`), the summary holds the stored-bytes fields. Packed layout 2: fp32 scales, uint8 zero points,
+16-bit kept rows (`qvla_quant.packed`). Format-1 artifacts (packed layout 1, fingerprint of the first and last
+4 KiB of each tensor) still load and compute the same outputs; their summary gains the new fields, computed from
+the plan with the layout-1 byte formula.
 
 Loading (`load_artifact`) takes a skeleton of the source model (same class, config and dtype, weights not
 needed: build it under `torch.device("meta")`), checks its parameter structure against the artifact's, swaps the
@@ -27,22 +34,34 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvla_quant.packed import (
+    KEPT_ROW_OVERHEAD_BYTES,
     PACKED_FORMAT_VERSION,
+    PACKED_GROUPS,
+    PACKED_READ_VERSIONS,
+    QUANTIZED_ROW_OVERHEAD_BYTES,
     SOURCE_FINGERPRINT_ATTR,
     ConvGeometry,
     PackedLinear,
     packed_layers,
     planned_modules,
+    predicted_weight_bytes,
     quantize_model,
 )
 from qvla_quant.plan import Plan
+from qvla_quant.quantizer import SCALE_DTYPE, ZERO_DTYPE, kept_dtype
 
-ARTIFACT_FORMAT_VERSION = 1
+ARTIFACT_FORMAT_VERSION = 2
+ARTIFACT_READ_VERSIONS: tuple[int, ...] = (1, 2)
 PLAN_FILE = "plan.json"
 TENSORS_FILE = "model.safetensors"
 ARTIFACT_FILE = "artifact.json"
 CONFIG_FILE = "config.json"
-FINGERPRINT_SAMPLE_BYTES = 4096  # per tensor, from each end
+# how `model_fingerprint` hashes the weights: every byte (format 2), or the first and last 4 KiB of each tensor
+# (format 1: what older artifacts, plans and sensitivity stores recorded; a fingerprint without
+# "weights_algorithm" is of this kind)
+FINGERPRINT_ALGORITHM = "sha256-all-bytes"
+LEGACY_FINGERPRINT_ALGORITHM = "sha256-first-last-4KiB"
+FINGERPRINT_SAMPLE_BYTES = 4096  # per tensor, from each end (legacy algorithm)
 
 
 class ArtifactError(ValueError):
@@ -90,14 +109,31 @@ def _sample_bytes(t: torch.Tensor, nbytes: int) -> bytes:
     return b"".join(p.contiguous().cpu().view(torch.uint8).numpy().tobytes() for p in parts)
 
 
-def model_fingerprint(model: nn.Module) -> dict:
-    """Identify a source model cheaply.
+def _hash_all_bytes(h, t: torch.Tensor) -> None:
+    """Feed every byte of `t` (row-major, its own dtype) to `h`, 64 MiB at a time (no full copy of a big tensor)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, (64 << 20) // flat.element_size())
+    for start in range(0, flat.numel(), step):
+        h.update(flat[start : start + step].contiguous().cpu().view(torch.uint8).numpy().data)
+
+
+def fingerprint_algorithm(fingerprint: dict) -> str:
+    """The algorithm a recorded fingerprint's "weights" was made with (absent key: the legacy sampled one)."""
+    return fingerprint.get("weights_algorithm", LEGACY_FINGERPRINT_ALGORITHM)
+
+
+def model_fingerprint(model: nn.Module, *, algorithm: str = FINGERPRINT_ALGORITHM) -> dict:
+    """Identify a source model.
 
     structure: sha256 of the names, shapes and dtypes of all parameters (what a skeleton must match to load).
-    weights: sha256 of the first and last 4 KiB of every parameter's bytes: tells checkpoints of one architecture
-    apart at the cost of reading ~8 KiB per tensor (a sample, not a checksum of every byte). None when the
-    weights are not available (meta device, or a quantized model that did not record its source).
+    weights: sha256 of every byte of every parameter (algorithm "sha256-all-bytes"; it runs once per quantization
+    or save, ~1 s per 2 GB), or with `algorithm=LEGACY_FINGERPRINT_ALGORITHM` of the first and last 4 KiB of each
+    (what format-1 artifacts and older plans recorded; only to re-check those). None when the weights are not
+    available (meta device, or a quantized model that did not record its source). A quantized model returns
+    the fingerprint recorded at quantization, whatever its algorithm ("weights_algorithm" says which).
     """
+    if algorithm not in (FINGERPRINT_ALGORITHM, LEGACY_FINGERPRINT_ALGORITHM):
+        raise ValueError(f"unknown fingerprint algorithm {algorithm!r}")
     entries = _source_parameters(model)
     structure = hashlib.sha256(json.dumps(model_structure(model)).encode()).hexdigest()
     weights = None
@@ -106,15 +142,35 @@ def model_fingerprint(model: nn.Module) -> dict:
         recorded = getattr(model, SOURCE_FINGERPRINT_ATTR, None)
         if isinstance(recorded, dict) and recorded.get("structure") == structure:
             weights = recorded.get("weights")
+            algorithm = fingerprint_algorithm(recorded)
     elif not any(t is not None and t.is_meta for _, _, t, _, _ in entries):
         h = hashlib.sha256()
         for name, _, t, shape, dtype in entries:
             h.update(f"{name}|{shape}|{dtype}|".encode())
-            if t.numel():
+            if not t.numel():
+                continue
+            if algorithm == FINGERPRINT_ALGORITHM:
+                _hash_all_bytes(h, t)
+            else:
                 h.update(_sample_bytes(t, FINGERPRINT_SAMPLE_BYTES))
         weights = h.hexdigest()
     n_params = sum(int(torch.Size(shape).numel()) for _, _, _, shape, _ in entries)
-    return {"structure": structure, "weights": weights, "n_tensors": len(entries), "n_parameters": n_params}
+    fingerprint = {"structure": structure, "weights": weights, "n_tensors": len(entries), "n_parameters": n_params}
+    if algorithm != LEGACY_FINGERPRINT_ALGORITHM:  # legacy fingerprints stay exactly as they were recorded
+        fingerprint["weights_algorithm"] = algorithm
+    return fingerprint
+
+
+def fingerprint_id_matches(model: nn.Module, fid: str) -> tuple[bool, str]:
+    """Whether `fid` (a `fingerprint_id`, e.g. `Plan.model_fingerprint`) names `model`, and the model's own id.
+
+    Ids written before format 2 hashed a sample of the weights: when the full hash does not match, the model is
+    hashed again the old way, so plans and sensitivity stores made with an older qvla_quant still apply."""
+    have = fingerprint_id(model_fingerprint(model))
+    if have == fid:
+        return True, have
+    legacy = fingerprint_id(model_fingerprint(model, algorithm=LEGACY_FINGERPRINT_ALGORITHM))
+    return legacy == fid, have
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -179,10 +235,59 @@ def _tensors_for_file(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return {n: t.to("cpu").contiguous() for n, t in tensors.items()}, aliases, nonpersistent
 
 
+def _bits_fields(plan: Plan, weight_bytes: dict[str, int]) -> dict:
+    """Stored bits per weight and their overhead over the plan's average, in total and per role, from the weight
+    bytes of every planned layer: overhead = 8 * bytes / weights - plan.average_bits (scales, zero points, row
+    index, byte padding; for a format-1 fp32 artifact also the second half of its 32-bit kept rows)."""
+    roles = plan.roles()
+
+    def stored(role):
+        layers = [n for n, lp in plan.layers.items() if role is None or lp.role == role]
+        n = sum(plan.layers[name].n_weights for name in layers)
+        return 8.0 * sum(weight_bytes[name] for name in layers) / n if n else float("nan")
+
+    return {
+        "average_bits_stored": stored(None),
+        "overhead_bits_per_weight": stored(None) - plan.average_bits(),
+        "average_bits_stored_by_role": {r: stored(r) for r in roles},
+        "overhead_bits_per_weight_by_role": {r: stored(r) - plan.average_bits(r) for r in roles},
+    }
+
+
+def _format_fields(packed_version: int, source_dtypes: set[str]) -> dict:
+    """The storage formula the byte counts follow (see `qvla_quant.packed`)."""
+    if packed_version >= 2:
+        kept = sorted({_dtype_name(kept_dtype(getattr(torch, d))) for d in source_dtypes})
+        return {
+            "packed_format_version": packed_version,
+            "source_dtype": sorted(source_dtypes),
+            "kept_dtype": kept,
+            "scale_dtype": _dtype_name(SCALE_DTYPE),
+            "zero_dtype": _dtype_name(ZERO_DTYPE),
+            "row_overhead_bytes": {"quantized": QUANTIZED_ROW_OVERHEAD_BYTES, "kept": KEPT_ROW_OVERHEAD_BYTES,
+                                   "pruned": 0},
+        }  # fmt: skip
+    return {
+        "packed_format_version": packed_version,
+        "source_dtype": sorted(source_dtypes),
+        "kept_dtype": sorted(source_dtypes),
+        "scale_dtype": "float16",
+        "zero_dtype": "float16",
+        "row_overhead_bytes": {"quantized": 8, "kept": KEPT_ROW_OVERHEAD_BYTES, "pruned": 0},
+    }
+
+
 def _summary(qmodel: nn.Module, plan: Plan) -> dict:
+    """The manifest's summary. Byte fields: quantized_weight_bytes_before (the planned layers' weights in the source
+    dtype), _after (as stored, measured on the packed layers), _planned (what the plan implies by the byte formula
+    of `qvla_quant.packed`; equal to _after), parameter_bytes_before/_after (every parameter, as the robot holds
+    it). Bit fields: average_bits (the plan's: b * K per row) and beside it average_bits_stored and
+    overhead_bits_per_weight (`_bits_fields`), in total and per role."""
     layers = dict(packed_layers(qmodel))
-    before = sum(m.out_features * m.in_features * m.kept.element_size() for m in layers.values())
-    after = sum(m.weight_bytes() for m in layers.values())
+    before = sum(m.out_features * m.in_features * m.source_dtype.itemsize for m in layers.values())
+    measured = {name: m.weight_bytes() for name, m in layers.items()}
+    after = sum(measured.values())
+    planned = sum(predicted_weight_bytes(plan.layers[n], m.source_dtype) for n, m in layers.items())
     biases = sum(m.bias_bytes() for m in layers.values())
     # every other parameter, counted once even when tied (PackedLinear holds buffers, no parameters)
     others = sum(p.numel() * p.element_size() for p in qmodel.parameters())
@@ -192,15 +297,18 @@ def _summary(qmodel: nn.Module, plan: Plan) -> dict:
         "budget": plan.budget,
         "average_bits": plan.average_bits(),
         "average_bits_by_role": {r: plan.average_bits(r) for r in roles},
+        **_bits_fields(plan, measured),
         "pruned_fraction": plan.pruned_fraction(),
         "pruned_fraction_by_role": {r: plan.pruned_fraction(r) for r in roles},
         "activation_bits": plan.quant.activation.bits,
         "quantized_layers": len(layers),
         "quantized_weight_bytes_before": before,
         "quantized_weight_bytes_after": after,
+        "quantized_weight_bytes_planned": planned,
         "quantized_bias_bytes": biases,
         "parameter_bytes_before": others + biases + before,
         "parameter_bytes_after": others + biases + after,
+        **_format_fields(PACKED_FORMAT_VERSION, {_dtype_name(m.source_dtype) for m in layers.values()}),
     }
 
 
@@ -235,6 +343,13 @@ def save_artifact(
                 "the model was not quantized with this plan:\n  "
                 + "\n  ".join(problems[:20])
                 + "\nPass the float model (save_artifact quantizes it) or the output of quantize_model(model, plan)"
+            )
+        legacy = [n for n, m in packed.items() if m.kept.dtype.itemsize > 2]
+        if legacy:
+            raise ArtifactError(
+                f"{len(legacy)} packed layer(s) hold kept rows wider than 16 bits ({_first(legacy)}), the layout of "
+                f"format-1 artifacts: packed layout {PACKED_FORMAT_VERSION} stores them as 16-bit floats. Call "
+                "qvla_quant.packed.repack_kept(model) first (it rounds those rows to bf16) or save the float model"
             )
     else:
         qmodel = quantize_model(model, plan, inplace=False)
@@ -311,15 +426,16 @@ def read_plan(directory: str | os.PathLike) -> Plan:
 def _read_manifest(directory: Path) -> dict:
     manifest = _read_json(directory, ARTIFACT_FILE)
     version = manifest.get("format_version")
-    if version != ARTIFACT_FORMAT_VERSION:
+    if version not in ARTIFACT_READ_VERSIONS:
         raise ArtifactError(
             f"{directory / ARTIFACT_FILE}: artifact format version {version!r} is not supported by this "
-            f"qvla_quant (reads version {ARTIFACT_FORMAT_VERSION}); re-save it with this version"
+            f"qvla_quant (reads versions {', '.join(map(str, ARTIFACT_READ_VERSIONS))}); re-save it with this version"
         )
-    if manifest.get("packed_format_version") != PACKED_FORMAT_VERSION:
+    if manifest.get("packed_format_version") not in PACKED_READ_VERSIONS:
         raise ArtifactError(
             f"{directory / ARTIFACT_FILE}: packed layout version {manifest.get('packed_format_version')!r} "
-            f"is not supported (reads version {PACKED_FORMAT_VERSION}); re-save the artifact with this version"
+            f"is not supported (reads versions {', '.join(map(str, PACKED_READ_VERSIONS))}); re-save the artifact "
+            "with this version"
         )
     for key in ("plan_hash", "source_structure", "source_fingerprint"):
         if key not in manifest:
@@ -327,8 +443,45 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def _layer_source_dtypes(manifest: dict, plan: Plan) -> dict[str, str]:
+    """Source dtype of every planned layer, from the manifest's parameter structure (its `<layer>.weight`)."""
+    dtypes = {}
+    for name, _, dtype in manifest.get("source_structure", []):
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in plan.layers:
+            dtypes[layer] = dtype
+    return dtypes
+
+
+def _summary_for_old_format(manifest: dict, plan: Plan) -> dict:
+    """The summary fields that format-1 artifacts lack, from the plan and the layout-1 byte formula (no tensors
+    read). Their recorded quantized_weight_bytes_after was measured on the stored layers and equals _planned."""
+    version = manifest["packed_format_version"]
+    dtypes = _layer_source_dtypes(manifest, plan)
+    if set(dtypes) != set(plan.layers):
+        return {}
+    by_layer = {
+        n: predicted_weight_bytes(lp, getattr(torch, dtypes[n]), packed_version=version)
+        for n, lp in plan.layers.items()
+    }
+    return {
+        **_bits_fields(plan, by_layer),
+        "quantized_weight_bytes_planned": sum(by_layer.values()),
+        **_format_fields(version, set(dtypes.values())),
+    }
+
+
+def artifact_layer_dtypes(directory: str | os.PathLike) -> dict[str, str]:
+    """{planned layer: source dtype name} of an artifact, from its JSON files (what its byte formula needs)."""
+    directory = Path(directory)
+    return _layer_source_dtypes(_read_manifest(directory), read_plan(directory))
+
+
 def artifact_summary(directory: str | os.PathLike) -> dict:
-    """What an artifact holds, from its JSON files only (no tensors are read)."""
+    """What an artifact holds, from its JSON files only (no tensors are read).
+
+    Besides the manifest's summary (see `_summary`): format_version, and for a format-1 artifact the stored-bits
+    fields it lacks, computed from its plan (`_summary_for_old_format`)."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
     plan = read_plan(directory)
@@ -337,6 +490,9 @@ def artifact_summary(directory: str | os.PathLike) -> dict:
         for name in (PLAN_FILE, TENSORS_FILE, ARTIFACT_FILE, CONFIG_FILE)
         if (directory / name).is_file()
     }
+    summary = dict(manifest.get("summary", {}))
+    if manifest["packed_format_version"] != PACKED_FORMAT_VERSION or "average_bits_stored" not in summary:
+        summary = {**_summary_for_old_format(manifest, plan), **summary}
     return {
         "directory": str(directory),
         "format_version": manifest["format_version"],
@@ -345,7 +501,8 @@ def artifact_summary(directory: str | os.PathLike) -> dict:
         "source_fingerprint": manifest["source_fingerprint"],
         "layers": len(plan.layers),
         "roles": plan.roles(),
-        **manifest.get("summary", {}),
+        **summary,
+        "packed_format_version": manifest["packed_format_version"],
         "file_bytes": files,
     }
 
@@ -395,6 +552,24 @@ def _refuse_pickles(directory: Path, path: Path) -> None:
         )
 
 
+def _repack_layout_1(tensors: dict[str, torch.Tensor], layers: list[str], path: Path) -> None:
+    """Packed layout 1 -> 2 in place, exactly: fp16 scales widened to fp32, fp16 integer zero points to uint8.
+    (Kept rows stay in the source dtype; tensors of another dtype are left for the loader's dtype check.)"""
+    for name in layers:
+        for b in PACKED_GROUPS:
+            scale, zero = f"{name}.scale_{b}", f"{name}.zero_{b}"
+            if scale in tensors and tensors[scale].dtype == torch.float16:
+                tensors[scale] = tensors[scale].to(SCALE_DTYPE)
+            if zero in tensors and tensors[zero].dtype == torch.float16:
+                z = tensors[zero]
+                if z.numel() and not bool(((z == z.round()) & (z >= 0) & (z <= (1 << b) - 1)).all()):
+                    raise ArtifactError(
+                        f"{path}: {zero} holds zero points that are not integers in [0, {(1 << b) - 1}]; the file "
+                        "is corrupt: re-save the artifact"
+                    )
+                tensors[zero] = z.to(ZERO_DTYPE)
+
+
 def load_artifact(
     directory: str | os.PathLike,
     model_skeleton: nn.Module,
@@ -406,7 +581,9 @@ def load_artifact(
     """Load an artifact into `model_skeleton` (modified in place and returned, in eval mode).
 
     The skeleton is the source architecture with the source dtype; its weights are not read (build it on the
-    meta device to avoid materializing a large model). Tensors are read with safetensors only.
+    meta device to avoid materializing a large model). Tensors are read with safetensors only. A format-1
+    artifact loads as described in `qvla_quant.packed` (scales and zero points converted exactly, kept rows as
+    stored): its outputs are those it had when saved.
     verify_checksum: compare the sha256 of model.safetensors with the one recorded at saving (catches damaged
     or swapped files; reads the file once more, ~1 s per GB).
     """
@@ -459,6 +636,9 @@ def load_artifact(
             raise ArtifactError(f"{path} lacks {name!r} (tied to {alias!r}); the file is incomplete: re-save it")
         tensors[alias] = tensors[name]
     nonpersistent = {n: tensors.pop(n) for n in manifest.get("nonpersistent_buffers", []) if n in tensors}
+    packed_version = manifest["packed_format_version"]
+    if packed_version == 1:
+        _repack_layout_1(tensors, [name for name, *_ in resolved], path)
 
     for _, parent, attr, module, lp in resolved:
         packed = PackedLinear(
@@ -471,6 +651,8 @@ def load_artifact(
             conv=ConvGeometry.from_module(module) if isinstance(module, nn.Conv2d) else None,
             device="meta",
             cache_dequantized=cache_dequantized,
+            # layout 1 stored the kept rows in the source dtype: they load as stored (same outputs)
+            kept_dtype=module.weight.dtype if packed_version == 1 else None,
         )
         setattr(parent, attr, packed)
 

@@ -112,26 +112,37 @@ def save_batches(directory, batches) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # tables and plots
-def _itemsize(dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def summary_rows(plan: Plan, source_dtype, *, packed_version: int | None = None) -> list[dict]:
+    """Per role and in total: layers, weights, average bits (the plan's, b * K per row), the per-row overhead in bits
+    per weight beside it and the stored bits per weight (the two added), pruned fraction, weight bytes before (source
+    dtype) and after (what the plan implies: `qvla_quant.packed.predicted_weight_bytes`, equal to what is stored).
 
+    source_dtype: one dtype, or {layer name: dtype}; packed_version: the byte formula's layout (default current).
+    """
+    from qvla_quant.packed import PACKED_FORMAT_VERSION, predicted_weight_bytes
 
-def summary_rows(plan: Plan, source_dtype: torch.dtype) -> list[dict]:
-    """Per role and in total: layers, weights, average bits, pruned fraction, weight bytes before and after."""
-    from qvla_quant.packed import predicted_weight_bytes
+    version = packed_version or PACKED_FORMAT_VERSION
+
+    def dtype_of(name):
+        return source_dtype[name] if isinstance(source_dtype, dict) else source_dtype
 
     rows = []
     for role in [*plan.roles(), None]:
         layers = [lp for lp in plan.layers.values() if role is None or lp.role == role]
+        weights = sum(lp.n_weights for lp in layers)
+        after = sum(predicted_weight_bytes(lp, dtype_of(lp.name), packed_version=version) for lp in layers)
+        stored = 8.0 * after / weights if weights else float("nan")
         rows.append(
             {
                 "role": role or "total",
                 "layers": len(layers),
-                "weights": sum(lp.n_weights for lp in layers),
+                "weights": weights,
                 "avg_bits": plan.average_bits(role),
+                "overhead_bits": stored - plan.average_bits(role),
+                "stored_bits": stored,
                 "pruned": plan.pruned_fraction(role),
-                "bytes_before": sum(lp.n_weights for lp in layers) * _itemsize(source_dtype),
-                "bytes_after": sum(predicted_weight_bytes(lp, source_dtype) for lp in layers),
+                "bytes_before": sum(lp.n_weights * dtype_of(lp.name).itemsize for lp in layers),
+                "bytes_after": after,
             }
         )
     return rows
@@ -146,11 +157,12 @@ def _human(n: float) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["role", "layers", "weights", "avg bits", "pruned", "bytes before", "bytes after", "ratio"]
+    header = ["role", "layers", "weights", "avg bits", "+overhead", "stored bits", "pruned", "bytes before",
+              "bytes after", "ratio"]  # fmt: skip
     body = [
         [
-            r["role"], str(r["layers"]), f"{r['weights']:,}", f"{r['avg_bits']:.3f}", f"{100 * r['pruned']:.2f}%",
-            _human(r["bytes_before"]), _human(r["bytes_after"]),
+            r["role"], str(r["layers"]), f"{r['weights']:,}", f"{r['avg_bits']:.3f}", f"+{r['overhead_bits']:.3f}",
+            f"{r['stored_bits']:.3f}", f"{100 * r['pruned']:.2f}%", _human(r["bytes_before"]), _human(r["bytes_after"]),
             f"{r['bytes_after'] / r['bytes_before']:.3f}" if r["bytes_before"] else "-",
         ]
         for r in rows
@@ -160,7 +172,32 @@ def format_table(rows: list[dict]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     for b in body:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))))
+    lines.append(
+        "(bits per weight: the plan's b x K per row, +overhead of the per-row scale, zero point, row index and byte "
+        "padding, stored = the two added = 8 x bytes after / weights)"
+    )
     return "\n".join(lines)
+
+
+def stored_bytes_lines(summary: dict) -> list[str]:
+    """An artifact's stored weight bytes (measured when it was saved) against what its plan implies, and its bits."""
+    after, planned = summary.get("quantized_weight_bytes_after"), summary.get("quantized_weight_bytes_planned")
+    verdict = "equal" if after == planned else f"DIFFER by {after - planned:+,} B" if planned is not None else "-"
+    overhead = summary.get("overhead_bits_per_weight", float("nan"))
+    stored = summary.get("average_bits_stored", float("nan"))
+    source = ", ".join(summary.get("source_dtype", [])) or "?"
+    kept = ", ".join(summary.get("kept_dtype", [])) or "?"
+    lines = [
+        f"stored: quantized weights {after:,} B ({_human(after)}), plan-implied {planned:,} B: {verdict}"
+        if planned is not None
+        else f"stored: quantized weights {after:,} B ({_human(after)})",
+        f"bits per weight: {summary['average_bits']:.4f} planned + {overhead:.4f} overhead = {stored:.4f} stored "
+        f"(packed layout {summary.get('packed_format_version')}; source {source}, kept rows {kept}, per-row "
+        f"overhead bytes {summary.get('row_overhead_bytes')})",
+        f"measured: quantized weights {_human(summary['quantized_weight_bytes_before'])} -> {_human(after)}, all "
+        f"parameters {_human(summary['parameter_bytes_before'])} -> {_human(summary['parameter_bytes_after'])}",
+    ]
+    return lines
 
 
 def _pyplot():
@@ -348,9 +385,11 @@ def cmd_allocate(args) -> int:
     out.write_text(plan.to_json() + "\n")
     a = plan.info["allocation"]
     dtype = getattr(torch, (sens.adapter_config or {}).get("dtype", "float32"))
-    print(format_table(summary_rows(plan, dtype)))
+    rows = summary_rows(plan, dtype)
+    print(format_table(rows))
     print(
-        f"{plan.method}: {a['average_bits']:.4f} bits/weight for budget {args.budget:g}; total action error "
+        f"{plan.method}: {a['average_bits']:.4f} bits/weight (+{rows[-1]['overhead_bits']:.4f} per-row overhead as "
+        f"stored from {str(dtype).removeprefix('torch.')}) for budget {args.budget:g}; total action error "
         f"{a['total_error']:.4e}, lower bound {a['lower_bound']:.4e} (gap {a['relative_gap']:.3f}) -> {out}"
     )
     if args.plots:
@@ -379,6 +418,7 @@ def cmd_apply(args) -> int:
     path = save(args.out, adapter, plan)
     summary = artifact_summary(path)
     print(format_table(summary_rows(plan, dtype)))
+    print("\n".join(stored_bytes_lines(summary)))
     print(
         f"measured packed weights: {_human(summary['quantized_weight_bytes_before'])} -> "
         f"{_human(summary['quantized_weight_bytes_after'])}; all parameters "
@@ -390,18 +430,15 @@ def cmd_apply(args) -> int:
 def cmd_inspect(args) -> int:
     path = Path(args.path)
     if (path / "artifact.json").is_file():
-        from qvla_quant.artifact import artifact_summary, read_plan
+        from qvla_quant.artifact import artifact_layer_dtypes, artifact_summary, read_plan
 
         summary = artifact_summary(path)
         plan = read_plan(path)
-        cfg = json.loads((path / "artifact.json").read_text()).get("extra", {}).get("adapter_config") or {}
-        dtype = getattr(torch, cfg.get("dtype", "float32"))
-        print(f"artifact {path} (adapter {summary.get('adapter')}, plan {summary['plan_hash']}, {plan.method}, "
-              f"budget {plan.budget})")  # fmt: skip
-        print(format_table(summary_rows(plan, dtype)))
-        print(f"measured: quantized weights {_human(summary['quantized_weight_bytes_before'])} -> "
-              f"{_human(summary['quantized_weight_bytes_after'])}, all parameters "
-              f"{_human(summary['parameter_bytes_before'])} -> {_human(summary['parameter_bytes_after'])}")  # fmt: skip
+        dtypes = {name: getattr(torch, d) for name, d in artifact_layer_dtypes(path).items()}
+        print(f"artifact {path} (format {summary['format_version']}, adapter {summary.get('adapter')}, plan "
+              f"{summary['plan_hash']}, {plan.method}, budget {plan.budget})")  # fmt: skip
+        print(format_table(summary_rows(plan, dtypes, packed_version=summary["packed_format_version"])))
+        print("\n".join(stored_bytes_lines(summary)))
     elif (path / "index.json").is_file():
         from qvla_quant.sensitivity import Sensitivity
 
@@ -417,7 +454,10 @@ def cmd_inspect(args) -> int:
         return 0
     elif path.is_file():
         plan = _read_plan_file(path)
-        print(f"plan {path} ({plan.method}, budget {plan.budget}, weights counted as {args.dtype})")
+        from qvla_quant.packed import PACKED_FORMAT_VERSION
+
+        print(f"plan {path} ({plan.method}, budget {plan.budget}, weights counted as {args.dtype}, bytes as packed "
+              f"layout {PACKED_FORMAT_VERSION} stores them)")  # fmt: skip
         print(format_table(summary_rows(plan, getattr(torch, args.dtype))))
     else:
         raise FileNotFoundError(f"{str(path)!r} is neither an artifact directory, a sensitivity store nor a plan file")

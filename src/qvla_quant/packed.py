@@ -4,8 +4,9 @@ One class, `PackedLinear`, holds one nn.Linear or nn.Conv2d whose output rows ca
 {0, 2, 4, 8, 16}. A Conv2d is a linear map over its output channels: its filter [in/groups, kh, kw] is one row of
 K = in/groups * kh * kw weights, flattened row-major exactly like `weight.reshape(out, -1)`.
 
-Storage layout (every tensor is a buffer, so `state_dict()` and the safetensors artifact hold exactly this)
------------------------------------------------------------------------------------------------------------
+Storage layout, format version 2 (every tensor is a buffer, so `state_dict()` and the safetensors artifact hold
+exactly this)
+-----------------------------------------------------------------------------------------------------------------
 Stored rows are grouped by bit-width in the fixed group order 8, 4, 2, 16; pruned rows (0 bits) are not stored.
 Inside a group rows keep ascending original output index. K = in_features (fan-in of one row).
 
@@ -15,15 +16,41 @@ Inside a group rows keep ascending original output index. K = in_features (fan-i
                                                              nibble), column 2j+1 in bits 4-7 (high nibble)
     qweight_2   uint8         [rows_2, ceil(K / 4)]          four codes per byte: column 4j+i in bits 2i..2i+1
                                                              (column 4j in the two lowest bits)
-    scale_b     float16       [rows_b]   (b in 8, 4, 2)      per-row scale s
-    zero_b      float16       [rows_b]   (b in 8, 4, 2)      per-row zero point z, an integer in [0, 2^b - 1]
-                                                             (exact in fp16)
-    kept        source dtype  [rows_16, K]                   16-bit rows, unquantized, in the source dtype
+    scale_b     float32       [rows_b]   (b in 8, 4, 2)      per-row scale s (fp32: every row keeps its full
+                                                             resolution, see `qvla_quant.quantizer`)
+    zero_b      uint8         [rows_b]   (b in 8, 4, 2)      per-row zero point z, an integer in [0, 2^b - 1]
+    kept        kept dtype    [rows_16, K]                   16-bit rows, unquantized: kept dtype =
+                                                             `quantizer.kept_dtype(source dtype)`, i.e. bf16 for
+                                                             fp32 (or wider) sources, the source dtype for bf16
+                                                             and fp16 sources (bit-exact)
     row_index   int32         [rows_8 + rows_4 + rows_2 + rows_16]
                                                              original output index of every stored row, in
                                                              the group order above (concatenated)
     bias        source dtype  [out_features]                 only if the source layer has a bias: the FULL
                                                              bias, pruned rows included
+
+Why bf16 and not fp16 for the kept rows of an fp32 model: bf16 has fp32's exponent range (no overflow above
+65504, no flush to zero below 6e-8) at 8 significant bits; fp16 has 11 but would silently break outlier weights
+and tiny ones. A bf16 or fp16 model keeps its own dtype (converting between the two loses range or mantissa).
+
+Bytes per row, exactly (`row_bytes`, `predicted_weight_bytes`; `PackedLinear.weight_bytes()` measures the same):
+
+    quantized row at b in {2, 4, 8}:  ceil(K * b / 8) + 9    (codes + 4 fp32 scale + 1 uint8 zero + 4 int32 index)
+    kept row (16 bits):               2 * K + 4              (16-bit values + 4 int32 index)
+    pruned row (0 bits):              0
+    (bias not counted: it is not a weight; it is stored in full, in the source dtype)
+
+The plan's average bits count b * K per row, so the stored bits per weight are the plan's average plus the
+per-row overhead: 72 bits per quantized row (plus the padding of the last byte when K * b is not a multiple of
+8) and 32 bits per kept row, divided by the weights (`overhead_bits_per_weight`). At K = 128 a 4-bit row takes
+64 + 9 bytes = 4.5625 bits per weight: overhead 0.5625. Every average-bits figure the tools print is given with
+this overhead beside it.
+
+Format version 1 (artifacts written before the above; they still load): scale_b and zero_b float16 (scales
+clamped to >= 6.1e-5) and kept rows in the source dtype: ceil(K * b / 8) + 8 bytes per quantized row and
+K * itemsize(source) + 4 per kept row. A version-1 artifact loads with its scales widened to fp32 and its zero
+points narrowed to uint8 (both exact: the outputs are the same) and its kept rows as stored, in the source dtype
+(`repack_kept` rounds them to the version-2 kept dtype, which changes those rows; `save_artifact` asks for it).
 
 A kernel runs one GEMM per group and writes its output columns to row_index[off_b : off_b + rows_b], with
 off_8 = 0, off_4 = rows_8, off_2 = rows_8 + rows_4, off_16 = rows_8 + rows_4 + rows_2 (MixLLM-style).
@@ -34,7 +61,8 @@ a kernel must mask columns >= K. Empty groups are stored as zero-row tensors so 
 meaning never depends on the plan (rows_b = buffer.shape[0]).
 
 Math (identical to `qvla_quant.quantizer`, which the fake-quant reference uses):
-    w[i, k]      = (q[i, k] - z[i]) * s[i]          in fp32 from the fp16 s and z, then cast to the compute dtype
+    w[i, k]      = (q[i, k] - z[i]) * s[i]          in fp32 from the fp32 s and uint8 z, then cast to the compute
+                                                    dtype; a kept row is its stored 16-bit value
     y[..., o]    = x @ w[i] + bias[o]              for the stored row i with row_index[i] = o
     y[..., o]    = bias[o]   (0 without bias)       for a pruned row o: a pruned channel outputs a constant, so
                                                     downstream norms and residuals keep its mean contribution
@@ -42,11 +70,13 @@ With A8 (`config.activation.bits == 8`) x is first fake-quantized per token (per
 input; for a conv, per patch = per column of `F.unfold`), exactly as `fake_quantize_activation` does.
 
 Layer-wise RTN (granularity "tensor") uses this same format: scale_b / zero_b hold one value repeated per row.
+(Layer-wise storage could drop the per-row scale and zero; it does not, so the overhead above holds for it too.)
 
 CPU forward and the dequantization cache
 ----------------------------------------
-Default, per call: the stored rows are dequantized in blocks of ~2 MiB of fp32 and each block is multiplied
-right away (it stays in cache), accumulating, scaling and adding the bias in fp32 whatever the input dtype; the
+Default, per call: the stored rows (kept rows included) are dequantized in blocks of ~2 MiB of fp32 and each block
+is multiplied right away (it stays in cache), accumulating, scaling and adding the bias in fp32 whatever the input
+dtype (fp32 inputs compute in fp32 from the bf16 kept rows; 16-bit inputs are rounded once, at the end); the
 output columns are then scattered by `row_index` (`index_copy_`) into an output pre-filled with the bias. It
 equals the reference up to the order of roundings (tests: max error <= 1e-5 x max |output| in fp32). Cost on
 a shared 2-core CPU (bench/bench_packed.py): about 3.5-7x the time of an fp32 nn.Linear at 1 token and 1.1-2x at
@@ -54,8 +84,9 @@ a shared 2-core CPU (bench/bench_packed.py): about 3.5-7x the time of an fp32 nn
 
 `cache_dequantized=True` (or `set_dequantized_cache(model, True)`): dequantize once, in the compute dtype, and
 keep it: the speed of nn.Linear, at the memory of a full-precision copy of every stored row on top of the packed
-buffers (in fp32 that is more than the bf16 source model). Default off: the packed weights are the point of the
-format; switch it on for CPU evaluation runs with memory to spare. The cache is never saved.
+buffers (in fp32 that is more than the bf16 source model). The cache and the conv path compute in the input's
+dtype. Default off: the packed weights are the point of the format; switch it on for CPU evaluation runs with
+memory to spare. The cache is never saved.
 """
 
 from __future__ import annotations
@@ -73,6 +104,8 @@ from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
     BIT_CHOICES,
     QUANTIZED_BITS,
+    SCALE_DTYPE,
+    ZERO_DTYPE,
     QuantConfig,
     as_rows,
     check_granularity,
@@ -80,8 +113,10 @@ from qvla_quant.quantizer import (
     fake_quantize_weight,
     quantize_rows,
 )
+from qvla_quant.quantizer import kept_dtype as _kept_dtype
 
-PACKED_FORMAT_VERSION = 1
+PACKED_FORMAT_VERSION = 2
+PACKED_READ_VERSIONS: tuple[int, ...] = (1, 2)  # layouts `qvla_quant.artifact` loads (1: see the module docstring)
 PACKED_GROUPS: tuple[int, ...] = (
     8,
     4,
@@ -90,6 +125,9 @@ PACKED_GROUPS: tuple[int, ...] = (
 STORAGE_ORDER: tuple[int, ...] = (*PACKED_GROUPS, 16)
 # rows dequantized per block in the per-call forward: 64 rows x 8192 fp32 = 2 MiB, fits a core's L2
 DEQUANT_BLOCK_BYTES = 2 << 20
+# storage beyond the plan's b * K bits, per row (format version 2; see the module docstring)
+QUANTIZED_ROW_OVERHEAD_BYTES = 4 + 1 + 4  # fp32 scale, uint8 zero point, int32 row_index
+KEPT_ROW_OVERHEAD_BYTES = 4  # int32 row_index
 # attribute that `quantize_model` sets on the model it returns: the source model's fingerprint (see artifact.py)
 SOURCE_FINGERPRINT_ATTR = "qvla_source_fingerprint"
 
@@ -178,7 +216,8 @@ class PackedLinear(nn.Module):
 
     See the module docstring for the exact layout. Build it with `from_float` (quantizes a float module) or with
     the constructor (empty buffers of the right shapes, e.g. on the meta device, to be filled by
-    `load_state_dict(..., assign=True)`).
+    `load_state_dict(..., assign=True)`). `dtype` is the source layer's dtype (that of `weight` and `bias`);
+    `kept_dtype` that of the kept rows, `quantizer.kept_dtype(dtype)` unless given (format-1 layers: `dtype`).
     """
 
     def __init__(
@@ -193,8 +232,10 @@ class PackedLinear(nn.Module):
         conv: ConvGeometry | None = None,
         device: torch.device | str | None = None,
         cache_dequantized: bool = False,
+        kept_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self._source_dtype = dtype
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.out_features = self.weight_shape[0]
         self.in_features = math.prod(self.weight_shape[1:])
@@ -221,9 +262,10 @@ class PackedLinear(nn.Module):
         for b in PACKED_GROUPS:
             n = int((bits == b).sum())
             self.register_buffer(f"qweight_{b}", torch.empty(n, packed_row_bytes(k, b), dtype=torch.uint8, **factory))
-            self.register_buffer(f"scale_{b}", torch.empty(n, dtype=torch.float16, **factory))
-            self.register_buffer(f"zero_{b}", torch.empty(n, dtype=torch.float16, **factory))
-        self.register_buffer("kept", torch.empty(int((bits == 16).sum()), k, dtype=dtype, **factory))
+            self.register_buffer(f"scale_{b}", torch.empty(n, dtype=SCALE_DTYPE, **factory))
+            self.register_buffer(f"zero_{b}", torch.empty(n, dtype=ZERO_DTYPE, **factory))
+        kept = kept_dtype or _kept_dtype(dtype)
+        self.register_buffer("kept", torch.empty(int((bits == 16).sum()), k, dtype=kept, **factory))
         index = torch.cat([(bits == b).nonzero().squeeze(1) for b in STORAGE_ORDER]).to(torch.int32)
         self.register_buffer("row_index", index.to(device) if str(device) != "meta" else index.to("meta"))
         self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype, **factory) if bias else None)
@@ -268,7 +310,7 @@ class PackedLinear(nn.Module):
                     getattr(packed, f"qweight_{b}").copy_(pack_codes(codes, b))
                     getattr(packed, f"scale_{b}").copy_(scale)
                     getattr(packed, f"zero_{b}").copy_(zero)
-            packed.kept.copy_(rows[bits == 16])
+            packed.kept.copy_(rows[bits == 16])  # rounds an fp32 source to bf16 (as fake_quantize_rows does)
             if module.bias is not None:
                 packed.bias.copy_(module.bias.detach())
         return packed
@@ -276,7 +318,8 @@ class PackedLinear(nn.Module):
     # ---- introspection
     @property
     def source_dtype(self) -> torch.dtype:
-        return self.kept.dtype
+        """The replaced layer's dtype (of `weight` and `bias`; the kept rows are 16-bit: `kept.dtype`)."""
+        return self._source_dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -286,7 +329,7 @@ class PackedLinear(nn.Module):
         forward); that keeps working. Any arithmetic with it fails loudly (meta tensors hold no data), so nothing
         can silently compute with a wrong weight. The real weight is `dequantized_weight()`.
         """
-        return torch.empty(self.weight_shape, dtype=self.kept.dtype, device="meta")
+        return torch.empty(self.weight_shape, dtype=self.source_dtype, device="meta")
 
     def group_sizes(self) -> dict[int, int]:
         """Stored rows per bit-width, and pruned rows under 0."""
@@ -307,10 +350,20 @@ class PackedLinear(nn.Module):
         return bits
 
     def average_bits(self) -> float:
+        """Bits per weight as the plan counts them (b * K per row)."""
         return float(self.row_bits().float().mean())
+
+    def stored_bits_per_weight(self) -> float:
+        """Bits per weight as stored: 8 * weight_bytes() / (out_features * in_features)."""
+        return 8.0 * self.weight_bytes() / (self.out_features * self.in_features)
+
+    def overhead_bits_per_weight(self) -> float:
+        """Stored bits per weight beyond the plan's average (scales, zeros, row index, byte padding)."""
+        return self.stored_bits_per_weight() - self.average_bits()
 
     def weight_bytes(self) -> int:
         """Bytes actually stored for the weight: packed codes + scales + zeros + kept rows + row_index.
+        A format-2 layer: exactly `predicted_weight_bytes(plan of this layer, source_dtype)`.
 
         The bias is not a weight and is not counted (see `bias_bytes`); neither is the optional dequantization
         cache (a runtime choice, see `cache_bytes`).
@@ -341,6 +394,11 @@ class PackedLinear(nn.Module):
             q, s, z = (getattr(self, f"{p}_{b}") for p in ("qweight", "scale", "zero"))
             if q.shape[1] != packed_row_bytes(self.in_features, b) or s.shape != (q.shape[0],) or z.shape != s.shape:
                 problems.append(f"int{b} group has inconsistent shapes {tuple(q.shape)}, {tuple(s.shape)}")
+            elif s.numel() and not s.is_meta:
+                if not bool(torch.isfinite(s).all() and (s > 0).all()):
+                    problems.append(f"int{b} group has scales that are not finite and positive")
+                if int(z.max()) > (1 << b) - 1:
+                    problems.append(f"int{b} group has zero points above {(1 << b) - 1}")
         if problems:
             raise ValueError("inconsistent packed layer: " + "; ".join(problems))
 
@@ -349,7 +407,8 @@ class PackedLinear(nn.Module):
         kind = f"conv{tuple(self.weight_shape)}" if self.conv else f"in={self.in_features}, out={self.out_features}"
         return (
             f"{kind}, rows int8/int4/int2/kept/pruned={g[8]}/{g[4]}/{g[2]}/{g[16]}/{g[0]}, "
-            f"A{self.config.activation.bits}, granularity={self.granularity}, weight_bytes={self.weight_bytes()}"
+            f"A{self.config.activation.bits}, granularity={self.granularity}, weight_bytes={self.weight_bytes()} "
+            f"({self.average_bits():.3f} bits + {self.overhead_bits_per_weight():.3f} overhead per weight)"
         )
 
     # ---- dequantization
@@ -364,7 +423,7 @@ class PackedLinear(nn.Module):
                 dst = out[lo - start : hi - start]
                 a, c = lo - group_start, hi - group_start
                 if b == 16:
-                    dst.copy_(self.kept[a:c])
+                    dst.copy_(self.kept[a:c])  # exact: every 16-bit float is an fp32
                 else:
                     codes = unpack_codes(getattr(self, f"qweight_{b}")[a:c], b, k)
                     # (q - z) * s in fp32, the same two roundings as quantizer.dequantize_rows
@@ -384,7 +443,7 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full reference weight [out, ...] (original shape; pruned rows zero), in `dtype` (default source).
 
-        Equal (torch.equal) to `fake_quantize_weight(source_weight, row_bits, config.weight)`.
+        Equal (torch.equal) to `fake_quantize_weight(source_weight, row_bits, config.weight)` (format 2).
         """
         dtype = dtype or self.source_dtype
         full = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.kept.device)
@@ -401,16 +460,35 @@ class PackedLinear(nn.Module):
         return self._cache[1]
 
     def _apply(self, fn, recurse=True):
-        # `model.half()` / `.float()` / `.to(dtype)` cast floating buffers; the format fixes scale/zero to fp16
-        # (values are exact either way, but weight_bytes and the artifact must not change with the compute dtype)
+        # `model.half()` / `.float()` / `.to(dtype)` cast floating buffers. The format fixes the scales to fp32 and
+        # the kept rows to 16 bits, so weight_bytes and the artifact do not change with the compute dtype: a cast to
+        # a wider dtype leaves 16-bit kept rows as they are (exact), a cast to another 16-bit dtype converts them
+        # like any module's weights. The source dtype (weight, bias) follows the cast.
+        kept_before = self.kept.dtype
         super()._apply(fn, recurse)
+        new_source = fn(torch.empty(0, dtype=self._source_dtype)).dtype
+        if new_source.is_floating_point:
+            self._source_dtype = new_source
+        kept = self._buffers["kept"]
+        if kept_before.itemsize == 2 and kept.dtype.itemsize > 2:
+            self._buffers["kept"] = kept.to(kept_before)
         for b in PACKED_GROUPS:
-            for p in ("scale", "zero"):
+            for p, dtype in (("scale", SCALE_DTYPE), ("zero", ZERO_DTYPE)):
                 t = self._buffers[f"{p}_{b}"]
-                if t is not None and t.dtype != torch.float16:
-                    self._buffers[f"{p}_{b}"] = t.to(torch.float16)
+                if t is not None and t.dtype != dtype:
+                    self._buffers[f"{p}_{b}"] = t.to(dtype)
         self._cache = None
         return self
+
+    def repack_kept(self) -> bool:
+        """Round kept rows stored wider than `quantizer.kept_dtype(source_dtype)` (format-1 layers of fp32 models)
+        to it, as format 2 stores them; changes those rows by that rounding. Returns whether anything changed."""
+        want = _kept_dtype(self.source_dtype)
+        if self.kept.dtype.itemsize <= want.itemsize:
+            return False
+        self._buffers["kept"] = self.kept.to(want)
+        self._cache = None
+        return True
 
     # ---- forward
     def _linear_stored(self, x2: torch.Tensor) -> torch.Tensor:
@@ -429,8 +507,12 @@ class PackedLinear(nn.Module):
             if n:
                 self._packed_group_matmul(b, xf, y[:, start : start + n])
             start += n
-        if self.kept.shape[0]:
-            y[:, start:] = F.linear(xf, self.kept.float())
+        n_kept = self.kept.shape[0]
+        if n_kept:  # in blocks like the packed groups: the fp32 copy of a block stays in cache
+            block = max(1, DEQUANT_BLOCK_BYTES // (4 * self.in_features))
+            for r0 in range(0, n_kept, block):
+                r1 = min(r0 + block, n_kept)
+                y[:, start + r0 : start + r1] = xf @ self.kept[r0:r1].float().t()
         if bias is not None:
             y += bias.float()
         return y.to(x2.dtype)
@@ -535,21 +617,68 @@ class PackedLinear(nn.Module):
         return y.reshape(batch, h_out * w_out, self.out_features).transpose(1, 2).reshape(batch, -1, h_out, w_out)
 
 
-def predicted_weight_bytes(layer_plan: LayerPlan, source_dtype: torch.dtype) -> int:
-    """Weight bytes of the packed layer from its plan alone; equals `PackedLinear.weight_bytes()` exactly.
+def row_bytes(fan_in: int, bits: int, source_dtype: torch.dtype, *, packed_version: int = PACKED_FORMAT_VERSION) -> int:
+    """Stored weight bytes of one row of `fan_in` weights at `bits` (see the module docstring's byte table).
 
-    Per quantized row at b bits: ceil(K * b / 8) code bytes + 2 (fp16 scale) + 2 (fp16 zero); per kept row:
-    K * itemsize(source_dtype); per stored (non-pruned) row: 4 bytes of int32 row_index. Bias not included.
+    packed_version 2: ceil(K * b / 8) + 9 at b in {2, 4, 8}, 2 * K + 4 at 16, 0 at 0; packed_version 1 (the
+    layout of older artifacts): ceil(K * b / 8) + 8, K * itemsize(source_dtype) + 4, 0.
     """
-    k = layer_plan.fan_in
-    itemsize = torch.empty((), dtype=source_dtype).element_size()
-    total = 0
+    if packed_version not in PACKED_READ_VERSIONS:
+        raise ValueError(f"unknown packed format version {packed_version!r} (known: {PACKED_READ_VERSIONS})")
+    if bits == 0:
+        return 0
+    if bits == 16:
+        kept = _kept_dtype(source_dtype) if packed_version >= 2 else source_dtype
+        return fan_in * kept.itemsize + KEPT_ROW_OVERHEAD_BYTES
+    if bits not in PACKED_GROUPS:
+        raise ValueError(f"bits must be one of {BIT_CHOICES}, got {bits}")
+    overhead = QUANTIZED_ROW_OVERHEAD_BYTES if packed_version >= 2 else 2 + 2 + 4
+    return packed_row_bytes(fan_in, bits) + overhead
+
+
+def predicted_weight_bytes(
+    layer_plan: LayerPlan, source_dtype: torch.dtype, *, packed_version: int = PACKED_FORMAT_VERSION
+) -> int:
+    """Weight bytes of the packed layer from its plan alone (the sum of `row_bytes` over its rows); equals
+    `PackedLinear.weight_bytes()` exactly for a layer of that format version. Bias not included."""
+    counts: dict[int, int] = {}
     for b in layer_plan.bits:
-        if b in PACKED_GROUPS:
-            total += packed_row_bytes(k, b) + 2 + 2 + 4
-        elif b == 16:
-            total += k * itemsize + 4
-    return total
+        counts[b] = counts.get(b, 0) + 1
+    k = layer_plan.fan_in
+    return sum(n * row_bytes(k, b, source_dtype, packed_version=packed_version) for b, n in counts.items())
+
+
+def plan_weight_bytes(
+    plan: Plan, source_dtype: torch.dtype, role: str | None = None, *, packed_version: int = PACKED_FORMAT_VERSION
+) -> int:
+    """`predicted_weight_bytes` summed over the plan's layers (of one role, or all)."""
+    return sum(
+        predicted_weight_bytes(lp, source_dtype, packed_version=packed_version)
+        for lp in plan.layers.values()
+        if role is None or lp.role == role
+    )
+
+
+def stored_bits_per_weight(
+    plan: Plan, source_dtype: torch.dtype, role: str | None = None, *, packed_version: int = PACKED_FORMAT_VERSION
+) -> float:
+    """Bits per weight as stored: 8 * plan_weight_bytes / weights (the plan's average bits + the overhead)."""
+    n = sum(lp.n_weights for lp in plan.layers.values() if role is None or lp.role == role)
+    return 8.0 * plan_weight_bytes(plan, source_dtype, role, packed_version=packed_version) / n if n else float("nan")
+
+
+def overhead_bits_per_weight(
+    plan: Plan, source_dtype: torch.dtype, role: str | None = None, *, packed_version: int = PACKED_FORMAT_VERSION
+) -> float:
+    """Stored bits per weight beyond `plan.average_bits(role)`: 72 bits per quantized row (+ its byte padding) and
+    32 per kept row, over the weights (format 2). A budget of 4 at K = 128: 4.5625 bits stored, overhead 0.5625."""
+    return stored_bits_per_weight(plan, source_dtype, role, packed_version=packed_version) - plan.average_bits(role)
+
+
+def repack_kept(model: nn.Module) -> int:
+    """`PackedLinear.repack_kept` on every packed layer of `model` (format-1 layers loaded from an old artifact);
+    returns how many changed."""
+    return sum(m.repack_kept() for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def set_dequantized_cache(model: nn.Module, enabled: bool) -> int:

@@ -6,13 +6,25 @@ quantized at b in {2, 4, 8} bits asymmetrically:
     q = clamp(round(w / s) + z, 0, 2^b - 1)          (unsigned integer codes, stored packed)
     w_hat = (q - z) * s                              (what the kernels compute)
 
-with a per-row scale s and an integer zero point z, both stored as fp16. The reference dequantization below
-uses the fp16-rounded s and z, so the packed runtime, the Triton kernels and the fake-quant reference used for
-sensitivity all see exactly the same w_hat.
+with a per-row scale s (stored as fp32) and an integer zero point z (stored as uint8: 0 <= z <= 2^b - 1 <= 255,
+exact). The reference dequantization below uses the stored s and z, so the packed runtime and the fake-quant
+reference used for sensitivity see exactly the same w_hat.
 
-b = 16 keeps the row in the model's floating dtype (not quantized); b = 0 prunes the row: its output is the
-bias alone (a pruned channel outputs a constant, so downstream LayerNorms and residuals keep seeing the mean
-contribution instead of a hole). See `pruned_row_output` in the docs of `fake_quantize`.
+Why fp32 scales: an fp16 scale has no normal value below 6.1e-5, so a row whose range / (2^b - 1) is smaller
+(an 8-bit row with std 5e-4 already is) got a scale clamped up to 6.1e-5 and used only a fraction of its codes
+(38 of 256 in that example); fp16 subnormals avoid the clamp but lose mantissa bits. fp32 keeps every row's step
+exactly range / (2^b - 1) down to 1e-38 at 2 more bytes per row than fp16; the uint8 zero point gives back one of
+them (storage cost per quantized row: 4 + 1 bytes; see `qvla_quant.packed` for the whole per-row overhead).
+
+b = 16 keeps the row as a 16-bit float (not quantized), in `kept_dtype(source dtype)`: a bf16 or fp16 source
+keeps its own dtype (bit-exact), any wider source (fp32, fp64) is stored as bf16: bf16 has fp32's exponent range,
+so no weight overflows (fp16 stops at 65504) or flushes to zero (fp16 below 6e-8), at 8 significant bits instead
+of fp16's 11 (relative rounding <= 2^-9, finer than the step of an 8-bit row, about 2^-7 of its largest weight;
+sensitivity still counts s(16) = 0). So a "16-bit" row takes 16 bits per weight whatever the source dtype, as the
+plan's budget counts it; the reference `fake_quantize_rows(rows, 16)` applies the same rounding. Computation is in
+the input's dtype (fp32 inputs: fp32 from the bf16 rows). b = 0 prunes the row: its output is the bias alone
+(a pruned channel outputs a constant, so downstream LayerNorms and residuals keep seeing the mean contribution
+instead of a hole). See `pruned_row_output` in the docs of `fake_quantize`.
 
 Optional MSE-optimal clipping: the quantization range [min, max] of each row is shrunk by a factor alpha from a
 grid, and the alpha with the lowest squared reconstruction error of that row is kept (per row).
@@ -35,6 +47,15 @@ QUANTIZED_BITS: tuple[int, ...] = (2, 4, 8)
 KEEP_BITS = 16
 PRUNE_BITS = 0
 GRANULARITIES: tuple[str, ...] = ("row", "tensor")
+SCALE_DTYPE = torch.float32  # per-row scale s of a quantized row
+ZERO_DTYPE = torch.uint8  # per-row zero point z of a quantized row (an integer in [0, 2^b - 1])
+
+
+def kept_dtype(source_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of a 16-bit (kept) row of a `source_dtype` weight: bf16/fp16 as is, anything wider as bf16."""
+    if not source_dtype.is_floating_point:
+        raise ValueError(f"kept rows need a floating source dtype, got {source_dtype}")
+    return source_dtype if torch.empty((), dtype=source_dtype).element_size() == 2 else torch.bfloat16
 
 
 def check_granularity(granularity: str, row_bits=None) -> None:
@@ -117,11 +138,12 @@ def as_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 scale and integer zero point (stored as fp16) for ranges [lo, hi] that contain 0."""
+    """fp32 scale and integer zero point (as fp32 values) for ranges [lo, hi] that contain 0.
+
+    The scale is exactly (hi - lo) / (2^b - 1): no lower clamp but fp32's smallest normal number, which only keeps
+    an all-zero row (lo = hi = 0) from dividing by zero (its codes are all z = 0)."""
     qmax = (1 << bits) - 1
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    # fp16 storage: round the scale first so that the zero point is computed against the value used at run time
-    scale = scale.to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny).float()
+    scale = ((hi - lo) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 
@@ -132,7 +154,7 @@ def quantize_rows(
     """Quantize every row of `rows` [R, K] to `bits` in {2, 4, 8}.
 
     granularity "tensor": one range and one clip factor over all of `rows` (every row gets the same scale/zero).
-    Returns (codes uint8 [R, K] in [0, 2^bits - 1], scale fp16 [R], zero fp16 [R]).
+    Returns (codes uint8 [R, K] in [0, 2^bits - 1], scale fp32 [R], zero uint8 [R]).
     """
     if bits not in QUANTIZED_BITS:
         raise ValueError(f"quantize_rows: bits must be one of {QUANTIZED_BITS}, got {bits}")
@@ -165,7 +187,7 @@ def quantize_rows(
 
     scale, zero = _scale_zero(lo, hi, bits)
     codes = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, qmax).to(torch.uint8)
-    return codes, scale.to(torch.float16), zero.to(torch.float16)
+    return codes, scale.to(SCALE_DTYPE), zero.to(ZERO_DTYPE)
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -176,9 +198,10 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 def fake_quantize_rows(
     rows: torch.Tensor, bits: int, config: WeightQuantConfig | None = None, *, granularity: str = "row"
 ) -> torch.Tensor:
-    """Quantize-dequantize every row at one bit-width; 16 returns the rows, 0 returns zeros (pruned)."""
+    """Quantize-dequantize every row at one bit-width; 16 returns the rows as stored (rounded to
+    `kept_dtype(rows.dtype)`, in rows.dtype), 0 returns zeros (pruned)."""
     if bits == KEEP_BITS:
-        return rows.detach().clone()
+        return rows.detach().to(kept_dtype(rows.dtype), copy=True).to(rows.dtype)
     if bits == PRUNE_BITS:
         return torch.zeros_like(rows)
     codes, scale, zero = quantize_rows(rows, bits, config, granularity=granularity)

@@ -213,7 +213,7 @@ def test_quantized_skeleton_is_refused(saved):
         load_artifact(directory, quantize_model(TinyPolicy(), plan))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sequential_round_trip(tmp_path, dtype):
     def build():
         return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.LayerNorm(24), nn.Linear(24, 8)).to(
@@ -244,7 +244,8 @@ def test_sequential_round_trip(tmp_path, dtype):
         skeleton = build()
     for fresh in (build(), skeleton):
         loaded = load_artifact(tmp_path, fresh)
-        assert loaded[0].kept.dtype == dtype and loaded[1].__class__ is nn.GELU
+        assert loaded[0].source_dtype == loaded[0].bias.dtype == dtype and loaded[1].__class__ is nn.GELU
+        assert loaded[0].kept.dtype == (torch.bfloat16 if dtype == torch.float32 else dtype)  # 16-bit rows
         assert torch.equal(loaded(x), qmodel(x))
 
 
@@ -290,8 +291,8 @@ def test_a_packed_tensor_of_the_wrong_dtype_is_refused(saved):
     from safetensors.torch import load_file
 
     name = next(k for k in load_file(str(directory / TENSORS_FILE)) if k.startswith("fc1.scale_"))
-    rewrite_tensors(directory, lambda t: {**t, name: t[name].float()})
-    with pytest.raises(ArtifactError, match=f"{name}: file float32 .*, expected float16"):
+    rewrite_tensors(directory, lambda t: {**t, name: t[name].double()})
+    with pytest.raises(ArtifactError, match=f"{name}: file float64 .*, expected float32"):
         load_artifact(directory, TinyPolicy())
 
 
@@ -328,3 +329,210 @@ def test_a_pickle_weights_file_beside_the_artifact_is_refused(saved, tmp_path_fa
     with pytest.raises(ArtifactError, match="pytorch_model.bin is a pickle-based weights file"):
         load_artifact(directory, TinyPolicy())
     assert not marker.exists()
+
+
+# ---- issue 11: stored bytes == what the plan implies; format-1 artifacts; the full-byte fingerprint
+def odd_model(dtype: torch.dtype) -> nn.Sequential:
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(37, 23), nn.GELU(), nn.Linear(23, 11, bias=False)).to(dtype)
+
+
+def odd_plan(model: nn.Sequential) -> Plan:
+    layers = {}
+    for name, role in (("0", "language"), ("2", "action")):
+        m = model.get_submodule(name)
+        bits = ([0, 2, 4, 8, 16] * m.out_features)[: m.out_features]  # every bit-width, odd K and row counts
+        layers[name] = LayerPlan(name, role, "linear", m.out_features, m.in_features, bits)
+    return Plan(layers, budget=6.0)
+
+
+def formula_bytes(lp: LayerPlan) -> int:
+    """The documented formula: ceil(K b / 8) + 9 per quantized row, 2 K + 4 per kept row, 0 per pruned row."""
+    k = lp.fan_in
+    return sum({0: 0, 16: 2 * k + 4}.get(b, -(-k * b // 8) + 9) for b in lp.bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_summary_and_inspect_stored_bytes_match_the_plan(tmp_path, capsys, dtype):
+    from qvla_quant.cli import main
+
+    model = odd_model(dtype)
+    plan = odd_plan(model)
+    save_artifact(tmp_path, model, plan)
+    summary = artifact_summary(tmp_path)
+    expected = sum(formula_bytes(lp) for lp in plan.layers.values())
+    assert summary["quantized_weight_bytes_after"] == summary["quantized_weight_bytes_planned"] == expected
+    n = sum(lp.n_weights for lp in plan.layers.values())
+    assert summary["average_bits_stored"] == pytest.approx(8 * expected / n)
+    assert summary["overhead_bits_per_weight"] == pytest.approx(8 * expected / n - plan.average_bits())
+    for role in ("language", "action"):
+        lp = next(lp for lp in plan.layers.values() if lp.role == role)
+        assert summary["overhead_bits_per_weight_by_role"][role] == pytest.approx(
+            8 * formula_bytes(lp) / lp.n_weights - plan.average_bits(role)
+        )
+    name = str(dtype).removeprefix("torch.")
+    assert summary["source_dtype"] == [name]
+    assert summary["kept_dtype"] == ["bfloat16" if dtype == torch.float32 else name]
+    assert summary["row_overhead_bytes"] == {"quantized": 9, "kept": 4, "pruned": 0}
+    assert summary["quantized_weight_bytes_before"] == n * dtype.itemsize
+    # the bytes the safetensors file holds for the packed weights are these bytes
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / TENSORS_FILE), framework="pt") as f:
+        stored = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if k.split(".")[-1].startswith(("qweight_", "scale_", "zero_", "kept", "row_index"))
+        )
+    assert stored == expected
+
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"stored: quantized weights {expected:,} B" in out and f"plan-implied {expected:,} B: equal" in out
+    assert f"{plan.average_bits():.4f} planned + {summary['overhead_bits_per_weight']:.4f} overhead" in out
+    assert "+overhead" in out and f"+{summary['overhead_bits_per_weight']:.3f}" in out
+
+
+def to_format_1(directory, source: nn.Module) -> None:
+    """Rewrite a saved artifact into the layout older qvla_quant wrote (packed layout 1, artifact format 1): fp16
+    scales and zero points, kept rows in the source dtype, sampled fingerprint, summary without the new fields."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from qvla_quant.artifact import LEGACY_FINGERPRINT_ALGORITHM
+
+    path = directory / TENSORS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata(), qvla_artifact_version="1", qvla_packed_version="1")
+    tensors = load_file(str(path))
+    plan = read_plan(directory)
+    for name, lp in plan.layers.items():
+        for b in (8, 4, 2):
+            tensors[f"{name}.scale_{b}"] = tensors[f"{name}.scale_{b}"].half()
+            tensors[f"{name}.zero_{b}"] = tensors[f"{name}.zero_{b}"].half()
+        w = source.get_submodule(name).weight.detach().reshape(lp.out_features, -1)
+        tensors[f"{name}.kept"] = w[torch.tensor(lp.bits) == 16].contiguous()  # the source rows, unrounded
+    save_file(tensors, str(path), metadata=metadata)
+    manifest = json.loads((directory / ARTIFACT_FILE).read_text())
+    manifest.update(format_version=1, packed_format_version=1)
+    manifest["tensors_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest["source_fingerprint"] = model_fingerprint(source, algorithm=LEGACY_FINGERPRINT_ALGORITHM)
+    for key in ("average_bits_stored", "overhead_bits_per_weight", "average_bits_stored_by_role",
+                "overhead_bits_per_weight_by_role", "quantized_weight_bytes_planned", "packed_format_version",
+                "source_dtype", "kept_dtype", "scale_dtype", "zero_dtype", "row_overhead_bytes"):  # fmt: skip
+        manifest["summary"].pop(key)
+    layer_bytes = {
+        n: sum(tensors[f"{n}.{b}"].numel() * tensors[f"{n}.{b}"].element_size()
+               for b in ("qweight_8", "qweight_4", "qweight_2", "scale_8", "scale_4", "scale_2", "zero_8", "zero_4",
+                         "zero_2", "kept", "row_index"))
+        for n in plan.layers
+    }  # fmt: skip
+    manifest["summary"]["quantized_weight_bytes_after"] = sum(layer_bytes.values())
+    (directory / ARTIFACT_FILE).write_text(json.dumps(manifest))
+
+
+def layout_1_weight(raw: dict, name: str, lp: LayerPlan) -> torch.Tensor:
+    """What a layout-1 layer computes with, from its file tensors: (q - z) * s from the fp16 s and z, kept as is."""
+    from qvla_quant.packed import unpack_codes
+
+    ref = torch.zeros(lp.out_features, lp.fan_in)
+    bits = torch.tensor(lp.bits)
+    for b in (8, 4, 2):
+        codes = unpack_codes(raw[f"{name}.qweight_{b}"], b, lp.fan_in).float()
+        z, s = raw[f"{name}.zero_{b}"], raw[f"{name}.scale_{b}"]
+        assert z.dtype == s.dtype == torch.float16
+        ref[bits == b] = (codes - z.float()[:, None]) * s.float()[:, None]
+    ref[bits == 16] = raw[f"{name}.kept"].float()
+    return ref
+
+
+def test_a_format_1_artifact_loads_with_its_own_outputs(tmp_path):
+    from qvla_quant.packed import repack_kept
+
+    model = odd_model(torch.float32)
+    plan = odd_plan(model)
+    save_artifact(tmp_path, model, plan)
+    to_format_1(tmp_path, model)
+    summary = artifact_summary(tmp_path)
+    assert summary["format_version"] == 1 and summary["packed_format_version"] == 1
+    # layout 1: 8 bytes per quantized row, kept rows in fp32: what the file holds, now with its overhead reported
+    assert summary["quantized_weight_bytes_planned"] == summary["quantized_weight_bytes_after"]
+    assert summary["row_overhead_bytes"]["quantized"] == 8 and summary["kept_dtype"] == ["float32"]
+    assert summary["overhead_bits_per_weight"] > 0
+
+    loaded = load_artifact(tmp_path, odd_model(torch.float32))
+    layer = loaded[0]
+    assert layer.scale_4.dtype == torch.float32 and layer.zero_4.dtype == torch.uint8
+    assert layer.kept.dtype == torch.float32  # as stored
+    # its outputs are those of layout 1: (q - z) * s from the fp16 s and z, the kept rows unrounded
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tmp_path / TENSORS_FILE))
+    x = torch.randn(3, 37)
+    ref = torch.nn.functional.linear(x, layout_1_weight(raw, "0", plan.layers["0"]), model[0].bias)
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(ref), layout_1_weight(raw, "2", plan.layers["2"]))
+    assert (loaded(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for name, lp in plan.layers.items():
+        assert torch.equal(loaded.get_submodule(name).dequantized_weight(), layout_1_weight(raw, name, lp))
+
+    with pytest.raises(ArtifactError, match="repack_kept"):  # re-saving it as layout 2 needs 16-bit kept rows
+        save_artifact(tmp_path / "resaved", loaded, plan)
+    assert repack_kept(loaded) == 2 and loaded[0].kept.dtype == torch.bfloat16
+    save_artifact(tmp_path / "resaved", loaded, plan)
+    assert artifact_summary(tmp_path / "resaved")["quantized_weight_bytes_after"] == sum(
+        formula_bytes(lp) for lp in plan.layers.values()
+    )
+
+    # a layout-1 zero point that is not an integer code is refused, naming the tensor
+    rewrite_tensors(tmp_path, lambda t: {**t, "0.zero_4": t["0.zero_4"] + 0.5})
+    with pytest.raises(ArtifactError, match="0.zero_4 holds zero points that are not integers in \\[0, 15\\]"):
+        load_artifact(tmp_path, odd_model(torch.float32))
+
+
+def test_committed_format_1_artifact_loads_exactly():
+    """The committed W4 artifact (written in format 1) computes with exactly what its stored fp16 s, z say."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from qvla_quant.api import load
+    from qvla_quant.packed import packed_layers
+
+    w4 = Path(__file__).resolve().parents[2] / "models" / "sim_transfer_cube_w4"
+    summary = artifact_summary(w4)
+    assert summary["format_version"] == 1
+    assert summary["quantized_weight_bytes_planned"] == summary["quantized_weight_bytes_after"] == 1502184
+    assert summary["average_bits"] == 4.0 and 0 < summary["overhead_bits_per_weight"] < 1
+    raw, plan = load_file(str(w4 / TENSORS_FILE)), read_plan(w4)
+    layers = dict(packed_layers(load(w4).model))
+    assert len(layers) == 81
+    for name in list(layers)[::8]:
+        assert layers[name].kept.dtype == torch.float32
+        ref = layout_1_weight(raw, name, plan.layers[name])
+        assert torch.equal(layers[name].dequantized_weight().reshape(ref.shape), ref)
+
+
+def test_the_fingerprint_hashes_every_byte_and_still_knows_old_ids():
+    from qvla_quant.api import check_plan_source
+    from qvla_quant.artifact import LEGACY_FINGERPRINT_ALGORITHM, fingerprint_id
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))  # 16 KiB of weights: the old sample read the first and last 4 KiB
+    fp = model_fingerprint(model)
+    legacy = model_fingerprint(model, algorithm=LEGACY_FINGERPRINT_ALGORITHM)
+    assert fp["weights_algorithm"] == "sha256-all-bytes" and "weights_algorithm" not in legacy
+    with torch.no_grad():
+        model[0].weight[32, 0] += 1.0  # the middle of the tensor
+    assert model_fingerprint(model)["weights"] != fp["weights"]  # issue 11.6: the sample did not see this
+    assert model_fingerprint(model, algorithm=LEGACY_FINGERPRINT_ALGORITHM)["weights"] == legacy["weights"]
+    with torch.no_grad():
+        model[0].weight[32, 0] -= 1.0
+    # a plan written before (sampled id) still applies to its model, and still refuses another checkpoint
+    plan = Plan({"0": LayerPlan("0", "language", "linear", 64, 64, [4] * 64)}, model_fingerprint=fingerprint_id(legacy))
+    check_plan_source(model, plan)
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match="its weights differ"):
+        check_plan_source(model, plan)

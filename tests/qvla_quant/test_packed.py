@@ -13,16 +13,20 @@ import qvla_quant.packed as packed_mod
 from qvla_quant.packed import (
     PackedLinear,
     fake_quantize_model,
+    overhead_bits_per_weight,
     pack_codes,
+    plan_weight_bytes,
     predicted_weight_bytes,
     quantize_model,
     set_dequantized_cache,
+    stored_bits_per_weight,
     unpack_codes,
 )
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
     ActivationQuantConfig,
     QuantConfig,
+    WeightQuantConfig,
     fake_quantize_activation,
     fake_quantize_weight,
 )
@@ -126,9 +130,12 @@ def test_cached_dequantized_weight_matches_and_is_invalidated():
     assert layer.cache_bytes() == int((bits != 0).sum()) * 40 * 4
     assert_close_to(cached, F.linear(x, fake_quantize_weight(lin.weight, bits, A16.weight), lin.bias))
     assert_close_to(cached, plain)
-    layer.double()  # a dtype change drops the cache; scale/zero stay fp16
-    assert layer.cache_bytes() == 0 and layer.scale_4.dtype == torch.float16 and layer.kept.dtype == torch.float64
-    assert layer(x.double()).dtype == torch.float64
+    layer.double()  # a dtype change drops the cache; scale/zero and the 16-bit kept rows keep their storage
+    assert layer.cache_bytes() == 0 and layer.scale_4.dtype == torch.float32 and layer.zero_4.dtype == torch.uint8
+    assert layer.kept.dtype == torch.bfloat16 and layer.source_dtype == layer.bias.dtype == torch.float64
+    assert layer.weight.dtype == torch.float64 and layer(x.double()).dtype == torch.float64
+    layer.half()  # to another 16-bit dtype: the kept rows are converted like any module's weights
+    assert layer.kept.dtype == layer.source_dtype == torch.float16 and layer.scale_4.dtype == torch.float32
 
 
 def test_a8_linear_matches_reference():
@@ -207,22 +214,39 @@ def test_a8_overlapping_conv_matches_unfold_reference():
 # ---- bytes
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k", [1, 7, 64, 65])
+def plan_bytes(k: int, bits: torch.Tensor) -> int:
+    """The documented formula, written out: ceil(K * b / 8) + 4 (fp32 scale) + 1 (uint8 zero) + 4 (int32 row index)
+    per quantized row, 2 * K + 4 per kept row (16 bits), nothing per pruned row."""
+    per_row = {0: 0, 2: -(-k * 2 // 8) + 9, 4: -(-k * 4 // 8) + 9, 8: k + 9, 16: 2 * k + 4}
+    return sum(per_row[int(b)] for b in bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 3, 7, 64, 65, 129])
 def test_measured_bytes_equal_predicted(dtype, k):
-    lin = nn.Linear(k, 30).to(dtype)
-    bits = random_bits(30, k)
+    out = 31  # odd row count; every bit-width present
+    lin = nn.Linear(k, out).to(dtype)
+    bits = torch.cat([torch.tensor([0, 2, 4, 8, 16]), random_bits(out - 5, k)])
     layer = PackedLinear.from_float(lin, bits, A16)
-    lp = LayerPlan("x", "language", "linear", 30, k, bits.tolist())
-    assert layer.weight_bytes() == predicted_weight_bytes(lp, dtype)
-    assert layer.bias_bytes() == 30 * lin.bias.element_size()
+    lp = LayerPlan("x", "language", "linear", out, k, bits.tolist())
+    # issue 11.1: the stored bytes are what the plan implies, for every source dtype (kept rows are 16-bit)
+    assert layer.weight_bytes() == predicted_weight_bytes(lp, dtype) == plan_bytes(k, bits)
+    plan = Plan({"x": lp})
+    overhead = (8 * plan_bytes(k, bits) - k * int(bits.sum())) / (out * k)
+    assert layer.overhead_bits_per_weight() == pytest.approx(overhead)
+    assert overhead_bits_per_weight(plan, dtype) == pytest.approx(overhead)
+    assert stored_bits_per_weight(plan, dtype) == pytest.approx(plan.average_bits() + overhead)
+    assert layer.bias_bytes() == out * lin.bias.element_size()
     # layout: dtypes and shapes as documented
     for b in (8, 4, 2):
         n = int((bits == b).sum())
         assert getattr(layer, f"qweight_{b}").shape == (n, (k * b + 7) // 8)
         assert getattr(layer, f"qweight_{b}").dtype == torch.uint8
-        assert getattr(layer, f"scale_{b}").dtype == getattr(layer, f"zero_{b}").dtype == torch.float16
-    assert layer.kept.dtype == dtype and layer.row_index.dtype == torch.int32
+        assert getattr(layer, f"scale_{b}").dtype == torch.float32 and getattr(layer, f"zero_{b}").dtype == torch.uint8
+    kept = torch.bfloat16 if dtype == torch.float32 else dtype
+    assert layer.kept.dtype == kept and layer.kept.shape == (int((bits == 16).sum()), k)
+    assert layer.row_index.dtype == torch.int32 and layer.bias.dtype == dtype == layer.source_dtype
+    assert layer.weight.dtype == dtype
     assert set(layer.state_dict()) == {
         *(f"{p}_{b}" for p in ("qweight", "scale", "zero") for b in (8, 4, 2)),
         "kept",
@@ -231,10 +255,63 @@ def test_measured_bytes_equal_predicted(dtype, k):
     }
 
 
+@pytest.mark.parametrize("bits", [0, 2, 4, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bytes_of_a_uniform_layer(bits, dtype):
+    # 13 rows of K = 37 at one bit-width, in a whole quantized model: weight_bytes == the formula
+    model = nn.Sequential(nn.Linear(37, 13)).to(dtype)
+    plan = Plan({"0": LayerPlan("0", "action", "linear", 13, 37, [bits] * 13)})
+    qmodel = quantize_model(model, plan, inplace=False)
+    assert qmodel[0].weight_bytes() == plan_weight_bytes(plan, dtype) == plan_bytes(37, torch.full((13,), bits))
+    assert qmodel(torch.randn(2, 37, dtype=dtype)).dtype == dtype
+
+
 def test_bytes_of_a_4bit_layer():
-    # 4 bits: K/2 code bytes + 2 + 2 (scale, zero) + 4 (row index) per row
+    # 4 bits at K = 128: K/2 code bytes + 4 + 1 (scale, zero) + 4 (row index) per row = 4.5625 bits per weight
     layer = PackedLinear.from_float(nn.Linear(128, 10), torch.full((10,), 4))
-    assert layer.weight_bytes() == 10 * (64 + 8)
+    assert layer.weight_bytes() == 10 * (64 + 9)
+    assert layer.average_bits() == 4 and layer.overhead_bits_per_weight() == pytest.approx(0.5625)
+    # a kept row of an fp32 layer is 16 bits per weight (+ its row index), not 32
+    kept = PackedLinear.from_float(nn.Linear(128, 10), torch.full((10,), 16))
+    assert kept.weight_bytes() == 10 * (256 + 4) and kept.overhead_bits_per_weight() == pytest.approx(0.25)
+
+
+def test_fp32_layer_computes_in_fp32_from_bf16_kept_rows():
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 12)
+    bits = torch.tensor([16] * 6 + [8] * 6)
+    layer = PackedLinear.from_float(lin, bits, A16)
+    assert layer.kept.dtype == torch.bfloat16
+    ref_w = lin.weight.detach().clone()
+    ref_w[:6] = ref_w[:6].bfloat16().float()  # the stored 16-bit rows, used in fp32
+    ref_w[6:] = fake_quantize_weight(lin.weight[6:], bits[6:], A16.weight)
+    assert torch.equal(layer.dequantized_weight(), ref_w)
+    assert torch.equal(fake_quantize_weight(lin.weight, bits, A16.weight), ref_w)  # the reference rounds the same
+    x = torch.randn(5, 40)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert_close_to(out, F.linear(x, ref_w, lin.bias))  # fp32 arithmetic: bf16 compute would miss by ~1e-3
+    # an fp16 source keeps its rows bit-exact (bf16 would drop 3 mantissa bits), a bf16 one too
+    for dtype in (torch.float16, torch.bfloat16):
+        src = nn.Linear(40, 12).to(dtype)
+        half = PackedLinear.from_float(src, bits, A16)
+        assert half.kept.dtype == dtype and torch.equal(half.dequantized_weight()[:6], src.weight[:6])
+
+
+def test_small_magnitude_layer_keeps_its_resolution():
+    # issue 11.6 through the packed layer: weights of std 5e-4 at 8 bits (fp16 scales clamped at 6.1e-5 used 38 of
+    # 256 codes and made the error 4x larger)
+    torch.manual_seed(4)
+    lin = nn.Linear(512, 8)
+    with torch.no_grad():
+        lin.weight.mul_(5e-4 / lin.weight.std())
+    cfg = QuantConfig(weight=WeightQuantConfig(clip_search=False))
+    layer = PackedLinear.from_float(lin, torch.full((8,), 8), cfg)
+    step = (lin.weight.amax(1) - lin.weight.amin(1)) / 255
+    err = (layer.dequantized_weight() - lin.weight).abs().amax(1)
+    assert (err <= 0.5 * step * (1 + 1e-4)).all()
+    codes = unpack_codes(layer.qweight_8, 8, 512)
+    assert min(len(codes[r].unique()) for r in range(8)) > 200
 
 
 # ---- whole models

@@ -22,7 +22,7 @@ def q(rows, bits, config=NO_CLIP, **kw):
 
 
 def test_hand_computed_4_bit_row():
-    # range [-1.5, 6.0] at 4 bits: scale 7.5 / 15 = 0.5 (exact in fp16), zero point 1.5 / 0.5 = 3
+    # range [-1.5, 6.0] at 4 bits: scale 7.5 / 15 = 0.5 (exact in fp32), zero point 1.5 / 0.5 = 3
     # w / s = [-3, -1.4, 0, 1.8, 4.4, 12, 10.2, 0.6] -> nearest [-3, -1, 0, 2, 4, 12, 10, 1] -> + 3
     codes, scale, zero = q([[-1.5, -0.7, 0.0, 0.9, 2.2, 6.0, 5.1, 0.3]], 4)
     assert scale == [0.5] and zero == [3.0]
@@ -32,19 +32,20 @@ def test_hand_computed_4_bit_row():
 
 
 def test_hand_computed_2_bit_row_with_an_inexact_scale_and_zero_point():
-    # range [-1.0, 0.8] at 2 bits: scale 1.8 / 3 = 0.6, stored as fp16 0.60009765625; zero point
-    # 1.0 / 0.60009765625 = 1.666 -> 2; w / s = [-1.666, -0.667, 0, 0.4999, 1.333] -> [-2, -1, 0, 0, 1] -> + 2
-    s = 0.60009765625
-    codes, scale, zero = q([[-1.0, -0.4, 0.0, 0.3, 0.8]], 2)
+    # range [-1.0, 0.8] at 2 bits: scale 1.8 / 3 = 0.6, in fp32 (0.8f + 1.0f) / 3 = 0.5999999642372131; zero point
+    # 1.0 / 0.59999996 = 1.666 -> 2; w / s = [-1.666, -0.667, 0, 0.4167, 1.333] -> [-2, -1, 0, 0, 1] -> + 2
+    s = float(np.float32(np.float32(0.8) + np.float32(1.0)) / np.float32(3))
+    assert s == 0.5999999642372131
+    codes, scale, zero = q([[-1.0, -0.4, 0.0, 0.25, 0.8]], 2)
     assert scale == [s] and zero == [2.0]
     assert codes == [[0, 1, 2, 2, 3]]
-    w_hat = dequantize_rows(*quantize_rows(torch.tensor([[-1.0, -0.4, 0.0, 0.3, 0.8]]), 2, NO_CLIP))
+    w_hat = dequantize_rows(*quantize_rows(torch.tensor([[-1.0, -0.4, 0.0, 0.25, 0.8]]), 2, NO_CLIP))
     assert w_hat[0].tolist() == pytest.approx([-2 * s, -s, 0.0, 0.0, s])
 
 
 def test_hand_computed_8_bit_row_and_a_range_that_must_contain_zero():
-    # all positive: the range is [0, 2.55], scale 0.01 (fp16 0.01000213623046875), zero point 0
-    s = float(np.float16(0.01))
+    # all positive: the range is [0, 2.55], scale 0.01 (fp32 2.55f / 255 = 0.009999999776482582), zero point 0
+    s = float(np.float32(np.float32(2.55) / np.float32(255)))
     codes, scale, zero = q([[0.5, 1.0, 2.55, 0.014, 0.006]], 8)
     assert scale == [s] and zero == [0.0]
     assert codes == [[round(0.5 / s), round(1.0 / s), 255, 1, 1]] == [[50, 100, 255, 1, 1]]
@@ -93,7 +94,8 @@ def reference_quantize(w: np.ndarray, bits: int, clip_search: bool, grid: int = 
     best = None
     for ratio in (np.linspace(1.0, min_ratio, grid) if clip_search and grid > 1 else [1.0]):
         lo, hi = lo0 * ratio, hi0 * ratio
-        s = float(np.float16(max((hi - lo) / qmax, 1e-8)))
+        # the scale in fp32 arithmetic, as stored (no clamp: fp32 holds every row's step)
+        s = float(np.float32(np.float32(hi) - np.float32(lo)) / np.float32(qmax))
         z = float(np.clip(np.round(-lo / s), 0, qmax))
         codes = np.clip(np.round(w.astype(np.float64) / s) + z, 0, qmax)
         err = float((((codes - z) * s - w) ** 2).sum())
@@ -120,3 +122,22 @@ def test_against_an_independent_implementation(bits):
     for r in range(w.shape[0]):
         ref_err, *_ = reference_quantize(w[r].numpy(), bits, True, cfg.clip_grid, cfg.clip_min_ratio)
         assert float(err[r]) == pytest.approx(ref_err, rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("std", [1.0, 5e-4, 1e-6, 1e-12])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_small_rows_keep_their_resolution(bits, std):
+    """Issue 11.6: an fp16 scale clamped at 6.1e-5 left an 8-bit row with std 5e-4 only 38 of its 256 codes.
+
+    Whatever the row's magnitude, its step is (max - min) / (2^b - 1) and both ends of the range are codes."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(6, 4096, generator=g) * std
+    codes, scale, zero = quantize_rows(w, bits, NO_CLIP)
+    qmax = (1 << bits) - 1
+    step = (w.amax(1) - w.amin(1)) / qmax
+    assert torch.allclose(scale.double(), step.double(), rtol=1e-6, atol=0)
+    assert (codes.amin(1) == 0).all() and (codes.amax(1) == qmax).all()
+    distinct = min(len(codes[r].unique()) for r in range(codes.shape[0]))
+    assert distinct >= 0.8 * (qmax + 1), f"{distinct} of {qmax + 1} codes used"
+    w_hat = dequantize_rows(codes, scale, zero)
+    assert ((w_hat - w).abs().amax(1) <= 0.5 * scale * (1 + 1e-4) + 1e-6 * w.abs().amax(1)).all()

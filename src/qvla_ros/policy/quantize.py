@@ -125,7 +125,12 @@ def quantize_policy(policy_dir, episode_paths, out, budget: float, *, calibratio
     t1 = time.time()
     plan = allocate(sensitivity, budget, allocation or AllocationConfig())
     path = write_quantized_policy(policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity)
+    from qvla_quant.artifact import artifact_summary
+
+    stored = artifact_summary(path)  # the per-row overhead beside the plan's average bits
     summary = {"artifact": str(path), "budget": budget, "average_bits": plan.average_bits(),
+               "overhead_bits_per_weight": stored.get("overhead_bits_per_weight"),
+               "average_bits_stored": stored.get("average_bits_stored"),
                "pruned_fraction": plan.pruned_fraction(), "allocation_s": time.time() - t1, **info}
     (out / "calibration_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return path, summary
