@@ -115,6 +115,8 @@ class PolicyNode(Node):
         self.episode_start = -1.0  # node-clock time of the last START: older inputs are not used after it
         self.last_obs_stamp = -1.0
         self.chunks_dropped = 0
+        # per observation stamp, what it was built from (ActionChunk's observation fields, for the monitor); bounded
+        self._used: dict[float, tuple] = {}
         self.sync_resets_seen = 0
         # per camera / arm: why its newest message was refused on arrival (cleared by the next good one)
         self.camera_errors: dict[str, str] = {}
@@ -253,10 +255,17 @@ class PolicyNode(Node):
             return None
         self.input_error = ""
         self.last_obs_stamp = sync.stamp
-        return Observation(images=images, state=state, instruction=self.instruction, stamp=sync.stamp), self.epoch
+        instruction = self.instruction
+        # the exact frames (header stamps), state and instruction, for ActionChunk (oldest forgotten first)
+        self._used[sync.stamp] = (self.episode, instruction, list(sync.items),
+                                  [item.msg.header.stamp for item in sync.items.values()], state)
+        while len(self._used) > 16:
+            self._used.pop(next(iter(self._used)))
+        return Observation(images=images, state=state, instruction=instruction, stamp=sync.stamp), self.epoch
 
     def _on_chunk(self, chunk, epoch) -> None:
         now = self.now()
+        used = self._used.pop(chunk.stamp, None)
         self.inference_latency.add(chunk.latency)
         self.observation_to_chunk.add(now - chunk.stamp)
         self.inference_error = ""
@@ -275,6 +284,9 @@ class PolicyNode(Node):
             msg.step_period = Duration(sec=int(chunk.step_period), nanosec=int((chunk.step_period % 1) * 1e9))
             msg.positions = np.asarray(chunk.actions, dtype=np.float64).ravel().tolist()
             msg.inference_latency = float(chunk.latency)
+            if used is not None:  # what the observation was built from: a monitor rebuilds it exactly
+                msg.episode, msg.instruction, msg.camera_names, msg.camera_stamps = used[:4]
+                msg.state = np.asarray(used[4], dtype=np.float64).tolist()
             self.chunk_pub.publish(msg)
 
     def _on_inference_error(self, message: str, epoch) -> None:
