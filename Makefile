@@ -1,5 +1,5 @@
 # qvla: the README's commands. Every target sets up first (idempotent: seconds when nothing changed).
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo calibration-demo lint clean
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,8 +16,13 @@ test-fast: setup
 	@$(PY) -m pytest -q -m "not slow"
 
 # the main job: the simulated rig driven by the committed quantized policy over ROS 2
+# (options through ARGS, e.g. make demo ARGS="--monitor --episodes 10")
 demo: setup
-	@$(PY) -m qvla_ros.demo
+	@$(PY) -m qvla_ros.demo $(ARGS)
+
+# the calibration loop in simulation over ROS 2: record demonstrations -> Calibrate action -> hot reload -> closed loop
+calibration-demo: setup
+	@$(PY) -m qvla_ros.calibration_demo
 
 lint: setup
 	@$(VENV)/bin/ruff check src tests bench

@@ -30,7 +30,10 @@ CONSOLE_SCRIPTS = [
     "qvla-quant = qvla_quant.cli:main",
     # ROS 2 runtime: nodes, the launch-free bring-up runner, the demo
     "qvla-policy-node = qvla_ros.nodes.policy_node:main",
+    "qvla-monitor-node = qvla_ros.nodes.monitor_node:main",
     "qvla-sim-rig-node = qvla_ros.nodes.sim_rig_node:main",
+    "qvla-recorder-node = qvla_ros.nodes.recorder_node:main",
+    "qvla-calibration-node = qvla_ros.nodes.calibration_node:main",
     "qvla-bringup = qvla_ros.bringup:main",
     "qvla-demo = qvla_ros.demo:main",
     # simulated rig and episodes (no ROS needed)
@@ -40,6 +43,7 @@ CONSOLE_SCRIPTS = [
     "qvla-train = qvla_ros.policy.train:main",
     "qvla-eval = qvla_ros.policy.evaluate:main",
     "qvla-policy-quantize = qvla_ros.policy.quantize:main",
+    "qvla-calibrate = qvla_ros.policy.calibration_job:main",
 ]
 
 setup(

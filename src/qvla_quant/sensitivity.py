@@ -352,11 +352,13 @@ def proxy_sensitivity(
     seed: int = 0,
     progress: bool = False,
     errors: dict[str, torch.Tensor] | None = None,
+    on_step=None,
 ) -> ProxyResult:
     """Both first-order proxies for `layers` (one forward and one backward per probe per batch, all layers at
     once): gain = E[||J||_F^2 ||dX||^2], aligned = E[||J dX||^2], per channel and bit in `bits` (no 16).
 
-    errors: a cache of `_errors(info, bits, wcfg)` by layer name, filled here (the clip search is not free)."""
+    errors: a cache of `_errors(info, bits, wcfg)` by layer name, filled here (the clip search is not free).
+    on_step: called with no argument after each batch (progress reports; may raise to stop the run)."""
     errs = errors if errors is not None else {}
     for info in layers:
         if info.name not in errs:
@@ -415,6 +417,8 @@ def proxy_sensitivity(
                 alive[info.name] = alive[info.name] or bool(s["gsq"].ne(0).any())
             n_total += B
             bar.update(1)
+            if on_step is not None:
+                on_step()
     finally:
         bar.close()
     for name in gain:
@@ -512,10 +516,12 @@ def exact_sensitivity(
     references: _References | None = None,
     progress: bool = False,
     errors: torch.Tensor | None = None,
+    on_step=None,
 ) -> torch.Tensor:
     """Eq. 4 for (row, bit) `jobs` of one layer: [len(jobs)] float64, the mean over all calibration samples.
 
-    errors: this layer's `_errors(info, bits, wcfg)` if already computed (rows of every bit in `bits`)."""
+    errors: this layer's `_errors(info, bits, wcfg)` if already computed (rows of every bit in `bits`).
+    on_step: called with no argument after each pass (progress reports; may raise to stop the run)."""
     if not jobs:
         return torch.zeros(0, dtype=torch.float64)
     references = references or _References(adapter)
@@ -538,6 +544,8 @@ def exact_sensitivity(
             ref = references.get(i, prep, k)
             total += _squared_deviations(adapter, prep, ref, info, chunk_rows, row_errors).sum(1).cpu()
         out[start : start + k] = total / n_samples
+        if on_step is not None:
+            on_step()
     return out
 
 
@@ -800,8 +808,14 @@ def _select_jobs(
     return top, sample
 
 
-def calibrate_sensitivity(adapter: PolicyAdapter, batches: Iterable[Batch], config: CalibrationConfig) -> Sensitivity:
-    """The whole calibration (see the module docstring); `qvla_quant.calibrate` is the public entry point."""
+def calibrate_sensitivity(
+    adapter: PolicyAdapter, batches: Iterable[Batch], config: CalibrationConfig, *, on_progress=None
+) -> Sensitivity:
+    """The whole calibration (see the module docstring); `qvla_quant.calibrate` is the public entry point.
+
+    on_progress(stage, done, total): called as the work advances, stage "proxy" (batches of every proxy group)
+    or "exact" (forward passes of every layer still to measure); it may raise to stop the run, which then resumes
+    from the store (`store_dir`) like any interrupted one."""
     started = time.perf_counter()
     batches = list(batches)
     data = _prepare(adapter, batches, config.seed)
@@ -889,6 +903,13 @@ def calibrate_sensitivity(adapter: PolicyAdapter, batches: Iterable[Batch], conf
             size += info.n_weights
         if current:
             groups.append(current)
+        proxy_steps = {"done": 0, "total": len(groups) * len(data)}
+
+        def proxy_step():
+            proxy_steps["done"] += 1
+            if on_progress is not None:
+                on_progress("proxy", proxy_steps["done"], proxy_steps["total"])
+
         for group in tqdm(groups, desc="proxy groups", disable=not config.progress or len(groups) < 2):
             t0 = time.perf_counter()
             if len(groups) > 1:
@@ -896,7 +917,7 @@ def calibrate_sensitivity(adapter: PolicyAdapter, batches: Iterable[Batch], conf
             res = proxy_sensitivity(
                 adapter, data, group, qbits, config.weight,
                 max_exact_dims=config.max_exact_dims, n_probes=config.n_probes, seed=config.seed,
-                progress=config.progress, errors=error_cache,
+                progress=config.progress, errors=error_cache, on_step=proxy_step,
             )  # fmt: skip
             probes = index["probes"] = res.probes
             index["times"]["proxy_s"] += time.perf_counter() - t0
@@ -928,6 +949,16 @@ def calibrate_sensitivity(adapter: PolicyAdapter, batches: Iterable[Batch], conf
         top, sample = _select_jobs(ranking, counts, len(qbits), n_top, config.rank_sample, config.seed)
     references = _References(adapter)
     todo = [info for info in auto if not index["layers"][info.name].get("exact_done")]
+    exact_steps = {"done": 0, "total": sum(
+        math.ceil(len(top.get(i.name, set()) | sample.get(i.name, set())) / config.channels_per_pass)
+        for i in todo if not results[i.name].dead
+    )}  # fmt: skip
+
+    def exact_step():
+        exact_steps["done"] += 1
+        if on_progress is not None:
+            on_progress("exact", exact_steps["done"], exact_steps["total"])
+
     for info in tqdm(todo, desc="exact", unit="layer", disable=not config.progress):
         layer = results[info.name]
         exact = torch.full((info.out_features, len(bits)), float("nan"), dtype=torch.float64)
@@ -940,7 +971,7 @@ def calibrate_sensitivity(adapter: PolicyAdapter, batches: Iterable[Batch], conf
             values = exact_sensitivity(
                 adapter, data, info, [(r, qbits[q]) for r, q in jobs], qbits, config.weight,
                 channels_per_pass=config.channels_per_pass, references=references, progress=config.progress,
-                errors=error_cache.pop(info.name, None),
+                errors=error_cache.pop(info.name, None), on_step=exact_step,
             )  # fmt: skip
             index["times"]["exact_s"] += time.perf_counter() - t0
             for (r, q), v in zip(jobs, values.tolist()):

@@ -10,6 +10,9 @@ too and the runner returns that node's exit code.
     qvla-bringup sim:=true policy:=models/pi0_w4          (launch-style arguments)
     qvla-bringup --sim true --policy models/pi0_w4        (the same, as flags)
     qvla-bringup --launch sim                             (only the simulated rig, as launch/sim.launch.py)
+    qvla-bringup --launch record sim:=true dataset:=data/my_task episodes:=10 episode_time:=9
+    qvla-bringup --launch calibrate policy:=models/sim_transfer_cube_fp    (the Calibrate action server)
+    qvla-bringup sim:=true policy:=models/sim_transfer_cube_w4 monitor:=true reference:=models/sim_transfer_cube_fp
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class NodeSpec:
     remappings: tuple[tuple[str, str], ...] = ()
     env: dict = field(default_factory=dict)  # extra environment variables
     description: str = ""
+    arguments: tuple[str, ...] = ()  # command-line arguments before --ros-args (non-Python tools: rviz2, rqt)
+    on_path: str = ""  # the runner's command on PATH when it differs from `executable` (rqt vs lib/rqt_gui/rqt_gui)
 
     @property
     def fqn(self) -> str:
@@ -73,16 +78,30 @@ LAUNCH_ARGUMENTS = (
     LaunchArg("params_file", "", "parameter file (default: the package's config/bimanual.yaml)"),
     LaunchArg("sim_backend", "mujoco", "sim:=true only: mujoco (physics + rendering) or kinematic (no physics, "
               "synthetic images; for timing tests)", ("mujoco", "kinematic")),
-    LaunchArg("monitor", "false", "also start the ActionDeviation monitor node (not yet available: a later "
-              "issue adds qvla_ros.nodes.monitor_node)", ("true", "false")),
-    LaunchArg("rviz", "false", "also start rviz2 (needs an rviz2 install; not part of the ROS 2 wheels)",
+    LaunchArg("monitor", "false", "also start the monitor node: the full-precision reference on the policy's "
+              "exact observations -> ActionDeviation (Eq. 4/5), diagnostics, gripper-path markers",
               ("true", "false")),
+    LaunchArg("reference", "", "monitor:=true: the full-precision reference policy directory (default: the source "
+              "policy recorded in the running artifact, when it exists)"),
+    LaunchArg("reference_device", "", "monitor:=true: torch device of the reference (default: device)"),
+    LaunchArg("rviz", "false", "also start rviz2 with config/qvla.rviz: cameras and the monitor's markers (needs an "
+              "rviz2 install; not part of the ROS 2 wheels)", ("true", "false")),
+    LaunchArg("rqt", "false", "also start rqt with config/qvla.perspective: plots of the monitor's deviations (needs "
+              "an rqt install; not part of the ROS 2 wheels)", ("true", "false")),
+    LaunchArg("dataset", "", "record: the dataset directory episodes are recorded into (one rosbag2/MCAP episode "
+              "per demonstration; an existing dataset is resumed)"),
+    LaunchArg("episodes", "0", "record: record this many episodes back to back (episode_time each, reset_time "
+              "between), then stop; 0 = start and stop them with EpisodeControl (~/episode) or the keys"),
+    LaunchArg("episode_time", "0", "record: seconds per episode (0 = until stopped)"),
+    LaunchArg("reset_time", "5", "record: seconds of reset phase between episodes"),
+    LaunchArg("teleop", "auto", "sim:=true: the rig's scripted teleoperator publishes leader-arm commands (auto = "
+              "on for the record launch, off otherwise)", ("auto", "true", "false")),
 )
-LAUNCHES = ("bimanual", "sim")
+LAUNCHES = ("bimanual", "sim", "record", "calibrate")
 
 
 def launch_description(launch: str):
-    """The launch_ros description of `launch` ("bimanual" or "sim"): what launch/*.launch.py return.
+    """The launch_ros description of `launch` (one of LAUNCHES): what launch/*.launch.py return.
 
     `launch`/`launch_ros` are imported here, not at module level: they exist in a ROS 2 install, not in the wheels
     the runner uses.
@@ -103,6 +122,7 @@ def launch_description(launch: str):
                 # outranks the file's shared /** block
                 parameters=[*s.params_files, dict(s.parameters)] if s.module else [],
                 remappings=list(s.remappings), additional_env=dict(s.env), output="screen",
+                **({"arguments": list(s.arguments)} if s.arguments else {}),
             ))
         return actions
 
@@ -150,12 +170,14 @@ def resolve_arguments(values: dict[str, str]) -> dict[str, str]:
 
 
 def node_set(values: dict[str, str] | None = None, launch: str = "bimanual") -> tuple[list[NodeSpec], list[str]]:
-    """The nodes to start for launch `bimanual` or `sim` with these launch arguments, and notes for the user
+    """The nodes to start for launch `bimanual`, `sim`, `record` or `calibrate` with these launch arguments, and notes
+    for the user
     (optional nodes that are not available). Used by launch/*.launch.py and by the runner."""
     if launch not in LAUNCHES:
         raise BringupError(f"launch {launch!r} is not one of {', '.join(LAUNCHES)}")
     a = resolve_arguments(values or {})
-    sim = _as_bool("sim", a["sim"]) or launch == "sim"
+    sim = (_as_bool("sim", a["sim"]) or launch == "sim") and launch != "calibrate"
+    teleop = launch == "record" if a["teleop"] == "auto" else _as_bool("teleop", a["teleop"])
     params = a["params_file"] or default_params_file()
     if not Path(params).is_file():
         raise BringupError(f"argument params_file:={params}: no such file")
@@ -165,7 +187,7 @@ def node_set(values: dict[str, str] | None = None, launch: str = "bimanual") -> 
     if sim:
         nodes.append(NodeSpec(
             name="sim_rig", module="qvla_ros.nodes.sim_rig_node", executable="qvla-sim-rig-node",
-            params_files=(params,), parameters={**shared, "sim.backend": a["sim_backend"]},
+            params_files=(params,), parameters={**shared, "sim.backend": a["sim_backend"], "sim.teleop": teleop},
             # one software-rendering thread: llvmpipe's default of one per core would compete with the policy
             env={"LP_NUM_THREADS": "1"},
             description="simulated two-arm rig: cameras, arm states, commands in, episode reset/success",
@@ -183,18 +205,86 @@ def node_set(values: dict[str, str] | None = None, launch: str = "bimanual") -> 
         ))
         if _as_bool("monitor", a["monitor"]):
             if importlib.util.find_spec("qvla_ros.nodes.monitor_node") is not None:
+                reference = a["reference"] or recorded_source(a["policy"])
+                if reference and not a["reference"]:
+                    notes.append(f"monitor: reference {reference} (the policy the artifact was made from)")
+                mon = {**shared, "monitor.device": a["reference_device"] or a["device"]}
+                if reference:  # else the node refuses to start, naming monitor.reference_path
+                    mon["monitor.reference_path"] = str(Path(reference).expanduser().resolve())
                 nodes.append(NodeSpec(name="monitor", module="qvla_ros.nodes.monitor_node",
-                                      executable="qvla-monitor-node", params_files=(params,), parameters=shared,
+                                      executable="qvla-monitor-node", params_files=(params,), parameters=mon,
                                       description="ActionDeviation of the quantized policy vs full precision"))
             else:
-                notes.append("monitor:=true ignored: the ActionDeviation monitor node is not available yet")
+                notes.append("monitor:=true ignored: the ActionDeviation monitor node is not available")
         if _as_bool("rviz", a["rviz"]):
             if shutil.which("rviz2"):
                 nodes.append(NodeSpec(name="rviz", module="", executable="rviz2", package="rviz2",
-                                      description="visualization"))
+                                      arguments=("-d", _config_file("qvla.rviz")),
+                                      description="visualization: cameras and the monitor's gripper paths"))
             else:
-                notes.append("rviz:=true ignored: rviz2 is not installed (it is not part of the ROS 2 wheels)")
+                notes.append("rviz:=true ignored: rviz2 is not installed (it is not part of the ROS 2 wheels; "
+                             "install ros-<distro>-rviz2, then open config/qvla.rviz)")
+        if _as_bool("rqt", a["rqt"]):
+            if shutil.which("rqt"):
+                nodes.append(NodeSpec(name="rqt", module="", executable="rqt_gui", package="rqt_gui", on_path="rqt",
+                                      arguments=("--perspective-file", _config_file("qvla.perspective")),
+                                      description="plots of the monitor's ActionDeviation fields"))
+            else:
+                notes.append("rqt:=true ignored: rqt is not installed (it is not part of the ROS 2 wheels; install "
+                             "ros-<distro>-rqt and ros-<distro>-rqt-plot, then load config/qvla.perspective)")
+    if launch == "record":
+        if not a["dataset"]:
+            raise BringupError("argument dataset:=DIR is required: the dataset directory to record episodes into")
+        episodes, episode_time, reset_time = (_number(a, "episodes", int), _number(a, "episode_time", float),
+                                              _number(a, "reset_time", float))
+        rec = {"recorder.dataset": str(Path(a["dataset"]).expanduser().resolve())}
+        if episodes:
+            if not episode_time:
+                raise BringupError(f"argument episodes:={episodes} needs episode_time:=SECONDS (how long each one is)")
+            rec.update({"recorder.auto_start": True, "recorder.num_episodes": episodes,
+                        "recorder.exit_when_done": True})
+        rec.update({"recorder.episode_time": episode_time, "recorder.reset_time": reset_time})
+        if sim:
+            rec.update({"recorder.rig_service": "/qvla/sim/episode", "recorder.rig": "simulated rig (sim_rig node)",
+                        "recorder.teleoperator": "scripted expert (sim.teleop)" if teleop else ""})
+        nodes.append(NodeSpec(name="recorder", module="qvla_ros.nodes.recorder_node", executable="qvla-recorder-node",
+                              params_files=(params,), parameters=rec,
+                              description="teleop demonstrations -> one rosbag2/MCAP episode each"))
+    if launch == "calibrate":
+        cal = {}
+        if a["policy"]:
+            cal["calibration.policy"] = str(Path(a["policy"]).expanduser().resolve())
+        nodes.append(NodeSpec(name="calibration", module="qvla_ros.nodes.calibration_node",
+                              executable="qvla-calibration-node", params_files=(params,), parameters=cal,
+                              description="the Calibrate action: recordings -> validated artifact -> reload"))
     return nodes, notes
+
+
+def _number(a: dict, name: str, kind):
+    try:
+        value = kind(a[name])
+    except ValueError:
+        raise BringupError(f"argument {name}:={a[name]} must be a {'whole ' if kind is int else ''}number") from None
+    if value < 0:
+        raise BringupError(f"argument {name}:={a[name]} must be >= 0")
+    return value
+
+
+def _config_file(name: str) -> str:
+    from qvla_ros.paths import config_path
+
+    return str(config_path(name))
+
+
+def recorded_source(policy: str) -> str:
+    """The float policy a qvla_quant artifact was made from (its artifact.json `extra.policy_source`), when that
+    directory exists (as given, or relative to the working directory); '' otherwise."""
+    try:
+        manifest = json.loads((Path(policy).expanduser() / "artifact.json").read_text())
+        source = str(manifest.get("extra", {}).get("policy_source", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return source if source and Path(source).expanduser().is_dir() else ""
 
 
 # ---------------------------------------------------------------- the runner
@@ -207,10 +297,11 @@ def command_line(spec: NodeSpec, python: str = sys.executable) -> list[str]:
     if spec.module:
         cmd = [python, "-m", spec.module]
     else:
-        exe = shutil.which(spec.executable)
+        exe = shutil.which(spec.on_path or spec.executable)
         if exe is None:
-            raise BringupError(f"{spec.executable} is not on PATH")
+            raise BringupError(f"{spec.on_path or spec.executable} is not on PATH")
         cmd = [exe]
+    cmd += list(spec.arguments)
     cmd += ["--ros-args", "-r", f"__node:={spec.name}"]
     if spec.namespace:
         cmd += ["-r", f"__ns:=/{spec.namespace}"]

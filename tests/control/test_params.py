@@ -7,14 +7,23 @@ import pytest
 import yaml
 
 from qvla_ros.control.adapters import make_adapter
-from qvla_ros.control.params import POLICY_NODE, SIM_RIG_NODE, ParameterError, read_params_file
+from qvla_ros.control.params import (
+    CALIBRATION_NODE,
+    MONITOR_NODE,
+    POLICY_NODE,
+    RECORDER_NODE,
+    SIM_RIG_NODE,
+    ParameterError,
+    read_params_file,
+)
 from qvla_ros.episodes.topics import load_topic_config
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "config" / "bimanual.yaml"
 
 
-@pytest.mark.parametrize("schema", [POLICY_NODE, SIM_RIG_NODE], ids=lambda s: s.node)
+@pytest.mark.parametrize("schema", [POLICY_NODE, SIM_RIG_NODE, MONITOR_NODE, RECORDER_NODE, CALIBRATION_NODE],
+                         ids=lambda s: s.node)
 def test_every_parameter_has_a_valid_default_and_a_description(schema):
     values = schema.defaults(PARAMS)
     assert set(values) == set(schema.names)
@@ -25,7 +34,8 @@ def test_the_parameter_file_holds_nothing_unknown():
     blocks = read_params_file(PARAMS)
     # one shared block: a node-specific block would outrank `-p` overrides on the command line
     assert set(blocks) == {"/**"}
-    known = set(POLICY_NODE.names) | set(SIM_RIG_NODE.names)
+    known = set(POLICY_NODE.names) | set(SIM_RIG_NODE.names) | set(MONITOR_NODE.names)
+    known |= set(RECORDER_NODE.names) | set(CALIBRATION_NODE.names)
     assert set(blocks["/**"]) == known
 
 

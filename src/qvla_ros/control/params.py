@@ -1,4 +1,4 @@
-"""Parameter schemas of the policy node and the sim rig node: declared once, typed, described, validated
+"""Parameter schemas of the policy, sim rig and monitor nodes: declared once, typed, described, validated
 (in the spirit of generate_parameter_library's YAML schemas). Defaults live in config/bimanual.yaml, a standard
 ROS 2 parameter file: a `/**` block shared by every qvla node (topics, names, the output adapter) and one block per
 node. The nodes declare every parameter from these specs with its type, description and range; the launch-free
@@ -298,12 +298,151 @@ SIM_RIG_NODE = Schema("sim_rig", _SHARED + (
     ParamSpec("sim.command_hz", "double", "nominal command rate (Hz) the rig interpolates over", range=(1.0, 500.0)),
     ParamSpec("sim.cameras_enabled", "bool_array", "per camera (cameras.names order): publish it or not; switch "
               "one off at run time to simulate a camera failure", dynamic=True),
+    ParamSpec("sim.teleop", "bool", "run the scripted teleoperator (qvla_ros.sim.teleop): it publishes leader-arm "
+              "commands on the command topics (output.adapter / output.topics) at sim.command_hz, restarting at "
+              "every START, and the rig follows them like any command (recording demonstrations through ROS)"),
     ParamSpec("episode.success_topic", "string", "std_msgs/Bool, latched: whether the current episode has "
               "succeeded (updated when it changes)", allow_empty=False),
     ParamSpec("episode.service", "string", "qvla_msgs/EpisodeControl service: START resets the scene (seed from "
               "sim.seed + episode count), STOP reports the outcome", allow_empty=False),
 ))
 
+
+def _threshold(name: str, what: str, warn: float, error: float) -> ParamSpec:
+    return ParamSpec(f"monitor.thresholds.{name}", "double_array", f"[warning, error] limits on {what}: the "
+                     f"monitor's diagnostics go to WARN / ERROR at these values (0 = that level is off; e.g. "
+                     f"[{warn:g}, {error:g}])", range=(0.0, 1e9), length=2)
+
+
+MONITOR_NODE = Schema("monitor", _SHARED + tuple(POLICY_NODE.spec(n) for n in (
+    "cameras.transport", "cameras.qos", "diagnostics.period")) + (
+    ParamSpec("monitor.reference_path", "string", "full-precision reference policy directory (the float π0 the "
+              "running artifact was quantized from; a qvla_quant artifact is refused). Required: with "
+              "qvla-bringup / ros2 launch, reference:=DIR (default: the running artifact's recorded source policy)"),
+    ParamSpec("monitor.device", "string", "torch device of the reference: cpu, cuda or cuda:N (on a robot often a "
+              "second GPU, or the policy's GPU at a lower rate: monitor.min_interval)"),
+    ParamSpec("monitor.worker", "string", "where the reference runs: process (a child process, niced; default) or "
+              "thread (in the monitor's process)", choices=("process", "thread")),
+    ParamSpec("monitor.worker_nice", "integer", "nice increment of the reference process (the policy node's "
+              "inference and control loop win the CPU)", range=(0, 19)),
+    ParamSpec("monitor.nice", "integer", "nice increment of the monitor node's own process (it must never slow "
+              "the policy node)", range=(0, 19)),
+    ParamSpec("monitor.torch_threads", "integer", "torch intra-op threads of the reference (0 = torch's default); "
+              "with the policy node's device and policy.torch_threads, an identical policy deviates by exactly 0",
+              range=(0, 256)),
+    ParamSpec("monitor.min_interval", "double", "minimum time (s) between the starts of two reference predictions "
+              "(chunks arriving meanwhile are skipped and counted)", range=(0.0, 60.0), dynamic=True),
+    ParamSpec("monitor.queue_depth", "integer", "chunks that may wait for the reference; when more arrive the "
+              "oldest is skipped (counted in ActionDeviation.skipped)", range=(1, 64)),
+    ParamSpec("monitor.chunk_topic", "string", "the policy node's qvla_msgs/ActionChunk topic", allow_empty=False),
+    ParamSpec("monitor.frame_buffer", "double", "seconds of camera frames kept to rebuild a chunk's observation "
+              "(longer than the policy's observation-to-chunk latency)", range=(0.05, 30.0)),
+    ParamSpec("monitor.match_timeout", "double", "seconds a chunk waits for frames it names that have not arrived; "
+              "then it is counted as unmatched", range=(0.0, 10.0)),
+    _threshold("first_action", "the first action's L2 deviation (all joints)", 0.1, 0.3),
+    _threshold("chunk", "the L2 deviation over a chunk (Eq. 4)", 0.5, 1.5),
+    _threshold("cumulative", "the cumulative deviation over the episode (Eq. 5)", 20.0, 60.0),
+    _threshold("max_joint", "the largest per-joint deviation in a chunk", 0.1, 0.3),
+    _threshold("tracking", "the largest per-arm tracking error (commanded - measured joint positions)", 0.3, 0.8),
+    ParamSpec("monitor.fallback.path", "string", "higher-precision artifact (or the float policy) the policy node "
+              "is asked to load (ReloadPolicy) when a deviation stays at ERROR for monitor.fallback.hold; '' = off"),
+    ParamSpec("monitor.fallback.hold", "double", "seconds a deviation must stay at the error level, without a "
+              "break, before the fallback is requested (once)", range=(0.0, 3600.0)),
+    ParamSpec("monitor.fallback.service", "string", "the policy node's qvla_msgs/ReloadPolicy service",
+              allow_empty=False),
+    ParamSpec("monitor.tracking.max_gap", "double", "largest stamp difference (s) between a command and the "
+              "measured state it is compared with for the tracking error", range=(0.001, 10.0)),
+    ParamSpec("monitor.markers.enabled", "bool", "publish ~/markers (visualization_msgs/MarkerArray): both arms' "
+              "predicted gripper paths, policy and reference"),
+    ParamSpec("monitor.markers.frame", "string", "frame_id of the markers (the arm model's world frame; rviz's "
+              "Fixed Frame)", allow_empty=False),
+    ParamSpec("monitor.markers.model", "string", "MuJoCo model (MJCF) of the arms for the forward kinematics; '' = "
+              "the simulated rig's (gym-aloha); a real rig gives its IMETA-Y1 model"),
+    ParamSpec("monitor.markers.arm_joints", "string_array", "the model's six arm joints per arm (left, then right), "
+              "driven by joints 1..6 of each arm", length=12),
+    ParamSpec("monitor.markers.tip_bodies", "string_array", "the model's gripper body per arm", length=2),
+    ParamSpec("monitor.markers.tip_offset", "double_array", "fingertip point in the gripper body's frame (m)",
+              length=3, range=(-10.0, 10.0)),
+))
+
+
+RECORDER_NODE = Schema("recorder", (
+    ParamSpec("recorder.dataset", "string", "dataset directory: one episode_NNNNNN rosbag2 (MCAP) directory per "
+              "demonstration; an existing one is resumed (numbering continues; required)"),
+    ParamSpec("recorder.topics_file", "string", "topic configuration to record ('' = the package's "
+              "config/topics.yaml): cameras, both arms' states and commands, instruction, episode success"),
+    ParamSpec("recorder.camera_qos", "string", "camera subscription QoS: sensor_data (best effort, what camera "
+              "drivers offer) or reliable (only against reliable publishers)", choices=("sensor_data", "reliable")),
+    ParamSpec("recorder.compress", "bool", "zstd-compress the MCAP chunks (simulated images shrink ~20x; costs CPU "
+              "for real camera images)"),
+    ParamSpec("recorder.flush_period", "double", "seconds between flushes of the pending MCAP chunk to the OS: at "
+              "most this much is lost if the process dies", range=(0.05, 60.0)),
+    ParamSpec("recorder.fsync", "bool", "force every flush to the disk too (survives a power cut)"),
+    ParamSpec("recorder.min_free_gb", "double", "refuse to start, and end a running episode, when the disk has less "
+              "free space than this (GB)", range=(0.0, 1e6)),
+    ParamSpec("recorder.max_queue_mb", "double", "message bytes waiting to be written at most (MB); beyond, messages "
+              "are dropped and counted per topic", range=(1.0, 1e5)),
+    ParamSpec("recorder.recover", "string", "an episode interrupted by a crash, found at start: aside (repaired into "
+              "<dataset>/.recovered), keep (repaired into the dataset, marked incomplete) or report (left as it "
+              "is)", choices=("aside", "keep", "report")),
+    ParamSpec("recorder.instruction", "string", "task instruction written into every episode ('' = the latest one "
+              "received on the instruction topic; a START request's instruction wins over both)"),
+    ParamSpec("recorder.task", "string", "task name stored in the episodes' metadata"),
+    ParamSpec("recorder.rig", "string", "description of the rig stored in the episodes' metadata"),
+    ParamSpec("recorder.teleoperator", "string", "who or what teleoperated, stored in the episodes' metadata"),
+    ParamSpec("recorder.auto_start", "bool", "record episodes one after another from the start (lerobot-record "
+              "style: episode_time, then reset_time, until num_episodes are kept); false: wait for EpisodeControl "
+              "START"),
+    ParamSpec("recorder.episode_time", "double", "seconds after which an episode ends and is kept (0 = until "
+              "stopped by a key or EpisodeControl STOP)", range=(0.0, 86400.0)),
+    ParamSpec("recorder.reset_time", "double", "seconds of reset phase between two episodes (auto_start), not "
+              "recorded: time to put the scene back", range=(0.0, 3600.0)),
+    ParamSpec("recorder.num_episodes", "integer", "auto_start: stop recording after this many kept episodes (0 = "
+              "until Esc or shutdown)", range=(0, 1_000_000)),
+    ParamSpec("recorder.exit_when_done", "bool", "exit the process once recording has stopped (num_episodes "
+              "reached or Esc)"),
+    ParamSpec("recorder.keyboard", "bool", "read keys when stdin is a terminal: right arrow ends the episode and "
+              "keeps it, left arrow discards it and records it again, Esc stops recording"),
+    ParamSpec("recorder.status_period", "double", "seconds between live status lines (episode, duration, per-topic "
+              "rates, drops, MB written); 0 = none", range=(0.0, 3600.0)),
+    ParamSpec("recorder.rig_service", "string", "EpisodeControl service of the rig to call when an episode starts "
+              "(START: reset the scene, with the instruction) and ends (STOP, for its outcome); '' = none (the "
+              "simulated rig: /qvla/sim/episode)"),
+))
+
+CALIBRATION_NODE = Schema("calibration", (
+    ParamSpec("calibration.policy", "string", "full-precision policy directory calibrated when a goal names none "
+              "('' = every goal must give policy_path)"),
+    ParamSpec("calibration.output_dir", "string", "directory for artifacts of goals without output_path ('' = next "
+              "to the policy: <policy>_calib_<budget>b_<time>)"),
+    ParamSpec("calibration.solver", "string", "allocation solver when a goal names none: greedy (the paper) or "
+              "lagrangian", choices=("greedy", "lagrangian")),
+    ParamSpec("calibration.bits", "string", "candidate bit-widths per channel when a goal gives none, comma "
+              "separated, from 0,2,4,8,16", allow_empty=False),
+    ParamSpec("calibration.samples_per_episode", "integer", "calibration samples drawn from each episode",
+              range=(1, 100000)),
+    ParamSpec("calibration.max_episodes", "integer", "calibration episodes at most", range=(1, 100000)),
+    ParamSpec("calibration.validation_episodes", "integer", "episodes held out for validation (never calibrated "
+              "on)", range=(0, 100000)),
+    ParamSpec("calibration.validation_samples_per_episode", "integer", "teacher-forced samples per held-out "
+              "episode", range=(1, 100000)),
+    ParamSpec("calibration.exact_fraction", "double", "share of the channels refined by exact forward passes (per "
+              "bit-width)", range=(0.0, 1.0)),
+    ParamSpec("calibration.rank_sample", "integer", "random channels measured exactly to report the proxy's rank "
+              "correlation", range=(0, 1000000)),
+    ParamSpec("calibration.seed", "integer", "seed of the sample choice, noise and probes", range=(0, 2**31 - 1)),
+    ParamSpec("calibration.skip_failed", "bool", "skip episodes marked as failed demonstrations"),
+    ParamSpec("calibration.max_action_mse", "double", "validation limit: an artifact whose teacher-forced action MSE "
+              "vs full precision is above this is not handed over (no reload); 0 = no limit", range=(0.0, 1e6)),
+    ParamSpec("calibration.torch_threads", "integer", "torch threads of the calibration process (0 = torch's "
+              "default)", range=(0, 256)),
+    ParamSpec("calibration.nice", "integer", "nice increment of the calibration process, so that a policy node on "
+              "the same machine keeps its 30 Hz loop", range=(0, 19)),
+    ParamSpec("calibration.reload_service", "string", "ReloadPolicy service of the policy node, called for goals "
+              "with reload: true", allow_empty=False),
+    ParamSpec("calibration.reload_timeout", "double", "seconds to wait for the policy node's reload",
+              range=(1.0, 3600.0)),
+))
 
 def _policy_checks(v: dict) -> str:
     if len(v["cameras.topics"]) != len(v["cameras.names"]):
@@ -326,4 +465,32 @@ def _sim_checks(v: dict) -> str:
     return ""
 
 
-_CROSS_CHECKS = {POLICY_NODE.node: (_policy_checks,), SIM_RIG_NODE.node: (_sim_checks,)}
+def _monitor_checks(v: dict) -> str:
+    if len(v["cameras.topics"]) != len(v["cameras.names"]):
+        return "cameras.topics and cameras.names need the same number of entries"
+    dev = v["monitor.device"]
+    if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        return f"monitor.device {dev!r} must be cpu, cuda or cuda:N"
+    for name in ("first_action", "chunk", "cumulative", "max_joint", "tracking"):
+        warn, error = v[f"monitor.thresholds.{name}"]
+        if warn > 0 and error > 0 and warn > error:
+            return f"monitor.thresholds.{name} = [{warn}, {error}]: the warning limit must not exceed the error limit"
+    return ""
+
+
+_CROSS_CHECKS = {POLICY_NODE.node: (_policy_checks,), SIM_RIG_NODE.node: (_sim_checks,),
+                 MONITOR_NODE.node: (_monitor_checks,)}
+
+
+def _calibration_checks(v: dict) -> str:
+    try:
+        bits = [int(b) for b in v["calibration.bits"].split(",") if b.strip()]
+    except ValueError:
+        bits = [-1]
+    if not bits or set(bits) - {0, 2, 4, 8, 16} or not set(bits) - {16}:
+        return (f"calibration.bits {v['calibration.bits']!r} must be a comma-separated list from 0,2,4,8,16 with "
+                "something below 16")
+    return ""
+
+
+_CROSS_CHECKS[CALIBRATION_NODE.node] = (_calibration_checks,)

@@ -22,6 +22,7 @@ flushed chunks are checksummed too). The reader and `qvla-episodes repair` check
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -225,6 +226,7 @@ class EpisodeWriter:
         self._chunks_seen = 0
         self.finished = False
         self.counts: dict[str, int] = {}
+        self.flushed: dict[str, int] = {}  # per topic: messages in complete chunks handed to the OS
 
     # ---------------------------------------------------------------- lifetime
     def open(self) -> EpisodeWriter:
@@ -283,6 +285,25 @@ class EpisodeWriter:
         self._last_stamp_ns = max(self._last_stamp_ns, stamp_ns)
         self._maybe_flush(stamp_ns)
 
+    def flush(self, fsync: bool = False) -> dict[str, int]:
+        """Close the pending MCAP chunk and hand the file to the OS now (`fsync`: and to the disk), whatever the
+        message time: a recorder calls it when messages pause, so that a crash keeps everything written so far.
+        Returns the per-topic counts of the messages that are now in complete chunks (`flushed`)."""
+        if self._writer is None:
+            raise RuntimeError(f"episode {self.path} is not open (use `with EpisodeWriter(...)` or .open())")
+        storage = getattr(self._writer, "storage", None)
+        chunk = getattr(storage, "chunk", None)
+        if chunk is not None and getattr(chunk, "msgs", None) and hasattr(storage, "close_chunk"):
+            storage.close_chunk()
+            self._chunks_seen = len(storage.chunks)
+        if storage is not None:
+            storage.bio.flush()
+            if fsync:
+                os.fsync(getattr(storage.bio, "raw", storage.bio).fileno())
+        self._last_flush_ns = self._last_stamp_ns or self._last_flush_ns
+        self.flushed = dict(self.counts)
+        return dict(self.flushed)
+
     def _maybe_flush(self, stamp_ns: int) -> None:
         storage = getattr(self._writer, "storage", None)
         n_chunks = len(getattr(storage, "chunks", ()))
@@ -290,6 +311,7 @@ class EpisodeWriter:
             # rosbags wrote a full chunk on its own: hand it to the OS now rather than when the buffer fills.
             self._chunks_seen = n_chunks
             storage.bio.flush()
+            self.flushed = dict(self.counts)  # rosbags closes a chunk right after the message that filled it
         if self._last_flush_ns is None:
             self._last_flush_ns = stamp_ns
             return
@@ -303,6 +325,7 @@ class EpisodeWriter:
             storage.close_chunk()
             self._chunks_seen = len(storage.chunks)
             storage.bio.flush()
+            self.flushed = dict(self.counts)
 
     def write_image(self, camera: str, stamp_ns: int, image: np.ndarray, encoding: str = "rgb8") -> None:
         """One camera frame: uint8 HxWx3 (rgb8/bgr8) or HxWx4 (rgba8/bgra8) or HxW (mono8)."""

@@ -10,6 +10,11 @@
     services    episode.service (qvla_msgs/EpisodeControl): START resets the scene (seed = sim.seed + number of
                 earlier STARTs, or the START's instruction as the task text), STOP / DISCARD report the outcome in
                 `message` as JSON: {"episode_id", "seed", "succeeded", "max_reward", "sim_time", "commands"}
+    teleop      with sim.teleop true, the scripted teleoperator (qvla_ros.sim.teleop: the transfer-cube expert on the
+                MuJoCo rig, a joint sweep on the kinematic one) publishes leader-arm commands at sim.command_hz on
+                the command topics through output.adapter (where a Y1 leader arm's joints arrive on the real rig),
+                restarting at every START; the rig follows them through its own subscription like any command, so
+                recording through the ROS graph takes the robot's code path
 
 Physics runs in wall-clock time: a 50 Hz timer advances the rig to the time since START (catching up after a slow
 render, never running ahead). sim.cameras_enabled can switch a camera off at run time (a camera failure).
@@ -87,6 +92,19 @@ class SimRigNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self.create_timer(1.0 / c["sim.control_hz"], self._physics_tick)
+        self.teleop = None
+        self.teleop_pubs = {}
+        if c["sim.teleop"]:
+            from qvla_ros.sim.teleop import make_teleop
+
+            try:
+                self.teleop = make_teleop(self.rig)
+            except ValueError as e:  # no scripted teleoperator for this task
+                raise ParameterError(f"parameter sim.teleop: {e}") from None
+            self.teleop_pubs = {o.topic: self.create_publisher(cmd_type, o.topic, qos("reliable"))
+                                for o in self.adapter.outputs}
+            self.teleop_type = cmd_type
+            self.create_timer(1.0 / c["sim.command_hz"], self._teleop_tick)
         self.create_timer(1.0, self._diagnostics)
         # Cameras render in one thread of their own, which also runs the resets (SimRig.reset renders): an OpenGL
         # (EGL) context is current in one thread only, and an executor runs callbacks on whichever thread is free.
@@ -129,6 +147,8 @@ class SimRigNode(Node):
         seed = self.cfg["sim.seed"] + self.episode
         with self.lock:
             self.rig.reset(seed=seed)
+            if self.teleop is not None:
+                self.teleop.reset(self.rig)
             self.wall_start = time.monotonic()
             self.pending.clear()
             self.command = None
@@ -192,6 +212,13 @@ class SimRigNode(Node):
             self.success = True
             self.success_pub.publish(Bool(data=True))
             self.get_logger().info(f"episode {self.episode} succeeded at sim time {obs.time:.2f} s")
+
+    def _teleop_tick(self) -> None:
+        with self.lock:
+            q = np.asarray(self.teleop.act(self.rig, self.rig.time), dtype=np.float64)
+        now = self.get_clock().now().nanoseconds * 1e-9
+        for topic, fields in self.adapter.build(q, now):
+            self.teleop_pubs[topic].publish(fill(self.teleop_type(), fields))
 
     def _camera_loop(self) -> None:
         period = 1.0 / self.cfg["sim.camera_rate_hz"]
