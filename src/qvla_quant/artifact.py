@@ -10,10 +10,12 @@
     config.json        the source model's config, when given (what transformers-style tools expect)
 
 Versions. Artifact format 2 (this one): the source fingerprint hashes every byte of every parameter
-(`model_fingerprint`), the summary holds the stored-bytes fields. Packed layout 2: fp32 scales, uint8 zero points,
-16-bit kept rows (`qvla_quant.packed`). Format-1 artifacts (packed layout 1, fingerprint of the first and last
-4 KiB of each tensor) still load and compute the same outputs; their summary gains the new fields, computed from
-the plan with the layout-1 byte formula.
+(`model_fingerprint`), the summary holds the stored-bytes fields. Packed layout 3 (written now): layout 2 plus 3-
+and 6-bit rows (bit planes) and rows with group-wise scales (`qvla_quant.packed`); the plan is written in plan
+format 2 only when it uses them. Packed layout 2 (fp32 scales, uint8 zero points, 16-bit kept rows; 2-, 4- and
+8-bit rows only) loads with its missing groups empty: the same tensors and outputs. Format-1 artifacts (packed
+layout 1, fingerprint of the first and last 4 KiB of each tensor) still load and compute the same outputs; their
+summary gains the new fields, computed from the plan with the layout-1 byte formula.
 
 Loading (`load_artifact`) takes a skeleton of the source model (same class, config and dtype, weights not
 needed: build it under `torch.device("meta")`), checks its parameter structure against the artifact's, swaps the
@@ -34,14 +36,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvla_quant.packed import (
+    GROUP_OVERHEAD_BYTES,
     KEPT_ROW_OVERHEAD_BYTES,
+    LAYOUT_2_GROUPS,
     PACKED_FORMAT_VERSION,
-    PACKED_GROUPS,
     PACKED_READ_VERSIONS,
     QUANTIZED_ROW_OVERHEAD_BYTES,
+    QUANTIZED_STORAGE,
     SOURCE_FINGERPRINT_ATTR,
     ConvGeometry,
     PackedLinear,
+    group_suffix,
     packed_layers,
     planned_modules,
     predicted_weight_bytes,
@@ -258,7 +263,7 @@ def _format_fields(packed_version: int, source_dtypes: set[str]) -> dict:
     """The storage formula the byte counts follow (see `qvla_quant.packed`)."""
     if packed_version >= 2:
         kept = sorted({_dtype_name(kept_dtype(getattr(torch, d))) for d in source_dtypes})
-        return {
+        fields = {
             "packed_format_version": packed_version,
             "source_dtype": sorted(source_dtypes),
             "kept_dtype": kept,
@@ -267,6 +272,9 @@ def _format_fields(packed_version: int, source_dtypes: set[str]) -> dict:
             "row_overhead_bytes": {"quantized": QUANTIZED_ROW_OVERHEAD_BYTES, "kept": KEPT_ROW_OVERHEAD_BYTES,
                                    "pruned": 0},
         }  # fmt: skip
+        if packed_version >= 3:  # bytes per extra group of a grouped row (counted in the plan's average bits)
+            fields["group_overhead_bytes"] = GROUP_OVERHEAD_BYTES
+        return fields
     return {
         "packed_format_version": packed_version,
         "source_dtype": sorted(source_dtypes),
@@ -300,6 +308,8 @@ def _summary(qmodel: nn.Module, plan: Plan) -> dict:
         **_bits_fields(plan, measured),
         "pruned_fraction": plan.pruned_fraction(),
         "pruned_fraction_by_role": {r: plan.pruned_fraction(r) for r in roles},
+        "grouped_fraction": plan.grouped_fraction(),
+        "group_sizes": sorted({lp.group_size for lp in plan.layers.values() if lp.group_size}),
         "activation_bits": plan.quant.activation.bits,
         "quantized_layers": len(layers),
         "quantized_weight_bytes_before": before,
@@ -337,6 +347,15 @@ def save_artifact(
             f"{n!r} is packed with other row bit-widths than the plan's"
             for n, m in packed.items()
             if n in plan.layers and not torch.equal(m.row_bits(), plan.layers[n].bits_tensor())
+        ]
+        problems += [
+            f"{n!r} is packed with other grouped rows or group size than the plan's"
+            for n, m in packed.items()
+            if n in plan.layers
+            and (
+                not torch.equal(m.row_grouped(), plan.layers[n].grouped_tensor())
+                or m.group_size != plan.layers[n].group_size
+            )
         ]
         if problems:
             raise ArtifactError(
@@ -556,7 +575,7 @@ def _repack_layout_1(tensors: dict[str, torch.Tensor], layers: list[str], path: 
     """Packed layout 1 -> 2 in place, exactly: fp16 scales widened to fp32, fp16 integer zero points to uint8.
     (Kept rows stay in the source dtype; tensors of another dtype are left for the loader's dtype check.)"""
     for name in layers:
-        for b in PACKED_GROUPS:
+        for b in LAYOUT_2_GROUPS:
             scale, zero = f"{name}.scale_{b}", f"{name}.zero_{b}"
             if scale in tensors and tensors[scale].dtype == torch.float16:
                 tensors[scale] = tensors[scale].to(SCALE_DTYPE)
@@ -568,6 +587,19 @@ def _repack_layout_1(tensors: dict[str, torch.Tensor], layers: list[str], path: 
                         "is corrupt: re-save the artifact"
                     )
                 tensors[zero] = z.to(ZERO_DTYPE)
+
+
+def _add_empty_new_groups(tensors: dict[str, torch.Tensor], name: str, layer: PackedLinear, device) -> None:
+    """Layouts 1 and 2 have no 6-, 3-bit or grouped groups: the layer gets them empty, as layout 3 stores an empty
+    group (unless the file holds a tensor of that name: then the loader's shape and dtype check speaks)."""
+    for c in QUANTIZED_STORAGE:
+        if c.bits in LAYOUT_2_GROUPS and not c.grouped:
+            continue
+        for p in ("qweight", "scale", "zero"):
+            key = f"{name}.{p}_{group_suffix(c)}"
+            if key not in tensors:
+                buf = getattr(layer, f"{p}_{group_suffix(c)}")
+                tensors[key] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
 
 
 def load_artifact(
@@ -639,8 +671,15 @@ def load_artifact(
     packed_version = manifest["packed_format_version"]
     if packed_version == 1:
         _repack_layout_1(tensors, [name for name, *_ in resolved], path)
+    if packed_version < 3:
+        bad = [n for n, lp in plan.layers.items() if lp.uses_new_format]
+        if bad:
+            raise ArtifactError(
+                f"{directory / PLAN_FILE} has 3/6-bit or grouped rows ({_first(bad)}), which packed layout "
+                f"{packed_version} cannot hold: the artifact was edited; re-save it"
+            )
 
-    for _, parent, attr, module, lp in resolved:
+    for name, parent, attr, module, lp in resolved:
         packed = PackedLinear(
             module.weight.shape,
             lp.bits,
@@ -653,8 +692,12 @@ def load_artifact(
             cache_dequantized=cache_dequantized,
             # layout 1 stored the kept rows in the source dtype: they load as stored (same outputs)
             kept_dtype=module.weight.dtype if packed_version == 1 else None,
+            group_size=lp.group_size,
+            grouped=lp.grouped,
         )
         setattr(parent, attr, packed)
+        if packed_version < 3:
+            _add_empty_new_groups(tensors, name, packed, device)
 
     expected = model_skeleton.state_dict()
     missing = [f"{k} {_describe(v)}" for k, v in expected.items() if k not in tensors]
@@ -696,5 +739,7 @@ def load_artifact(
             raise ArtifactError(f"{path}: layer {name!r}: {e}") from None
         if not torch.equal(layer.row_bits(), plan.layers[name].bits_tensor()):
             raise ArtifactError(f"{path}: layer {name!r} is stored with other row bit-widths than {PLAN_FILE} says")
+        if not torch.equal(layer.row_grouped(), plan.layers[name].grouped_tensor()):
+            raise ArtifactError(f"{path}: layer {name!r} is stored with other grouped rows than {PLAN_FILE} says")
     setattr(model_skeleton, SOURCE_FINGERPRINT_ATTR, manifest["source_fingerprint"])
     return model_skeleton.eval()

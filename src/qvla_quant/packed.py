@@ -1,68 +1,91 @@
 """Packed mixed-precision linear layer: the real storage of a QVLA plan, and its torch (CPU) forward.
 
 One class, `PackedLinear`, holds one nn.Linear or nn.Conv2d whose output rows carry bit-widths in
-{0, 2, 4, 8, 16}. A Conv2d is a linear map over its output channels: its filter [in/groups, kh, kw] is one row of
-K = in/groups * kh * kw weights, flattened row-major exactly like `weight.reshape(out, -1)`.
+{0, 2, 3, 4, 6, 8, 16} (`quantizer.ROW_BITS`), rows at 2, 3 or 4 bits optionally with group-wise scales. A Conv2d is
+a linear map over its output channels: its filter [in/groups, kh, kw] is one row of K = in/groups * kh * kw weights,
+flattened row-major exactly like `weight.reshape(out, -1)`.
 
-Storage layout, format version 2 (every tensor is a buffer, so `state_dict()` and the safetensors artifact hold
+Storage layout, format version 3 (every tensor is a buffer, so `state_dict()` and the safetensors artifact hold
 exactly this)
 -----------------------------------------------------------------------------------------------------------------
-Stored rows are grouped by bit-width in the fixed group order 8, 4, 2, 16; pruned rows (0 bits) are not stored.
-Inside a group rows keep ascending original output index. K = in_features (fan-in of one row).
+Stored rows are grouped by storage kind in the fixed order 8, 6, 4, 3, 2, 4g, 3g, 2g, 16 (`STORAGE_ORDER`; "4g":
+4-bit rows with group-wise scales); pruned rows (0 bits) are not stored. Inside a group rows keep ascending
+original output index. K = in_features (fan-in of one row); g = the layer's group size (`LayerPlan.group_size`, 64,
+128 or 256) and G = ceil(K / g) groups per grouped row (G = 0 in a layer without grouped rows).
 
     buffer      dtype         shape                          content
-    qweight_8   uint8         [rows_8, K]                    one code per byte
-    qweight_4   uint8         [rows_4, ceil(K / 2)]          two codes per byte: column 2j in bits 0-3 (low
-                                                             nibble), column 2j+1 in bits 4-7 (high nibble)
-    qweight_2   uint8         [rows_2, ceil(K / 4)]          four codes per byte: column 4j+i in bits 2i..2i+1
-                                                             (column 4j in the two lowest bits)
-    scale_b     float32       [rows_b]   (b in 8, 4, 2)      per-row scale s (fp32: every row keeps its full
+    qweight_b   uint8         [rows_b, code_bytes(K, b)]     b in 8, 6, 4, 3, 2: the codes of each row, bit plane
+                                                             after bit plane (below)
+    scale_b     float32       [rows_b]                       per-row scale s (fp32: every row keeps its full
                                                              resolution, see `qvla_quant.quantizer`)
-    zero_b      uint8         [rows_b]   (b in 8, 4, 2)      per-row zero point z, an integer in [0, 2^b - 1]
+    zero_b      uint8         [rows_b]                       per-row zero point z, an integer in [0, 2^b - 1]
+    qweight_bg  uint8         [rows_bg, code_bytes(K, b)]    b in 4, 3, 2: grouped rows, codes as in qweight_b
+    scale_bg    float32       [rows_bg, G]                   scale of group j = columns [j g, min((j + 1) g, K))
+    zero_bg     uint8         [rows_bg, G]                   zero point of group j, in [0, 2^b - 1]
     kept        kept dtype    [rows_16, K]                   16-bit rows, unquantized: kept dtype =
                                                              `quantizer.kept_dtype(source dtype)`, i.e. bf16 for
                                                              fp32 (or wider) sources, the source dtype for bf16
                                                              and fp16 sources (bit-exact)
-    row_index   int32         [rows_8 + rows_4 + rows_2 + rows_16]
-                                                             original output index of every stored row, in
+    row_index   int32         [stored rows]                  original output index of every stored row, in
                                                              the group order above (concatenated)
     bias        source dtype  [out_features]                 only if the source layer has a bias: the FULL
                                                              bias, pruned rows included
 
-Why bf16 and not fp16 for the kept rows of an fp32 model: bf16 has fp32's exponent range (no overflow above
-65504, no flush to zero below 6e-8) at 8 significant bits; fp16 has 11 but would silently break outlier weights
-and tiny ones. A bf16 or fp16 model keeps its own dtype (converting between the two loses range or mantissa).
+Codes and bit planes. A b-bit code is split into planes of power-of-two widths, low bits first
+(`quantizer.BIT_PLANES`): 8 = (8), 6 = (4, 2), 4 = (4), 3 = (2, 1), 2 = (2). A packed row is its planes one after
+the other; a plane of width p holds 8 / p columns per byte, column (8/p) j + i in bits p i .. p i + p - 1 of
+byte j (column 0 in the lowest bits), its last byte padded with code 0: ceil(K p / 8) bytes. So the row stride is
 
-Bytes per row, exactly (`row_bytes`, `predicted_weight_bytes`; `PackedLinear.weight_bytes()` measures the same):
+    code_bytes(K, b) = sum over the planes p of b of ceil(K p / 8)
+                     = K (8 bits), ceil(K/2) (4), ceil(K/4) (2), ceil(K/4) + ceil(K/8) (3), ceil(K/2) + ceil(K/4) (6)
 
-    quantized row at b in {2, 4, 8}:  ceil(K * b / 8) + 9    (codes + 4 fp32 scale + 1 uint8 zero + 4 int32 index)
-    kept row (16 bits):               2 * K + 4              (16-bit values + 4 int32 index)
+exactly K b / 8 when 8 divides K, and q = low field | (high field << width of the low plane). The 2-, 4- and
+8-bit rows are byte for byte those of layout 2. Why planes for 3 and 6 bits: no field ever straddles a byte, so a
+kernel unpacks every plane with the same shift-and-mask as int2/int4 (and int1), planes stay aligned to a row's
+byte offsets, and the storage is exactly b bits per weight (10 codes per 32-bit word would take 3.2 bits; 8 codes
+per 3 bytes would make fields cross bytes). llama.cpp's Q3_K (2 low bits + a high-bit plane) and Q6_K (4 + 2) split
+their codes the same way. 6 bits came at no extra machinery, so it is in: it sits between 4 and 8, which lets an
+allocator free 2 bits from a row whose 8-bit error is far below everything else (one more GEMM per layer that uses
+it, one more sensitivity column).
+
+Bytes per row, exactly (`row_bytes`, `predicted_weight_bytes`, `quantizer.row_storage_bytes`;
+`PackedLinear.weight_bytes()` measures the same):
+
+    quantized row at b:               code_bytes(K, b) + 9          (codes + 4 fp32 scale + 1 uint8 zero + 4 int32
+                                                                    index)
+    grouped row at b in {2, 3, 4}:    code_bytes(K, b) + 5 G + 4    (codes + G (scale, zero) pairs + 4 index)
+    kept row (16 bits):               2 * K + 4                     (16-bit values + 4 int32 index)
     pruned row (0 bits):              0
     (bias not counted: it is not a weight; it is stored in full, in the source dtype)
 
-The plan's average bits count b * K per row, so the stored bits per weight are the plan's average plus the
-per-row overhead: 72 bits per quantized row (plus the padding of the last byte when K * b is not a multiple of
-8) and 32 bits per kept row, divided by the weights (`overhead_bits_per_weight`). At K = 128 a 4-bit row takes
-64 + 9 bytes = 4.5625 bits per weight: overhead 0.5625. Every average-bits figure the tools print is given with
-this overhead beside it.
+The plan's average bits count b * K per row and, for a grouped row, its 40 (G - 1) bits of extra scales and zero
+points (`quantizer.row_plan_bits`: the groups' overhead is in the budget), so the stored bits per weight are the
+plan's average plus the per-row overhead: 72 bits per quantized row, grouped or not (plus the padding of the last
+byte of each plane), and 32 bits per kept row, divided by the weights (`overhead_bits_per_weight`). At K = 128 a
+4-bit row takes 64 + 9 bytes = 4.5625 bits per weight: overhead 0.5625; a grouped 4-bit row at g = 64 (G = 2)
+64 + 14 bytes = 4.875 bits, of which the plan counts 4.3125.
 
-Format version 1 (artifacts written before the above; they still load): scale_b and zero_b float16 (scales
+Format version 2 (artifacts written before 3- and 6-bit rows and groups; they still load): only the 8, 4, 2 and 16
+groups, byte for byte as above; such a layer loads with empty 6, 3 and grouped groups (the same tensors, the same
+outputs).
+
+Format version 1 (artifacts written before layout 2; they still load): scale_b and zero_b float16 (scales
 clamped to >= 6.1e-5) and kept rows in the source dtype: ceil(K * b / 8) + 8 bytes per quantized row and
 K * itemsize(source) + 4 per kept row. A version-1 artifact loads with its scales widened to fp32 and its zero
 points narrowed to uint8 (both exact: the outputs are the same) and its kept rows as stored, in the source dtype
 (`repack_kept` rounds them to the version-2 kept dtype, which changes those rows; `save_artifact` asks for it).
 
-A kernel runs one GEMM per group and writes its output columns to row_index[off_b : off_b + rows_b], with
-off_8 = 0, off_4 = rows_8, off_2 = rows_8 + rows_4, off_16 = rows_8 + rows_4 + rows_2 (MixLLM-style).
+A kernel runs one GEMM per group and writes its output columns to row_index[off : off + rows], the offsets the
+cumulated group sizes in `STORAGE_ORDER` (MixLLM-style).
 
-Codes are unsigned, q in [0, 2^b - 1]; every row of a packed tensor starts on a byte boundary (row stride
-ceil(K * b / 8) bytes). When K * b is not a multiple of 8 the tail of each row's last byte is padding with code 0;
-a kernel must mask columns >= K. Empty groups are stored as zero-row tensors so the set of buffer names and their
-meaning never depends on the plan (rows_b = buffer.shape[0]).
+Every row of a packed tensor starts on a byte boundary; a kernel must mask columns >= K in each plane's last byte.
+Empty groups are stored as zero-row tensors so the set of buffer names and their meaning never depends on the plan
+(rows_b = buffer.shape[0]).
 
 Math (identical to `qvla_quant.quantizer`, which the fake-quant reference uses):
     w[i, k]      = (q[i, k] - z[i]) * s[i]          in fp32 from the fp32 s and uint8 z, then cast to the compute
-                                                    dtype; a kept row is its stored 16-bit value
+                                                    dtype (grouped: z and s of the group of column k); a kept row is
+                                                    its stored 16-bit value
     y[..., o]    = x @ w[i] + bias[o]              for the stored row i with row_index[i] = o
     y[..., o]    = bias[o]   (0 without bias)       for a pruned row o: a pruned channel outputs a constant, so
                                                     downstream norms and residuals keep its mean contribution
@@ -71,6 +94,10 @@ input; for a conv, per patch = per column of `F.unfold`), exactly as `fake_quant
 
 Layer-wise RTN (granularity "tensor") uses this same format: scale_b / zero_b hold one value repeated per row.
 (Layer-wise storage could drop the per-row scale and zero; it does not, so the overhead above holds for it too.)
+
+Why bf16 and not fp16 for the kept rows of an fp32 model: bf16 has fp32's exponent range (no overflow above
+65504, no flush to zero below 6e-8) at 8 significant bits; fp16 has 11 but would silently break outlier weights
+and tiny ones. A bf16 or fp16 model keeps its own dtype (converting between the two loses range or mantissa).
 
 CPU forward and the dequantization cache
 ----------------------------------------
@@ -87,6 +114,10 @@ keep it: the speed of nn.Linear, at the memory of a full-precision copy of every
 buffers (in fp32 that is more than the bf16 source model). The cache and the conv path compute in the input's
 dtype. Default off: the packed weights are the point of the format; switch it on for CPU evaluation runs with
 memory to spare. The cache is never saved.
+
+3- and 6-bit rows go the same way, their planes unpacked into codes block by block ((q - z) exact in fp32, the
+scale applied to the output); grouped rows are dequantized block by block in fp32 with their group scales and
+zero points (the reference's two roundings) and multiplied.
 """
 
 from __future__ import annotations
@@ -102,32 +133,47 @@ from torch import nn
 
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
-    BIT_CHOICES,
+    BIT_PLANES,
     QUANTIZED_BITS,
+    ROW_BITS,
+    ROW_INDEX_BYTES,
+    SCALE_BYTES,
     SCALE_DTYPE,
+    ZERO_BYTES,
     ZERO_DTYPE,
     QuantConfig,
+    RowChoice,
     as_rows,
     check_granularity,
+    check_grouped,
+    check_row_bits,
+    code_bytes,
+    expand_groups,
     fake_quantize_activation,
     fake_quantize_weight,
+    n_groups,
     quantize_rows,
 )
 from qvla_quant.quantizer import kept_dtype as _kept_dtype
 
-PACKED_FORMAT_VERSION = 2
-PACKED_READ_VERSIONS: tuple[int, ...] = (1, 2)  # layouts `qvla_quant.artifact` loads (1: see the module docstring)
-PACKED_GROUPS: tuple[int, ...] = (
-    8,
-    4,
-    2,
-)  # quantized groups, in storage order; the kept (16-bit) group follows
-STORAGE_ORDER: tuple[int, ...] = (*PACKED_GROUPS, 16)
+PACKED_FORMAT_VERSION = 3
+PACKED_READ_VERSIONS: tuple[int, ...] = (1, 2, 3)  # layouts `qvla_quant.artifact` loads (see the module docstring)
+PACKED_GROUPS: tuple[int, ...] = (8, 6, 4, 3, 2)  # per-row quantized groups, in storage order
+GROUPED_PACKED_GROUPS: tuple[int, ...] = (4, 3, 2)  # grouped ("4g" ...) groups, in storage order, after them
+LAYOUT_2_GROUPS: tuple[int, ...] = (8, 4, 2)  # the quantized groups of layouts 1 and 2
+# every stored group in storage order (the kept 16-bit group last); its buffers are named by `group_suffix`
+STORAGE_ORDER: tuple[RowChoice, ...] = (
+    *(RowChoice(b) for b in PACKED_GROUPS),
+    *(RowChoice(b, True) for b in GROUPED_PACKED_GROUPS),
+    RowChoice(16),
+)
+QUANTIZED_STORAGE: tuple[RowChoice, ...] = STORAGE_ORDER[:-1]
 # rows dequantized per block in the per-call forward: 64 rows x 8192 fp32 = 2 MiB, fits a core's L2
 DEQUANT_BLOCK_BYTES = 2 << 20
-# storage beyond the plan's b * K bits, per row (format version 2; see the module docstring)
-QUANTIZED_ROW_OVERHEAD_BYTES = 4 + 1 + 4  # fp32 scale, uint8 zero point, int32 row_index
-KEPT_ROW_OVERHEAD_BYTES = 4  # int32 row_index
+# storage beyond the plan's bits, per row (format version 2 and 3; see the module docstring)
+QUANTIZED_ROW_OVERHEAD_BYTES = SCALE_BYTES + ZERO_BYTES + ROW_INDEX_BYTES  # fp32 scale, uint8 zero, int32 row_index
+GROUP_OVERHEAD_BYTES = SCALE_BYTES + ZERO_BYTES  # per extra group of a grouped row (in the plan's bits)
+KEPT_ROW_OVERHEAD_BYTES = ROW_INDEX_BYTES  # int32 row_index
 # attribute that `quantize_model` sets on the model it returns: the source model's fingerprint (see artifact.py)
 SOURCE_FINGERPRINT_ATTR = "qvla_source_fingerprint"
 
@@ -137,19 +183,21 @@ SOURCE_FINGERPRINT_ATTR = "qvla_source_fingerprint"
 
 
 def packed_row_bytes(fan_in: int, bits: int) -> int:
-    """Bytes of one packed row of `fan_in` codes at `bits` in {2, 4, 8}."""
-    return (fan_in * bits + 7) // 8
+    """Bytes of one packed row of `fan_in` codes at `bits` in QUANTIZED_BITS (`quantizer.code_bytes`: the sum of
+    ceil(K * p / 8) over the bit planes p of `bits`)."""
+    return code_bytes(fan_in, bits)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes [R, K] (values < 2^bits) into uint8 [R, ceil(K * bits / 8)], low bits first."""
-    if bits not in QUANTIZED_BITS:
-        raise ValueError(f"pack_codes: bits must be one of {QUANTIZED_BITS}, got {bits}")
-    if codes.dtype != torch.uint8 or codes.dim() != 2:
-        raise ValueError(f"pack_codes expects uint8 codes [R, K], got {codes.dtype} {tuple(codes.shape)}")
-    if bits == 8:
+def group_suffix(choice: RowChoice) -> str:
+    """Buffer-name suffix of a storage group: "4" (qweight_4 ...), "4g" (qweight_4g ...)."""
+    return choice.label
+
+
+def _pack_plane(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """One plane: uint8 fields [R, K] (values < 2^width) -> uint8 [R, ceil(K * width / 8)], low bits first."""
+    if width == 8:
         return codes.contiguous()
-    per_byte = 8 // bits
+    per_byte = 8 // width
     rows, k = codes.shape
     pad = -k % per_byte
     if pad:
@@ -157,21 +205,52 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.reshape(rows, -1, per_byte)
     out = c[..., 0].clone()
     for i in range(1, per_byte):
-        out |= c[..., i] << (bits * i)
+        out |= c[..., i] << (width * i)
     return out
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, fan_in: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: uint8 [R, ceil(K * bits / 8)] -> uint8 codes [R, fan_in]."""
-    if bits == 8:
+def _unpack_plane(packed: torch.Tensor, width: int, fan_in: int) -> torch.Tensor:
+    if width == 8:
         return packed
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
+    per_byte = 8 // width
+    mask = (1 << width) - 1
     rows, nbytes = packed.shape
     out = torch.empty(rows, nbytes, per_byte, dtype=torch.uint8, device=packed.device)
     for i in range(per_byte):
-        torch.bitwise_and(packed >> (bits * i), mask, out=out[..., i])
+        torch.bitwise_and(packed >> (width * i), mask, out=out[..., i])
     return out.reshape(rows, nbytes * per_byte)[:, :fan_in]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes [R, K] (values < 2^bits) into uint8 [R, code_bytes(K, bits)]: bit plane after bit plane
+    (`quantizer.BIT_PLANES`, low bits first), each plane low columns in low bits (see the module docstring)."""
+    if bits not in QUANTIZED_BITS:
+        raise ValueError(f"pack_codes: bits must be one of {QUANTIZED_BITS}, got {bits}")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"pack_codes expects uint8 codes [R, K], got {codes.dtype} {tuple(codes.shape)}")
+    planes = BIT_PLANES[bits]
+    if len(planes) == 1:
+        return _pack_plane(codes, bits)
+    parts, shift = [], 0
+    for width in planes:
+        parts.append(_pack_plane((codes >> shift) & ((1 << width) - 1), width))
+        shift += width
+    return torch.cat(parts, dim=1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, fan_in: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [R, code_bytes(K, bits)] -> uint8 codes [R, fan_in]."""
+    planes = BIT_PLANES[bits]
+    if len(planes) == 1:
+        return _unpack_plane(packed, bits, fan_in)
+    out, start, shift = None, 0, 0
+    for width in planes:
+        nbytes = (fan_in * width + 7) // 8
+        field = _unpack_plane(packed[:, start : start + nbytes], width, fan_in)
+        out = field.clone() if out is None else out.bitwise_or_(field << shift)
+        start += nbytes
+        shift += width
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,20 +283,25 @@ class ConvGeometry:
 
 
 def _bits_tensor(row_bits) -> torch.Tensor:
-    row_bits = torch.as_tensor(row_bits).detach().to("cpu", torch.long)
-    bad = set(row_bits.unique().tolist()) - set(BIT_CHOICES)
-    if bad:
-        raise ValueError(f"row bit-widths {sorted(bad)} are not in {BIT_CHOICES}")
-    return row_bits
+    return check_row_bits(row_bits)
+
+
+def _storage_masks(bits: torch.Tensor, grouped: torch.Tensor | None) -> dict[RowChoice, torch.Tensor]:
+    """Rows of every storage group (bool masks over the output rows), in STORAGE_ORDER."""
+    flags = torch.zeros_like(bits, dtype=torch.bool) if grouped is None else grouped
+    return {c: (bits == c.bits) & (flags == c.grouped) for c in STORAGE_ORDER}
 
 
 class PackedLinear(nn.Module):
-    """A Linear/Conv2d stored as row groups of int8 / int4 / int2 codes, 16-bit rows and pruned rows.
+    """A Linear/Conv2d stored as row groups of int8 / int6 / int4 / int3 / int2 codes (per-row scales, or group-wise
+    for int4 / int3 / int2), 16-bit rows and pruned rows.
 
     See the module docstring for the exact layout. Build it with `from_float` (quantizes a float module) or with
     the constructor (empty buffers of the right shapes, e.g. on the meta device, to be filled by
     `load_state_dict(..., assign=True)`). `dtype` is the source layer's dtype (that of `weight` and `bias`);
     `kept_dtype` that of the kept rows, `quantizer.kept_dtype(dtype)` unless given (format-1 layers: `dtype`).
+    `group_size` / `grouped` [out] (bool): group-wise scales for the flagged rows (as in `LayerPlan`); both None
+    when no row is grouped (`group_size` is then None whatever was given).
     """
 
     def __init__(
@@ -233,6 +317,8 @@ class PackedLinear(nn.Module):
         device: torch.device | str | None = None,
         cache_dequantized: bool = False,
         kept_dtype: torch.dtype | None = None,
+        group_size: int | None = None,
+        grouped=None,
     ):
         super().__init__()
         self._source_dtype = dtype
@@ -257,16 +343,20 @@ class PackedLinear(nn.Module):
         if bits.shape != (self.out_features,):
             raise ValueError(f"row_bits has shape {tuple(bits.shape)}, expected ({self.out_features},)")
         check_granularity(granularity, bits)
+        flags, self.group_size = check_grouped(bits, grouped, group_size, granularity)
         k = self.in_features
+        n_grp = n_groups(k, self.group_size) if self.group_size else 0
         factory = {"device": device}
-        for b in PACKED_GROUPS:
-            n = int((bits == b).sum())
-            self.register_buffer(f"qweight_{b}", torch.empty(n, packed_row_bytes(k, b), dtype=torch.uint8, **factory))
-            self.register_buffer(f"scale_{b}", torch.empty(n, dtype=SCALE_DTYPE, **factory))
-            self.register_buffer(f"zero_{b}", torch.empty(n, dtype=ZERO_DTYPE, **factory))
+        masks = _storage_masks(bits, flags)
+        for c in QUANTIZED_STORAGE:
+            n, sfx = int(masks[c].sum()), group_suffix(c)
+            qshape = (n, n_grp) if c.grouped else (n,)
+            self.register_buffer(f"qweight_{sfx}", torch.empty(n, code_bytes(k, c.bits), dtype=torch.uint8, **factory))
+            self.register_buffer(f"scale_{sfx}", torch.empty(qshape, dtype=SCALE_DTYPE, **factory))
+            self.register_buffer(f"zero_{sfx}", torch.empty(qshape, dtype=ZERO_DTYPE, **factory))
         kept = kept_dtype or _kept_dtype(dtype)
         self.register_buffer("kept", torch.empty(int((bits == 16).sum()), k, dtype=kept, **factory))
-        index = torch.cat([(bits == b).nonzero().squeeze(1) for b in STORAGE_ORDER]).to(torch.int32)
+        index = torch.cat([masks[c].nonzero().squeeze(1) for c in STORAGE_ORDER]).to(torch.int32)
         self.register_buffer("row_index", index.to(device) if str(device) != "meta" else index.to("meta"))
         self.register_buffer("bias", torch.empty(self.out_features, dtype=dtype, **factory) if bias else None)
 
@@ -280,8 +370,17 @@ class PackedLinear(nn.Module):
         *,
         granularity: str = "row",
         cache_dequantized: bool = False,
+        group_size: int | None = None,
+        grouped=None,
+        qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PackedLinear:
-        """Quantize `module` with one bit-width per output row (`row_bits` [out]) into the packed format."""
+        """Quantize `module` with one bit-width per output row (`row_bits` [out]) into the packed format; rows
+        flagged in `grouped` get group-wise scales of `group_size` weights along K.
+
+        qparams: explicit (scale, zero) of the layer instead of the ones `quantize_rows` computes from the weights
+        (GPTQ's, chosen before its error compensation moved the rows): [out] for per-row rows or [out, ceil(K / g)]
+        for grouped rows, indexed by original row (entries of 16-bit and pruned rows are ignored); each code is
+        then clamp(round(w / s) + z, 0, 2^b - 1) (`_codes_from_qparams`)."""
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise TypeError(f"PackedLinear.from_float takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
         weight = module.weight.detach()
@@ -298,19 +397,31 @@ class PackedLinear(nn.Module):
             conv=ConvGeometry.from_module(module) if isinstance(module, nn.Conv2d) else None,
             device=weight.device,
             cache_dequantized=cache_dequantized,
+            group_size=group_size,
+            grouped=grouped,
         )
-        bits = _bits_tensor(row_bits).to(weight.device)
+        bits = _bits_tensor(row_bits)
+        masks = _storage_masks(bits, packed.row_grouped() if packed.group_size else None)
         rows = as_rows(weight)
         with torch.no_grad():
-            for b in PACKED_GROUPS:
-                idx = (bits == b).nonzero().squeeze(1)
-                if idx.numel():
+            for c in QUANTIZED_STORAGE:
+                idx = masks[c].nonzero().squeeze(1).to(weight.device)
+                if idx.numel() and qparams is not None:
+                    codes, scale, zero = _codes_from_qparams(
+                        rows[idx], c.bits, qparams, idx, packed.group_size if c.grouped else None)
+                elif idx.numel():
                     # same grouping as fake_quantize_weight (ascending rows), so "tensor" granularity matches too
-                    codes, scale, zero = quantize_rows(rows[idx], b, config.weight, granularity=granularity)
-                    getattr(packed, f"qweight_{b}").copy_(pack_codes(codes, b))
-                    getattr(packed, f"scale_{b}").copy_(scale)
-                    getattr(packed, f"zero_{b}").copy_(zero)
-            packed.kept.copy_(rows[bits == 16])  # rounds an fp32 source to bf16 (as fake_quantize_rows does)
+                    codes, scale, zero = quantize_rows(
+                        rows[idx], c.bits, config.weight, granularity=granularity,
+                        group_size=packed.group_size if c.grouped else None,
+                    )  # fmt: skip
+                if idx.numel():
+                    sfx = group_suffix(c)
+                    getattr(packed, f"qweight_{sfx}").copy_(pack_codes(codes, c.bits))
+                    getattr(packed, f"scale_{sfx}").copy_(scale)
+                    getattr(packed, f"zero_{sfx}").copy_(zero)
+            # rounds an fp32 source to bf16 (as fake_quantize_rows does)
+            packed.kept.copy_(rows[(bits == 16).to(weight.device)])
             if module.bias is not None:
                 packed.bias.copy_(module.bias.detach())
         return packed
@@ -331,27 +442,48 @@ class PackedLinear(nn.Module):
         """
         return torch.empty(self.weight_shape, dtype=self.source_dtype, device="meta")
 
-    def group_sizes(self) -> dict[int, int]:
-        """Stored rows per bit-width, and pruned rows under 0."""
-        sizes = {b: getattr(self, f"qweight_{b}").shape[0] for b in PACKED_GROUPS}
-        sizes[16] = self.kept.shape[0]
+    def _group_rows(self, c: RowChoice) -> int:
+        return self.kept.shape[0] if c.bits == 16 else getattr(self, f"qweight_{group_suffix(c)}").shape[0]
+
+    def storage_groups(self) -> list[tuple[RowChoice, int]]:
+        """(storage group, stored rows) in STORAGE_ORDER, empty groups included."""
+        return [(c, self._group_rows(c)) for c in STORAGE_ORDER]
+
+    def group_sizes(self) -> dict[int | str, int]:
+        """Stored rows per per-row bit-width (int keys 8, 6, 4, 3, 2, 16), per grouped one ("4g", "3g", "2g"),
+        and pruned rows under 0."""
+        sizes: dict[int | str, int] = {}
+        for c, n in self.storage_groups():
+            sizes[c.label if c.grouped else c.bits] = n
         sizes[0] = self.out_features - sum(sizes.values())
         return sizes
 
-    def row_bits(self) -> torch.Tensor:
-        """Bits per original output row (long [out]), derived from the stored groups."""
+    def _row_choice_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         bits = torch.zeros(self.out_features, dtype=torch.long)
-        sizes = self.group_sizes()
+        grouped = torch.zeros(self.out_features, dtype=torch.bool)
         index = self.row_index.long().cpu()
         start = 0
-        for b in STORAGE_ORDER:
-            bits[index[start : start + sizes[b]]] = b
-            start += sizes[b]
-        return bits
+        for c, n in self.storage_groups():
+            bits[index[start : start + n]] = c.bits
+            grouped[index[start : start + n]] = c.grouped
+            start += n
+        return bits, grouped
+
+    def row_bits(self) -> torch.Tensor:
+        """Bits per original output row (long [out]), derived from the stored groups."""
+        return self._row_choice_codes()[0]
+
+    def row_grouped(self) -> torch.Tensor:
+        """Whether each original output row has group-wise scales (bool [out])."""
+        return self._row_choice_codes()[1]
 
     def average_bits(self) -> float:
-        """Bits per weight as the plan counts them (b * K per row)."""
-        return float(self.row_bits().float().mean())
+        """Bits per weight as the plan counts them (b * K per row; a grouped row + its extra scales and zeros)."""
+        bits, grouped = self._row_choice_codes()
+        extra = 0
+        if self.group_size:
+            extra = GROUP_OVERHEAD_BYTES * 8 * (n_groups(self.in_features, self.group_size) - 1) * int(grouped.sum())
+        return (float(bits.sum()) * self.in_features + extra) / (self.out_features * self.in_features)
 
     def stored_bits_per_weight(self) -> float:
         """Bits per weight as stored: 8 * weight_bytes() / (out_features * in_features)."""
@@ -368,10 +500,8 @@ class PackedLinear(nn.Module):
         The bias is not a weight and is not counted (see `bias_bytes`); neither is the optional dequantization
         cache (a runtime choice, see `cache_bytes`).
         """
-        names = [f"{p}_{b}" for b in PACKED_GROUPS for p in ("qweight", "scale", "zero")] + [
-            "kept",
-            "row_index",
-        ]
+        names = [f"{p}_{group_suffix(c)}" for c in QUANTIZED_STORAGE for p in ("qweight", "scale", "zero")]
+        names += ["kept", "row_index"]
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def bias_bytes(self) -> int:
@@ -382,7 +512,7 @@ class PackedLinear(nn.Module):
 
     def validate(self) -> None:
         """Check that the buffers are a consistent packed layer (after loading from a file)."""
-        n_stored = sum(getattr(self, f"qweight_{b}").shape[0] for b in PACKED_GROUPS) + self.kept.shape[0]
+        n_stored = sum(n for _, n in self.storage_groups())
         problems = []
         if self.row_index.shape != (n_stored,):
             problems.append(f"row_index has {self.row_index.numel()} entries for {n_stored} stored rows")
@@ -390,23 +520,28 @@ class PackedLinear(nn.Module):
             idx = self.row_index.long()
             if n_stored and (idx.min() < 0 or idx.max() >= self.out_features or idx.unique().numel() != n_stored):
                 problems.append("row_index is not a set of distinct output rows")
-        for b in PACKED_GROUPS:
-            q, s, z = (getattr(self, f"{p}_{b}") for p in ("qweight", "scale", "zero"))
-            if q.shape[1] != packed_row_bytes(self.in_features, b) or s.shape != (q.shape[0],) or z.shape != s.shape:
-                problems.append(f"int{b} group has inconsistent shapes {tuple(q.shape)}, {tuple(s.shape)}")
+        n_grp = n_groups(self.in_features, self.group_size) if self.group_size else 0
+        for c in QUANTIZED_STORAGE:
+            b, sfx = c.bits, group_suffix(c)
+            q, s, z = (getattr(self, f"{p}_{sfx}") for p in ("qweight", "scale", "zero"))
+            qshape = (q.shape[0], n_grp) if c.grouped else (q.shape[0],)
+            if q.shape[1] != code_bytes(self.in_features, b) or s.shape != qshape or z.shape != s.shape:
+                problems.append(f"int{sfx} group has inconsistent shapes {tuple(q.shape)}, {tuple(s.shape)}")
             elif s.numel() and not s.is_meta:
                 if not bool(torch.isfinite(s).all() and (s > 0).all()):
-                    problems.append(f"int{b} group has scales that are not finite and positive")
+                    problems.append(f"int{sfx} group has scales that are not finite and positive")
                 if int(z.max()) > (1 << b) - 1:
-                    problems.append(f"int{b} group has zero points above {(1 << b) - 1}")
+                    problems.append(f"int{sfx} group has zero points above {(1 << b) - 1}")
         if problems:
             raise ValueError("inconsistent packed layer: " + "; ".join(problems))
 
     def extra_repr(self) -> str:
         g = self.group_sizes()
         kind = f"conv{tuple(self.weight_shape)}" if self.conv else f"in={self.in_features}, out={self.out_features}"
+        rows = ", ".join(f"int{k}={n}" for k, n in g.items() if n and k not in (0, 16))
+        grouping = f", group_size={self.group_size}" if self.group_size else ""
         return (
-            f"{kind}, rows int8/int4/int2/kept/pruned={g[8]}/{g[4]}/{g[2]}/{g[16]}/{g[0]}, "
+            f"{kind}, rows {rows or 'none quantized'}, kept={g[16]}, pruned={g[0]}{grouping}, "
             f"A{self.config.activation.bits}, granularity={self.granularity}, weight_bytes={self.weight_bytes()} "
             f"({self.average_bits():.3f} bits + {self.overhead_bits_per_weight():.3f} overhead per weight)"
         )
@@ -414,22 +549,30 @@ class PackedLinear(nn.Module):
     # ---- dequantization
     def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> None:
         """Write stored rows [start, stop) (storage order) dequantized into fp32 `out` [stop - start, K]."""
-        k = self.in_features
         group_start = 0
-        for b in STORAGE_ORDER:
-            n = self.kept.shape[0] if b == 16 else getattr(self, f"qweight_{b}").shape[0]
+        for choice, n in self.storage_groups():
             lo, hi = max(start, group_start), min(stop, group_start + n)
             if lo < hi:
                 dst = out[lo - start : hi - start]
                 a, c = lo - group_start, hi - group_start
-                if b == 16:
+                if choice.bits == 16:
                     dst.copy_(self.kept[a:c])  # exact: every 16-bit float is an fp32
                 else:
-                    codes = unpack_codes(getattr(self, f"qweight_{b}")[a:c], b, k)
-                    # (q - z) * s in fp32, the same two roundings as quantizer.dequantize_rows
-                    torch.sub(codes, getattr(self, f"zero_{b}")[a:c].float()[:, None], out=dst)
-                    dst.mul_(getattr(self, f"scale_{b}")[a:c].float()[:, None])
+                    self._dequantize_group(choice, a, c, dst)
             group_start += n
+
+    def _dequantize_group(self, choice: RowChoice, a: int, c: int, dst: torch.Tensor) -> None:
+        """Rows [a, c) of quantized storage group `choice` dequantized into fp32 `dst` [c - a, K]."""
+        k, sfx = self.in_features, group_suffix(choice)
+        codes = unpack_codes(getattr(self, f"qweight_{sfx}")[a:c], choice.bits, k)
+        zero, scale = getattr(self, f"zero_{sfx}")[a:c].float(), getattr(self, f"scale_{sfx}")[a:c].float()
+        # (q - z) * s in fp32, the same two roundings as quantizer.dequantize_rows
+        if choice.grouped:
+            torch.sub(codes, expand_groups(zero, k, self.group_size), out=dst)
+            dst.mul_(expand_groups(scale, k, self.group_size))
+        else:
+            torch.sub(codes, zero[:, None], out=dst)
+            dst.mul_(scale[:, None])
 
     def _n_stored(self) -> int:
         return self.row_index.shape[0]
@@ -443,7 +586,8 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full reference weight [out, ...] (original shape; pruned rows zero), in `dtype` (default source).
 
-        Equal (torch.equal) to `fake_quantize_weight(source_weight, row_bits, config.weight)` (format 2).
+        Equal (torch.equal) to `fake_quantize_weight(source_weight, row_bits, config.weight, group_size=...,
+        grouped=...)` (format 2 and 3).
         """
         dtype = dtype or self.source_dtype
         full = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.kept.device)
@@ -472,11 +616,12 @@ class PackedLinear(nn.Module):
         kept = self._buffers["kept"]
         if kept_before.itemsize == 2 and kept.dtype.itemsize > 2:
             self._buffers["kept"] = kept.to(kept_before)
-        for b in PACKED_GROUPS:
+        for c in QUANTIZED_STORAGE:
             for p, dtype in (("scale", SCALE_DTYPE), ("zero", ZERO_DTYPE)):
-                t = self._buffers[f"{p}_{b}"]
+                name = f"{p}_{group_suffix(c)}"
+                t = self._buffers[name]
                 if t is not None and t.dtype != dtype:
-                    self._buffers[f"{p}_{b}"] = t.to(dtype)
+                    self._buffers[name] = t.to(dtype)
         self._cache = None
         return self
 
@@ -502,10 +647,12 @@ class PackedLinear(nn.Module):
         xf = x2.float()
         y = torch.empty(x2.shape[0], self._n_stored(), dtype=torch.float32, device=x2.device)
         start = 0
-        for b in PACKED_GROUPS:
-            n = getattr(self, f"qweight_{b}").shape[0]
+        for c, n in self.storage_groups()[:-1]:
             if n:
-                self._packed_group_matmul(b, xf, y[:, start : start + n])
+                if c.grouped or len(BIT_PLANES[c.bits]) > 1:
+                    self._block_group_matmul(c, xf, y[:, start : start + n])
+                else:
+                    self._packed_group_matmul(c.bits, xf, y[:, start : start + n])
             start += n
         n_kept = self.kept.shape[0]
         if n_kept:  # in blocks like the packed groups: the fp32 copy of a block stays in cache
@@ -565,6 +712,25 @@ class PackedLinear(nn.Module):
                 w.copy_(d)
             y[:, r0:r1] = (xp @ w.t()).mul_(scale_out[r0:r1])
 
+    def _block_group_matmul(self, choice: RowChoice, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """y[N, rows] = x2 @ dequantized(group)^T in fp32 for multi-plane (3, 6 bits) and grouped rows, a block of
+        rows at a time: per-row scales move to the output (x @ (q - z)^T) s, grouped rows are dequantized in full."""
+        sfx, k = group_suffix(choice), self.in_features
+        q, zero = getattr(self, f"qweight_{sfx}"), getattr(self, f"zero_{sfx}")
+        n = q.shape[0]
+        block = max(1, min(n, DEQUANT_BLOCK_BYTES // (4 * k)))
+        w_buf = torch.empty(block, k, dtype=torch.float32, device=q.device)
+        scale = getattr(self, f"scale_{sfx}").float()
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            w = w_buf[: r1 - r0]
+            if choice.grouped:
+                self._dequantize_group(choice, r0, r1, w)
+                y[:, r0:r1] = x2 @ w.t()
+            else:
+                torch.sub(unpack_codes(q[r0:r1], choice.bits, k), zero[r0:r1].float()[:, None], out=w)
+                y[:, r0:r1] = (x2 @ w.t()).mul_(scale[r0:r1])
+
     def _scatter(self, y: torch.Tensor) -> torch.Tensor:
         """Stored-row outputs [N, n_stored] -> full [N, out]; pruned columns get their bias (or 0)."""
         n = y.shape[0]
@@ -617,23 +783,40 @@ class PackedLinear(nn.Module):
         return y.reshape(batch, h_out * w_out, self.out_features).transpose(1, 2).reshape(batch, -1, h_out, w_out)
 
 
-def row_bytes(fan_in: int, bits: int, source_dtype: torch.dtype, *, packed_version: int = PACKED_FORMAT_VERSION) -> int:
+def row_bytes(
+    fan_in: int,
+    bits: int,
+    source_dtype: torch.dtype,
+    *,
+    packed_version: int = PACKED_FORMAT_VERSION,
+    grouped: bool = False,
+    group_size: int | None = None,
+) -> int:
     """Stored weight bytes of one row of `fan_in` weights at `bits` (see the module docstring's byte table).
 
-    packed_version 2: ceil(K * b / 8) + 9 at b in {2, 4, 8}, 2 * K + 4 at 16, 0 at 0; packed_version 1 (the
-    layout of older artifacts): ceil(K * b / 8) + 8, K * itemsize(source_dtype) + 4, 0.
+    packed_version 3: code_bytes(K, b) + 9 for a per-row quantized row, code_bytes(K, b) + 5 * ceil(K / g) + 4 for
+    a grouped one (`grouped`, `group_size` g), 2 * K + 4 at 16, 0 at 0 (`quantizer.row_storage_bytes`);
+    packed_version 2: the same for its rows (2, 4, 8 per-row; 16; 0); packed_version 1 (the layout of older
+    artifacts): ceil(K * b / 8) + 8, K * itemsize(source_dtype) + 4, 0.
     """
     if packed_version not in PACKED_READ_VERSIONS:
         raise ValueError(f"unknown packed format version {packed_version!r} (known: {PACKED_READ_VERSIONS})")
+    if bits not in ROW_BITS:
+        raise ValueError(f"bits must be one of {ROW_BITS}, got {bits}")
+    if packed_version < 3 and (grouped or bits not in (0, *LAYOUT_2_GROUPS, 16)):
+        raise ValueError(f"packed layout {packed_version} has no {'grouped ' if grouped else ''}{bits}-bit rows")
+    RowChoice(bits, grouped).check()
     if bits == 0:
         return 0
     if bits == 16:
         kept = _kept_dtype(source_dtype) if packed_version >= 2 else source_dtype
         return fan_in * kept.itemsize + KEPT_ROW_OVERHEAD_BYTES
-    if bits not in PACKED_GROUPS:
-        raise ValueError(f"bits must be one of {BIT_CHOICES}, got {bits}")
+    if grouped:
+        if group_size is None:
+            raise ValueError("a grouped row needs a group_size")
+        return code_bytes(fan_in, bits) + GROUP_OVERHEAD_BYTES * n_groups(fan_in, group_size) + ROW_INDEX_BYTES
     overhead = QUANTIZED_ROW_OVERHEAD_BYTES if packed_version >= 2 else 2 + 2 + 4
-    return packed_row_bytes(fan_in, bits) + overhead
+    return code_bytes(fan_in, bits) + overhead
 
 
 def predicted_weight_bytes(
@@ -641,11 +824,15 @@ def predicted_weight_bytes(
 ) -> int:
     """Weight bytes of the packed layer from its plan alone (the sum of `row_bytes` over its rows); equals
     `PackedLinear.weight_bytes()` exactly for a layer of that format version. Bias not included."""
-    counts: dict[int, int] = {}
-    for b in layer_plan.bits:
-        counts[b] = counts.get(b, 0) + 1
+    counts: dict[RowChoice, int] = {}
+    for c in layer_plan.row_choices():
+        counts[c] = counts.get(c, 0) + 1
     k = layer_plan.fan_in
-    return sum(n * row_bytes(k, b, source_dtype, packed_version=packed_version) for b, n in counts.items())
+    return sum(
+        n * row_bytes(k, c.bits, source_dtype, packed_version=packed_version, grouped=c.grouped,
+                      group_size=layer_plan.group_size)
+        for c, n in counts.items()
+    )  # fmt: skip
 
 
 def plan_weight_bytes(
@@ -670,8 +857,9 @@ def stored_bits_per_weight(
 def overhead_bits_per_weight(
     plan: Plan, source_dtype: torch.dtype, role: str | None = None, *, packed_version: int = PACKED_FORMAT_VERSION
 ) -> float:
-    """Stored bits per weight beyond `plan.average_bits(role)`: 72 bits per quantized row (+ its byte padding) and
-    32 per kept row, over the weights (format 2). A budget of 4 at K = 128: 4.5625 bits stored, overhead 0.5625."""
+    """Stored bits per weight beyond `plan.average_bits(role)`: 72 bits per quantized row, grouped or not (+ the
+    padding of its planes' last bytes), and 32 per kept row, over the weights (format 2 and 3; a grouped row's extra
+    scales and zeros are in the plan's average). A budget of 4 at K = 128: 4.5625 bits stored, overhead 0.5625."""
     return stored_bits_per_weight(plan, source_dtype, role, packed_version=packed_version) - plan.average_bits(role)
 
 
@@ -749,26 +937,58 @@ def planned_modules(model: nn.Module, plan: Plan) -> list[tuple[str, nn.Module, 
     return resolved
 
 
-def quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = True, cache_dequantized: bool = False) -> nn.Module:
+def quantize_model(
+    model: nn.Module, plan: Plan, *, inplace: bool = True, cache_dequantized: bool = False, qparams: dict | None = None
+) -> nn.Module:
     """Replace every module named in `plan` by a `PackedLinear` (same attribute name, so its state-dict keys are
     `<name>.qweight_8`, `<name>.scale_8`, ..., `<name>.kept`, `<name>.row_index`, `<name>.bias`).
 
     The source fingerprint (`artifact.model_fingerprint`) is recorded as `model.qvla_source_fingerprint`, so that
     `save_artifact` can name the checkpoint the artifact was made from.
+    qparams: {layer name: (scale, zero)} explicit quantization parameters for some layers (`PackedLinear.from_float`;
+    `qvla_quant.llm_baselines.gptq` makes them); the other layers compute theirs from their weights.
     """
     from qvla_quant.artifact import model_fingerprint  # artifact.py imports this module
 
+    qparams = dict(qparams or {})
+    unknown = sorted(set(qparams) - set(plan.layers))
+    if unknown:
+        raise ValueError(f"qparams name layers that are not in the plan: {unknown[:8]}")
     if not inplace:
         model = copy.deepcopy(model)
     resolved = planned_modules(model, plan)
     fingerprint = model_fingerprint(model)
     for _, parent, attr, module, lp in resolved:
         packed = PackedLinear.from_float(
-            module, lp.bits, plan.quant, granularity=lp.granularity, cache_dequantized=cache_dequantized
-        )
+            module, lp.bits, plan.quant, granularity=lp.granularity, cache_dequantized=cache_dequantized,
+            group_size=lp.group_size, grouped=lp.grouped, qparams=qparams.get(lp.name),
+        )  # fmt: skip
         setattr(parent, attr, packed)
     setattr(model, SOURCE_FINGERPRINT_ATTR, fingerprint)
     return model
+
+
+def _codes_from_qparams(rows: torch.Tensor, bits: int, qparams, idx: torch.Tensor, group_size: int | None):
+    """(codes, scale, zero) of `rows` (the layer's rows `idx`) from the layer's explicit qparams = (scale, zero):
+    [out] per row, or [out, ceil(K / g)] per group of `group_size` g; codes clamp(round(w / s) + z, 0, 2^b - 1)."""
+    scale, zero = (torch.as_tensor(t).detach().to(rows.device) for t in qparams)
+    k, qmax = rows.shape[1], (1 << bits) - 1
+    want = () if group_size is None else (-(-k // group_size),)
+    if scale.shape[1:] != want or zero.shape != scale.shape or scale.shape[0] <= int(idx.max()):
+        what = "[out] (per row)" if group_size is None else f"[out, {want[0]}] (per group of {group_size})"
+        raise ValueError(f"qparams: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, expected {what} with "
+                         f"out > {int(idx.max())}")
+    scale, zero = scale[idx].float(), zero[idx].float()
+    if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("qparams: scales must be finite and positive")
+    if not bool(((zero == zero.round()) & (zero >= 0) & (zero <= qmax)).all()):
+        raise ValueError(f"qparams: zero points must be integers in [0, {qmax}] at {bits} bits")
+    s, z = (scale, zero) if group_size is None else (
+        scale.repeat_interleave(group_size, dim=1)[:, :k], zero.repeat_interleave(group_size, dim=1)[:, :k])
+    if group_size is None:
+        s, z = s[:, None], z[:, None]
+    codes = torch.clamp(torch.round(rows.float() / s) + z, 0, qmax).to(torch.uint8)
+    return codes, scale.to(SCALE_DTYPE), zero.to(ZERO_DTYPE)
 
 
 def _patch_quant_hook(conv: nn.Conv2d, bits: int):
@@ -830,7 +1050,10 @@ def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) 
                 )
     with torch.no_grad():
         for _, _, _, module, lp in resolved:
-            w_hat = fake_quantize_weight(module.weight, lp.bits, plan.quant.weight, granularity=lp.granularity)
+            w_hat = fake_quantize_weight(
+                module.weight, lp.bits, plan.quant.weight, granularity=lp.granularity, group_size=lp.group_size,
+                grouped=lp.grouped,
+            )  # fmt: skip
             module.weight.copy_(w_hat)
     if act_bits == 8:
         for _, _, _, module, _ in resolved:

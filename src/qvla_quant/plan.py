@@ -5,6 +5,16 @@ The average bit-width of a plan is weighted by row size: each row contributes `b
 `fan_in` weights, so a row of a wide layer counts more than a row of a narrow one (the paper's "average
 bit-width" is over weights). Only the layers in the plan (the quantized layers) count; layers kept at 16 by
 role rules are in the plan with all rows at 16 only when they are candidates for quantization.
+
+A row's bits are in `quantizer.ROW_BITS` (0, 2, 3, 4, 6, 8, 16). Group-wise scales: a layer may name one
+`group_size` (64, 128 or 256 along K) and flag rows `grouped` (rows at 2, 3 or 4 bits); such a row counts
+b * K + 40 * (ceil(K / g) - 1) bits (`quantizer.row_plan_bits`: its extra fp32 scales and uint8 zero points are in
+the budget), every other row b * K. A layer without grouped rows has group_size = grouped = None (the one form
+of it), and its dictionary is exactly what it was before groups existed (same keys, same plan hash).
+
+Versions: `to_dict` writes plan format 1 when every layer uses the paper's vocabulary (per-row rows at
+{0, 2, 4, 8, 16} bits), so older qvla_quant still read those plans, and format 2 when a layer has 3- or 6-bit
+or grouped rows. Both are read.
 """
 
 from __future__ import annotations
@@ -15,9 +25,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qvla_quant.quantizer import BIT_CHOICES, QuantConfig, check_granularity
+from qvla_quant.quantizer import (
+    BIT_CHOICES,
+    ROW_BITS,
+    QuantConfig,
+    RowChoice,
+    check_granularity,
+    check_grouped,
+    row_plan_bits,
+)
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # what plans with 3/6-bit or grouped rows are written as (others: 1, see the docstring)
+PLAN_READ_VERSIONS: tuple[int, ...] = (1, 2)
 
 
 @dataclass
@@ -28,6 +47,8 @@ class LayerPlan:
     kind: "linear" or "conv"; out_features x fan_in: the weight as rows; bits: one entry per row.
     granularity: "row" (per-row scale/zero, the method) or "tensor" (one scale/zero shared by all rows: the
     layer-wise RTN baseline; its quantized rows must share one bit-width). See `qvla_quant.quantizer`.
+    group_size / grouped: group-wise scales (g along K) for the rows flagged True (at 2, 3 or 4 bits); None / None
+    when no row is grouped (given flags that are all False are normalized to that).
     """
 
     name: str
@@ -37,18 +58,26 @@ class LayerPlan:
     fan_in: int
     bits: list[int]
     granularity: str = "row"
+    group_size: int | None = None
+    grouped: list[bool] | None = None
 
     def __post_init__(self):
         if len(self.bits) != self.out_features:
             raise ValueError(f"{self.name}: {len(self.bits)} row bit-widths for {self.out_features} rows")
-        bad = set(self.bits) - set(BIT_CHOICES)
+        bad = set(self.bits) - set(ROW_BITS)
         if bad:
-            raise ValueError(f"{self.name}: bit-widths {sorted(bad)} not in {BIT_CHOICES}")
+            raise ValueError(f"{self.name}: bit-widths {sorted(bad)} not in {ROW_BITS}")
         self.bits = [int(b) for b in self.bits]
         try:
             check_granularity(self.granularity, self.bits)
+            if self.grouped is not None and len(self.grouped) != self.out_features:
+                raise ValueError(f"{len(self.grouped)} grouped flags for {self.out_features} rows")
+            flags, self.group_size = check_grouped(
+                self.bits, None if self.grouped is None else list(self.grouped), self.group_size, self.granularity
+            )
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
+        self.grouped = None if flags is None else [bool(f) for f in flags.tolist()]
 
     @property
     def n_weights(self) -> int:
@@ -56,13 +85,32 @@ class LayerPlan:
 
     @property
     def total_bits(self) -> int:
-        return sum(self.bits) * self.fan_in
+        """Bits the plan counts for this layer: b * K per row, plus a grouped row's extra scales and zero points."""
+        total = sum(self.bits) * self.fan_in
+        if self.grouped is not None:
+            extra = row_plan_bits(self.fan_in, 2, grouped=True, group_size=self.group_size) - 2 * self.fan_in
+            total += extra * sum(self.grouped)
+        return total
 
     def bits_tensor(self) -> torch.Tensor:
         return torch.tensor(self.bits, dtype=torch.long)
 
+    def grouped_tensor(self) -> torch.Tensor:
+        """Per-row grouped flags (bool [out]; all False without grouped rows)."""
+        return torch.tensor(self.grouped or [False] * self.out_features, dtype=torch.bool)
+
+    def row_choices(self) -> list[RowChoice]:
+        """Every row's (bits, grouped)."""
+        flags = self.grouped or [False] * self.out_features
+        return [RowChoice(b, g) for b, g in zip(self.bits, flags)]
+
+    @property
+    def uses_new_format(self) -> bool:
+        """Whether this layer needs plan format 2 (3/6-bit or grouped rows)."""
+        return self.grouped is not None or bool(set(self.bits) - set(BIT_CHOICES))
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "role": self.role,
             "kind": self.kind,
@@ -71,9 +119,14 @@ class LayerPlan:
             "bits": self.bits,
             "granularity": self.granularity,
         }
+        if self.grouped is not None:  # only then: ungrouped layers keep their old dictionary (and plan hash)
+            d["group_size"] = self.group_size
+            d["grouped"] = list(self.grouped)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerPlan:
+        grouped = d.get("grouped")
         return cls(
             d["name"],
             d["role"],
@@ -82,6 +135,8 @@ class LayerPlan:
             int(d["fan_in"]),
             list(d["bits"]),
             d.get("granularity", "row"),  # plans written before the layer-wise baseline existed are per-row
+            None if d.get("group_size") is None else int(d["group_size"]),
+            None if grouped is None else list(grouped),
         )
 
 
@@ -113,13 +168,23 @@ class Plan:
         return sorted({lp.role for lp in self.layers.values()})
 
     def bit_histogram(self, role: str | None = None) -> dict[int, int]:
-        """Number of weights (not rows) at each bit-width."""
-        hist = {b: 0 for b in BIT_CHOICES}
+        """Number of weights (not rows) at each bit-width of ROW_BITS (grouped rows under their bits)."""
+        hist = {b: 0 for b in ROW_BITS}
         for lp in self.layers.values():
             if role is None or lp.role == role:
                 for b in lp.bits:
                     hist[b] += lp.fan_in
         return hist
+
+    def grouped_fraction(self, role: str | None = None) -> float:
+        """Fraction of the rows stored with group-wise scales."""
+        layers = [lp for lp in self.layers.values() if role is None or lp.role == role]
+        rows = sum(lp.out_features for lp in layers)
+        return sum(sum(lp.grouped or []) for lp in layers) / rows if rows else 0.0
+
+    def required_format_version(self) -> int:
+        """The oldest plan format that expresses this plan: 1, or 2 with 3/6-bit or grouped rows."""
+        return 2 if any(lp.uses_new_format for lp in self.layers.values()) else 1
 
     def hash(self) -> str:
         """Stable hash of what determines the quantized weights (bits, quantizer settings, source model)."""
@@ -136,7 +201,7 @@ class Plan:
     # ---- JSON
     def to_dict(self) -> dict:
         return {
-            "format_version": self.format_version,
+            "format_version": self.required_format_version(),
             "method": self.method,
             "budget": self.budget,
             "model_fingerprint": self.model_fingerprint,
@@ -150,10 +215,10 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         version = d.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
+        if version not in PLAN_READ_VERSIONS:
             raise ValueError(
                 f"plan format version {version!r} is not supported by this qvla_quant "
-                f"(expects {PLAN_FORMAT_VERSION}); re-run the allocation with this version"
+                f"(reads {', '.join(map(str, PLAN_READ_VERSIONS))}); re-run the allocation with this version"
             )
         layers = [LayerPlan.from_dict(x) for x in d["layers"]]
         return cls(

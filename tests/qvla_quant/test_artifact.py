@@ -281,8 +281,8 @@ def test_a_missing_packed_tensor_is_named_with_its_expected_shape(saved):
 
 def test_an_extra_packed_tensor_is_named_with_its_shape(saved):
     directory, _, _ = saved
-    rewrite_tensors(directory, lambda t: {**t, "fc1.qweight_3": torch.zeros(2, 5, dtype=torch.uint8)})
-    with pytest.raises(ArtifactError, match=r"unexpected \(1\): fc1.qweight_3 uint8 \[2, 5\]"):
+    rewrite_tensors(directory, lambda t: {**t, "fc1.qweight_5": torch.zeros(2, 5, dtype=torch.uint8)})
+    with pytest.raises(ArtifactError, match=r"unexpected \(1\): fc1.qweight_5 uint8 \[2, 5\]"):
         load_artifact(directory, TinyPolicy())
 
 

@@ -19,7 +19,7 @@ SPEC = [
 ]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8, 16])
 def test_uniform_plans_hit_their_bit_average_exactly(bits):
     for granularity in ("row", "tensor"):
         plan = uniform_plan(SPEC, bits, granularity=granularity)
@@ -41,7 +41,7 @@ def test_uniform_plan_inputs():
     assert from_layers.method == "rtn-layer-w4a16" and list(from_layers.layers) == [s[0] for s in SPEC]
     assert set(table3_plans(SPEC)) == {f"rtn-{g}-w{b}a16" for g in ("channel", "layer") for b in (8, 4, 2)}
     with pytest.raises(ValueError, match="bits must be one of"):
-        uniform_plan(SPEC, 3)
+        uniform_plan(SPEC, 5)
     with pytest.raises(ValueError, match="not a LayerPlan or a"):
         uniform_plan([("a", "b")], 4)
     with pytest.raises(ValueError, match="repeated: \\['lm.q'\\]"):
@@ -64,7 +64,7 @@ def uneven_rows_weight() -> torch.Tensor:
     return torch.randn(24, 40) * torch.logspace(-2, 1, 24)[:, None]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_layerwise_error_not_below_per_row_error(bits):
     w = uneven_rows_weight()
     row_plan = uniform_plan([("w", "language", "linear", 24, 40)], bits)

@@ -52,12 +52,24 @@ def random_bits(out: int, seed: int, choices=(0, 2, 4, 8, 16)) -> torch.Tensor:
 # ---- bit packing
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13, 64])
+# the documented row stride: the sum over bit planes of ceil(K * p / 8)
+ROW_STRIDE = {
+    2: lambda k: -(-k // 4),
+    3: lambda k: -(-k // 4) + -(-k // 8),
+    4: lambda k: -(-k // 2),
+    6: lambda k: -(-k // 2) + -(-k // 4),
+    8: lambda k: k,
+}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 13, 64, 67])
 def test_pack_unpack_round_trip_exact(bits, k):
     codes = torch.randint(0, 1 << bits, (7, k), dtype=torch.uint8)
     packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (7, (k * bits + 7) // 8)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, ROW_STRIDE[bits](k))
+    if k % 8 == 0:
+        assert packed.shape[1] == k * bits // 8  # exactly b bits per weight
     assert torch.equal(unpack_codes(packed, bits, k), codes)
 
 
@@ -65,11 +77,19 @@ def test_bit_order_low_bits_first():
     # int4: column 0 in the low nibble; int2: column 4j+i in bits 2i..2i+1; padding codes are 0
     assert pack_codes(torch.tensor([[0x1, 0x2, 0xF]], dtype=torch.uint8), 4).tolist() == [[0x21, 0x0F]]
     assert pack_codes(torch.tensor([[1, 2, 3, 0, 1]], dtype=torch.uint8), 2).tolist() == [[0b00111001, 0b01]]
+    # int3: the low 2 bits as int2 (ceil(K/4) bytes), then the high bit of every column, 8 per byte (ceil(K/8))
+    three = torch.tensor([[5, 7, 2, 0, 4, 1, 6, 3, 7]], dtype=torch.uint8)
+    low = [0b00101101, 0b11100100, 0b11]  # 5,7,2,0 -> 1,3,2,0; 4,1,6,3 -> 0,1,2,3; 7 -> 3
+    high = [0b01010011, 0b1]  # 5,7,2,0,4,1,6,3 -> 1,1,0,0,1,0,1,0; 7 -> 1
+    assert pack_codes(three, 3).tolist() == [low + high]
+    # int6: the low nibbles as int4 (ceil(K/2) bytes), then the top 2 bits as int2 (ceil(K/4))
+    six = torch.tensor([[0x3F, 0x12, 0x2A]], dtype=torch.uint8)
+    assert pack_codes(six, 6).tolist() == [[0x2F, 0x0A, 0b10_01_11]]
 
 
 def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="bits must be one of"):
-        pack_codes(torch.zeros(2, 2, dtype=torch.uint8), 3)
+        pack_codes(torch.zeros(2, 2, dtype=torch.uint8), 5)
     with pytest.raises(ValueError, match="uint8"):
         pack_codes(torch.zeros(2, 2, dtype=torch.int32), 4)
 
@@ -86,6 +106,9 @@ LINEAR_CASES = {
     "all-int2-odd-k": (23, 10, [2]),
     "all-int4-odd-k": (23, 10, [4]),
     "no-kept": (33, 50, [0, 2, 4, 8]),
+    "all-int3-odd-k": (23, 10, [3]),
+    "all-int6-odd-k": (23, 10, [6]),
+    "every-bit-width": (29, 31, [0, 2, 3, 4, 6, 8, 16]),
 }
 
 
@@ -112,7 +135,7 @@ def test_linear_many_dequant_blocks(monkeypatch):
     # force blocks of a few rows, so block boundaries inside every group are exercised
     monkeypatch.setattr(packed_mod, "DEQUANT_BLOCK_BYTES", 4 * 64 * 3)
     lin = nn.Linear(61, 70)
-    bits = random_bits(70, 2)
+    bits = random_bits(70, 2, (0, 2, 3, 4, 6, 8, 16))
     layer = PackedLinear.from_float(lin, bits, A16)
     x = torch.randn(4, 61)
     assert_close_to(layer(x), F.linear(x, fake_quantize_weight(lin.weight, bits, A16.weight), lin.bias))
@@ -215,9 +238,10 @@ def test_a8_overlapping_conv_matches_unfold_reference():
 
 
 def plan_bytes(k: int, bits: torch.Tensor) -> int:
-    """The documented formula, written out: ceil(K * b / 8) + 4 (fp32 scale) + 1 (uint8 zero) + 4 (int32 row index)
-    per quantized row, 2 * K + 4 per kept row (16 bits), nothing per pruned row."""
-    per_row = {0: 0, 2: -(-k * 2 // 8) + 9, 4: -(-k * 4 // 8) + 9, 8: k + 9, 16: 2 * k + 4}
+    """The documented formula, written out: row stride (ceil(K * b / 8) at 2, 4, 8; ceil(K/4) + ceil(K/8) at 3,
+    ceil(K/2) + ceil(K/4) at 6) + 4 (fp32 scale) + 1 (uint8 zero) + 4 (int32 row index) per quantized row, 2 * K + 4
+    per kept row (16 bits), nothing per pruned row."""
+    per_row = {0: 0, 16: 2 * k + 4, **{b: ROW_STRIDE[b](k) + 9 for b in ROW_STRIDE}}
     return sum(per_row[int(b)] for b in bits)
 
 
@@ -226,7 +250,7 @@ def plan_bytes(k: int, bits: torch.Tensor) -> int:
 def test_measured_bytes_equal_predicted(dtype, k):
     out = 31  # odd row count; every bit-width present
     lin = nn.Linear(k, out).to(dtype)
-    bits = torch.cat([torch.tensor([0, 2, 4, 8, 16]), random_bits(out - 5, k)])
+    bits = torch.cat([torch.tensor([0, 2, 3, 4, 6, 8, 16]), random_bits(out - 7, k, (0, 2, 3, 4, 6, 8, 16))])
     layer = PackedLinear.from_float(lin, bits, A16)
     lp = LayerPlan("x", "language", "linear", out, k, bits.tolist())
     # issue 11.1: the stored bytes are what the plan implies, for every source dtype (kept rows are 16-bit)
@@ -238,9 +262,9 @@ def test_measured_bytes_equal_predicted(dtype, k):
     assert stored_bits_per_weight(plan, dtype) == pytest.approx(plan.average_bits() + overhead)
     assert layer.bias_bytes() == out * lin.bias.element_size()
     # layout: dtypes and shapes as documented
-    for b in (8, 4, 2):
+    for b in (8, 6, 4, 3, 2):
         n = int((bits == b).sum())
-        assert getattr(layer, f"qweight_{b}").shape == (n, (k * b + 7) // 8)
+        assert getattr(layer, f"qweight_{b}").shape == (n, ROW_STRIDE[b](k))
         assert getattr(layer, f"qweight_{b}").dtype == torch.uint8
         assert getattr(layer, f"scale_{b}").dtype == torch.float32 and getattr(layer, f"zero_{b}").dtype == torch.uint8
     kept = torch.bfloat16 if dtype == torch.float32 else dtype
@@ -248,14 +272,14 @@ def test_measured_bytes_equal_predicted(dtype, k):
     assert layer.row_index.dtype == torch.int32 and layer.bias.dtype == dtype == layer.source_dtype
     assert layer.weight.dtype == dtype
     assert set(layer.state_dict()) == {
-        *(f"{p}_{b}" for p in ("qweight", "scale", "zero") for b in (8, 4, 2)),
+        *(f"{p}_{b}" for p in ("qweight", "scale", "zero") for b in (8, 6, 4, 3, 2, "4g", "3g", "2g")),
         "kept",
         "row_index",
         "bias",
     }
 
 
-@pytest.mark.parametrize("bits", [0, 2, 4, 8, 16])
+@pytest.mark.parametrize("bits", [0, 2, 3, 4, 6, 8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bytes_of_a_uniform_layer(bits, dtype):
     # 13 rows of K = 37 at one bit-width, in a whole quantized model: weight_bytes == the formula
@@ -384,8 +408,8 @@ def test_bad_row_bits_and_modules():
     lin = nn.Linear(8, 4)
     with pytest.raises(ValueError, match="expected \\(4,\\)"):
         PackedLinear.from_float(lin, [4, 4, 4])
-    with pytest.raises(ValueError, match="\\[3\\] are not in"):
-        PackedLinear.from_float(lin, [4, 3, 4, 4])
+    with pytest.raises(ValueError, match="\\[5\\] are not in"):
+        PackedLinear.from_float(lin, [4, 5, 4, 4])
     with pytest.raises(ValueError, match="one bit-width"):
         PackedLinear.from_float(lin, [4, 2, 16, 0], granularity="tensor")
     with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):

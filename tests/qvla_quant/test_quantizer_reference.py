@@ -54,6 +54,26 @@ def test_hand_computed_8_bit_row_and_a_range_that_must_contain_zero():
     assert scale == [1.0] and zero == [3.0] and codes == [[0, 0, 3, 2]]
 
 
+def test_hand_computed_3_bit_row():
+    # range [-2, 5] at 3 bits: scale 7 / 7 = 1, zero point 2; w / s rounds to [-2, -1, 0, 1, 3, 5] -> + 2
+    codes, scale, zero = q([[-2.0, -0.6, 0.2, 1.4, 2.6, 5.0]], 3)
+    assert scale == [1.0] and zero == [2.0] and codes == [[0, 1, 2, 3, 5, 7]]
+
+
+def test_hand_computed_grouped_row():
+    # groups of 64 along a row of 70: [0, 64) spans [-1, 2] (scale 3/3 = 1, zero 1 at 2 bits), [64, 70) spans [0, 6]
+    # (scale 2, zero 0): the second group keeps its own, coarser step; the first is not widened by it
+    row = torch.zeros(1, 70)
+    row[0, 0], row[0, 1], row[0, 2] = -1.0, 2.0, 0.6
+    row[0, 64], row[0, 65] = 6.0, 3.1
+    codes, scale, zero = quantize_rows(row, 2, NO_CLIP, group_size=64)
+    assert scale.tolist() == [[1.0, 2.0]] and zero.tolist() == [[1, 0]]
+    assert codes[0, :3].tolist() == [0, 3, 2] and codes[0, 64:66].tolist() == [3, 2]
+    assert codes[0, 3:64].eq(1).all() and codes[0, 66:].eq(0).all()  # zeros are exact in both groups
+    w_hat = dequantize_rows(codes, scale, zero, 64)
+    assert w_hat[0, :3].tolist() == [-1.0, 2.0, 1.0] and w_hat[0, 64:66].tolist() == [6.0, 4.0]
+
+
 def test_hand_computed_tensor_granularity():
     # one range over both rows: [-1, 2] at 2 bits, scale 1, zero 1
     codes, scale, zero = q([[-1.0, 0.6], [0.2, 2.0]], 2, granularity="tensor")
@@ -70,7 +90,7 @@ def random_rows(seed: int, rows: int = 24, k: int = 96) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("clip", [False, True])
 def test_every_code_is_the_nearest_code(bits, clip):
     """Brute force over all 2^bits codes: each weight's code reconstructs to the grid point nearest to it."""
@@ -104,7 +124,7 @@ def reference_quantize(w: np.ndarray, bits: int, clip_search: bool, grid: int = 
     return best
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_against_an_independent_implementation(bits):
     w = random_rows(10 + bits)
     # without the clip search: scale, zero point and codes all follow from the row's [min, max]
@@ -125,7 +145,7 @@ def test_against_an_independent_implementation(bits):
 
 
 @pytest.mark.parametrize("std", [1.0, 5e-4, 1e-6, 1e-12])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_small_rows_keep_their_resolution(bits, std):
     """Issue 11.6: an fp16 scale clamped at 6.1e-5 left an 8-bit row with std 5e-4 only 38 of its 256 codes.
 
