@@ -13,6 +13,10 @@ per-channel RTN at W8 and W4 on the same layers), it prints:
   - average bits, pruned fraction, weights as stored, and calibration / evaluation time.
 Every quantized policy is written as a real packed artifact and loaded back through PolicyRuntime, exactly as the
 robot would; the evaluation runs it with the dequantized-weight cache on (same outputs, float speed on this CPU).
+
+--baselines adds the LLM-derived baselines (`qvla_quant.llm_baselines`), calibrated on the same samples as QVLA and
+written as artifacts the same way: e.g. `--baselines awq:4,gptq:4,gptq:4g64,gptq:3,smoothquant:8,module` (method:bits,
+"g64" = GPTQ with one scale/zero per 64 columns, "module" = vision 4 bits, language model and action expert 8).
 """
 
 from __future__ import annotations
@@ -46,6 +50,44 @@ def held_out_episodes(policy_dir: Path, episodes: list[Path]) -> tuple[list[Path
     cfg = info["train_config"]
     val = set(validation_split(len(episodes), cfg["val_episodes"], cfg["data_seed"]))
     return [p for i, p in enumerate(episodes) if i not in val], [p for i, p in enumerate(episodes) if i in val]
+
+
+BASELINE_NAMES = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "module": "module-wise"}
+
+
+def parse_baselines(text: str) -> list[tuple[str, int | None, int | None]]:
+    """"awq:4,gptq:4g64,module" -> [(method, bits, group_size)]."""
+    out = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        method, _, spec = item.partition(":")
+        if method not in BASELINE_NAMES:
+            raise SystemExit(f"bench_policy: unknown baseline {method!r} in --baselines "
+                             f"(known: {sorted(BASELINE_NAMES)})")
+        bits, _, group = spec.partition("g")
+        try:
+            out.append((method, int(bits) if bits else None, int(group) if group else None))
+        except ValueError:
+            raise SystemExit(f"bench_policy: --baselines entry {item!r} is not method:bits[gGROUP]") from None
+    return out
+
+
+def write_baseline_policy(policy: Path, method: str, bits, group_size, calib_eps, samples_per_episode: int,
+                          out: Path):
+    """A baseline artifact of the policy (+ its processor files, so that PolicyRuntime loads it); returns its plan."""
+    import shutil
+
+    from qvla_quant.llm_baselines import run_baseline
+    from qvla_ros.policy.processor import PROCESSOR_FILE, TOKENIZER_FILE
+    from qvla_ros.policy.quantize import calibration_batches, policy_adapter
+
+    processor, adapter = policy_adapter(policy)
+    data = calibration_batches(calib_eps, processor, samples_per_episode)  # the samples calibrate_policy draws
+    kwargs = {"group_size": group_size} if group_size else {}
+    res = run_baseline(method, adapter, data.batches, bits=bits, **kwargs)
+    res.save(out, extra={"policy_source": str(policy), "calibration": {"samples": len(data.sources)}})
+    for name in (PROCESSOR_FILE, TOKENIZER_FILE):
+        shutil.copy2(policy / name, out / name)
+    return res.plan
 
 
 def teacher_forced_mse(fp: PolicyRuntime, q: PolicyRuntime, observations, batch_size: int = 8) -> float:
@@ -85,6 +127,7 @@ def main() -> int:
     p.add_argument("--budgets", default="8,4,3")
     p.add_argument("--solvers", default="greedy,lagrangian")
     p.add_argument("--rtn", default="8,4", help="uniform per-channel RTN bit-widths")
+    p.add_argument("--baselines", default="", help="LLM-derived baselines, e.g. awq:4,gptq:4,smoothquant:8,module")
     p.add_argument("--calib-episodes", type=int, default=16)
     p.add_argument("--samples-per-episode", type=int, default=4)
     p.add_argument("--exact-fraction", type=float, default=0.05,
@@ -98,6 +141,7 @@ def main() -> int:
     p.add_argument("--json", help="write all results here")
     p.add_argument("--eval-artifact", help=argparse.SUPPRESS)  # internal: evaluate one artifact, print JSON
     args = p.parse_args()
+    baselines = parse_baselines(args.baselines)  # bad entries fail before the long calibration
     torch.set_num_threads(args.threads)
 
     from qvla_quant import AllocationConfig, allocate
@@ -143,6 +187,15 @@ def main() -> int:
         out = work / f"{name.replace(' ', '_')}_{budget:g}"
         write_quantized_policy(policy, plan, out, plots_of=sens if name.startswith("QVLA") else None)
         artifacts.append((name, budget, plan, out))
+    for method, bits, group_size in baselines:
+        t1 = time.time()
+        out = work / f"baseline_{method}_{bits or 'mix'}{f'g{group_size}' if group_size else ''}"
+        plan = write_baseline_policy(policy, method, bits, group_size, calib_eps, args.samples_per_episode, out)
+        label = BASELINE_NAMES[method] + (f" W{bits}" if bits else " v4/l8/a8") + (f" g{group_size}" if group_size
+                                                                                 else "")
+        label += "A8" if plan.quant.activation.bits == 8 else ""
+        print(f"{label}: {plan.method}, {plan.average_bits():.2f} bits, {time.time() - t1:.0f} s", flush=True)
+        artifacts.append((label, plan.average_bits(), plan, out))
 
     def run_one(item):
         # a process per artifact: each has its own MuJoCo context and torch threads, and the 2 cores are used

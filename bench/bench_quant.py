@@ -3,6 +3,7 @@ time, for budgets {8, 6, 4, 3, 2.5}.
 
     .venv/bin/python bench/bench_quant.py                 # tiny π0 and the larger random π0 shape (~10 min, 2 cores)
     .venv/bin/python bench/bench_quant.py --models tiny   # ~1 min
+    .venv/bin/python bench/bench_quant.py --rtn-groups    # only uniform RTN W8/W4/W3/W2, per-row vs group-wise (~5 min)
 
 What is measured, and what is not:
 - The policies are RANDOM-WEIGHT π0s (transformers' PI0ForConditionalGeneration) fed random-but-fixed inputs in the
@@ -18,6 +19,15 @@ What is measured, and what is not:
   search); "+clip" is the same with QVLA's clip search, so that the allocation and the quantizer can be told apart.
   W8 and W4 sit at budgets 8 and 4; W2 (budget 2) is listed below the 2.5 budget as the nearest uniform point.
   Layer-wise RTN: one scale/zero per tensor (LayerPlan.granularity "tensor").
+- LLM-derived baselines (`qvla_quant.llm_baselines`, the same calibration samples, the same layers): AWQ W8/W4/W3/W2
+  (activation-aware scales folded into the preceding norms / linears, grid over alpha), GPTQ W8/W4/W3/W2 per-row and
+  W4 with groups of 64 columns (Hessian error compensation, its exact codes packed), SmoothQuant W8A8 (beside plain
+  RTN W8A8: the runtime's per-token int8 activations on every planned layer) and the module-wise mix "as in
+  industrial practice" (vision 4 bits, language model and action expert 8; listed at its average bits).
+- `--rtn-groups` (issue 11, no calibration): per-channel RTN at W8/W4/W3/W2 against group-wise RTN (one scale and
+  zero per 128 or 64 weights along K) on the same layers, plain and "+clip"; "avg bits" counts a grouped row's
+  extra scales and zero points (40 bits per group beyond the first), "|dW|2/|W|2" is the quantizer's relative
+  squared weight error over those layers (the policy left out).
 - Weight bytes: measured with PackedLinear.weight_bytes() on a bf16 copy of the policy packed with each plan (codes,
   fp32 scale, uint8 zero, int32 row index, 16-bit rows in bf16), plus the unquantized projector/heads in bf16: what a
   GPU deployment stores. "+ovh": the per-row overhead of the packed layers in bits per weight beside the plan's
@@ -43,6 +53,7 @@ from qvla_quant import AllocationConfig, CalibrationConfig, Pi0Adapter, allocate
 from qvla_quant.adapters.base import is_quantizable  # noqa: E402
 from qvla_quant.adapters.pi0 import example_batch, random_pi0_config, tiny_pi0_config  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
+from qvla_quant.llm_baselines import gptq, module_wise, quantized_bits, run_baseline, smoothquant  # noqa: E402
 from qvla_quant.packed import packed_layers, quantize_model  # noqa: E402
 from qvla_quant.quantizer import QuantConfig, WeightQuantConfig  # noqa: E402
 
@@ -71,13 +82,15 @@ def stored_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def evaluate(adapter: Pi0Adapter, plan, evals, reference) -> tuple[float, int, float, float]:
-    """(action MSE vs FP, bf16 weight bytes, overhead bits per weight, seconds) of the policy packed with `plan`."""
+def evaluate(adapter: Pi0Adapter, plan, evals, reference, qparams=None) -> tuple[float, int, float, float]:
+    """(action MSE vs FP, bf16 weight bytes, overhead bits per weight, seconds) of the policy packed with `plan`
+    (qparams: explicit scale/zero of some layers, GPTQ's)."""
     t0 = time.perf_counter()
-    q = Pi0Adapter(quantize_model(copy.deepcopy(adapter.model), plan, inplace=True), action_dim=adapter.action_dim)
+    qmodel = quantize_model(copy.deepcopy(adapter.model), plan, inplace=True, qparams=qparams)
+    q = Pi0Adapter(qmodel, action_dim=adapter.action_dim)
     actions = [q.predict(b) for b in evals]
     mse = sum(float((a - r).pow(2).mean()) for a, r in zip(actions, reference)) / len(evals)
-    bf16 = quantize_model(copy.deepcopy(adapter.model).to(torch.bfloat16), plan, inplace=True)
+    bf16 = quantize_model(copy.deepcopy(adapter.model).to(torch.bfloat16), plan, inplace=True, qparams=qparams)
     packed = sum(m.weight_bytes() for _, m in packed_layers(bf16))
     overhead = 8 * packed / sum(lp.n_weights for lp in plan.layers.values()) - plan.average_bits()
     return mse, stored_bytes(bf16), overhead, time.perf_counter() - t0
@@ -120,8 +133,10 @@ def run_model(name: str, args) -> dict:
     fp_bytes = stored_bytes(copy.deepcopy(adapter.model).to(torch.bfloat16))
     rows = []
 
-    def add(budget, method, plan, extra=""):
-        mse, nbytes, overhead, secs = evaluate(adapter, plan, evals, reference)
+    def add(budget, method, plan, extra="", result=None):
+        # result: an llm_baselines.BaselineResult (its transformed float copy is what gets packed)
+        source = adapter if result is None else result.adapter
+        mse, nbytes, overhead, secs = evaluate(source, plan, evals, reference, result.qparams if result else None)
         rows.append(
             {"budget": budget, "method": method, "avg_bits": plan.average_bits(), "overhead_bits": overhead,
              "mse": mse, "rel_mse": mse / scale, "bytes": nbytes, "ratio": nbytes / fp_bytes, "note": extra,
@@ -145,6 +160,31 @@ def run_model(name: str, args) -> dict:
         add(2.0, "rtn-channel W2+clip", uniform_plan(template, 2, quant=clip))
         add(2.0, "rtn-layer W2", layerwise_plan(template, 2))
 
+    # the LLM-derived baselines (qvla_quant.llm_baselines), calibrated on the same samples as QVLA
+    baselines = [m for m in args.baselines.split(",") if m]
+    points = [int(b) for b in args.budgets if b in (8.0, 4.0, 3.0)] + ([2] if 2.5 in args.budgets else [])
+    for method in ("awq", "gptq"):
+        if method not in baselines:
+            continue
+        for b in points:
+            if b == 3 and 3 not in quantized_bits():
+                continue
+            t0 = time.perf_counter()
+            res = run_baseline(method, adapter, calib, bits=b)
+            add(float(b), f"{method} W{b}", res.plan, f"calibration {time.perf_counter() - t0:.1f} s", res)
+        if method == "gptq" and 4 in points:
+            t0 = time.perf_counter()
+            res = gptq(adapter, calib, 4, group_size=64)
+            add(4.0, "gptq W4 g64", res.plan, f"calibration {time.perf_counter() - t0:.1f} s", res)
+    if "smoothquant" in baselines and 8 in points:
+        t0 = time.perf_counter()
+        res = smoothquant(adapter, calib, 8)
+        add(8.0, "smoothquant W8A8", res.plan, f"calibration {time.perf_counter() - t0:.1f} s", res)
+        add(8.0, "rtn-channel W8A8", uniform_plan(template, 8, activation_bits=8), "no smoothing")
+    if "module" in baselines:
+        res = module_wise(adapter)  # vision 4, language 8, action 8
+        add(round(res.plan.average_bits(), 2), "module v4/l8/a8", res.plan, "RTN rows, bits by role", res)
+
     print(f"FP weights (bf16, all linear/conv layers): {fp_bytes / 2**20:.2f} MiB; mean action^2 {scale:.4g}; "
           "MSE from the packed model's forward")  # fmt: skip
     head = f"{'budget':>6}  {'method':<20} {'avg bits':>8} {'+ovh':>6} {'action MSE':>11} {'MSE/E[a^2]':>10} " \
@@ -158,6 +198,67 @@ def run_model(name: str, args) -> dict:
     return {"model": name, "calibration_s": calib_s, "report": r, "fp_bytes": fp_bytes, "rows": rows}
 
 
+# ---- issue 11 (beyond the paper): 3-bit rows and group-wise scales, uniform RTN only (no calibration or allocation)
+# (bits, group size or None, clip search): per-channel RTN W8/W4/W3/W2 and group-wise RTN at g = 128 and 64
+RTN_GROUP_ROWS = tuple(
+    (b, g, clip) for b, g in ((8, None), (4, None), (3, None), (2, None), (4, 128), (3, 128), (2, 128), (4, 64),
+                              (3, 64), (2, 64)) for clip in (False, True)
+)  # fmt: skip
+
+
+def run_rtn_groups(name: str, args) -> dict:
+    """`--rtn-groups`: uniform per-channel RTN at W8/W4/W3/W2 against group-wise RTN (g = 128, 64) on the layers QVLA
+    quantizes (the default template's "auto" layers): action MSE vs FP on the held-out inputs, the plan's average
+    bits (a grouped row's extra scales and zeros included), the per-row overhead beside it and the bf16 bytes."""
+    from qvla_quant.baselines import grouped_plan
+    from qvla_quant.roles import PlanTemplate
+
+    print(f"\n=== {name} π0: uniform RTN, per-row vs group-wise scales (random weights, fixed inputs) ===", flush=True)
+    adapter, _, evals = build(name)
+    template = PlanTemplate()
+    spec = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in adapter.layers()
+            if template.rule_for(i.name, i.role) == "auto"]  # fmt: skip
+    fan_ins = sorted({s[4] for s in spec})
+    reference = [adapter.predict(b) for b in evals]
+    scale = sum(float(r.pow(2).mean()) for r in reference) / len(reference)
+    fp_bytes = stored_bytes(copy.deepcopy(adapter.model).to(torch.bfloat16))
+    clip = QuantConfig(weight=WeightQuantConfig())
+    weights = {i.name: i.module.weight.detach() for i in adapter.layers()}
+    w_energy = sum(float(weights[s[0]].pow(2).sum()) for s in spec)
+
+    def weight_error(plan) -> float:
+        """sum ||Q(W) - W||^2 / sum ||W||^2 over the planned layers: the quantizer alone, without the policy."""
+        from qvla_quant.quantizer import fake_quantize_weight
+
+        return sum(
+            float((fake_quantize_weight(weights[n], lp.bits, plan.quant.weight, group_size=lp.group_size,
+                                        grouped=lp.grouped) - weights[n]).pow(2).sum())
+            for n, lp in plan.layers.items()
+        ) / w_energy  # fmt: skip
+
+    rows = []
+    for bits, g, with_clip in RTN_GROUP_ROWS:
+        kw = {"quant": clip} if with_clip else {}
+        plan = uniform_plan(spec, bits, **kw) if g is None else grouped_plan(spec, bits, g, **kw)
+        mse, nbytes, overhead, secs = evaluate(adapter, plan, evals, reference)
+        method = (f"rtn-channel W{bits}" if g is None else f"rtn-group{g} W{bits}") + ("+clip" if with_clip else "")
+        rows.append({"method": method, "bits": bits, "group_size": g, "clip": with_clip,
+                     "avg_bits": plan.average_bits(), "overhead_bits": overhead, "mse": mse, "rel_mse": mse / scale,
+                     "weight_err": weight_error(plan), "bytes": nbytes, "ratio": nbytes / fp_bytes,
+                     "eval_s": secs})  # fmt: skip
+    print(f"{len(spec)} layers, K in {fan_ins}; FP weights (bf16) {fp_bytes / 2**20:.2f} MiB; "
+          f"mean action^2 {scale:.4g}")  # fmt: skip
+    head = f"{'method':<22} {'avg bits':>8} {'+ovh':>6} {'action MSE':>11} {'MSE/E[a^2]':>10} {'|dW|2/|W|2':>10} " \
+           f"{'weight MiB':>10} {'vs FP':>6}"  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        print(f"{row['method']:<22} {row['avg_bits']:>8.3f} {row['overhead_bits']:>+6.3f} {row['mse']:>11.3e} "
+              f"{row['rel_mse']:>10.2e} {row['weight_err']:>10.2e} {row['bytes'] / 2**20:>10.3f} "
+              f"{row['ratio']:>6.3f}")  # fmt: skip
+    return {"model": name, "block": "rtn-groups", "fp_bytes": fp_bytes, "rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,large")
@@ -166,6 +267,10 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-per-pass", type=int, default=32)
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--baselines", default="awq,gptq,smoothquant,module",
+                        help="LLM-derived baseline rows (qvla_quant.llm_baselines); '' for none")
+    parser.add_argument("--rtn-groups", action="store_true",
+                        help="only the RTN block: per-row W8/W4/W3/W2 vs group-wise (g 128, 64); no calibration")
     args = parser.parse_args(argv)
     args.budgets = tuple(float(b) for b in args.budgets.split(","))
     # exact refinement: 5% of the channels per bit on the tiny model, 0.5% on the larger one (CPU time)
@@ -175,7 +280,8 @@ def main(argv=None) -> int:
         "bench_quant: random-weight π0 policies with random-but-fixed inputs (no trained policy yet); action MSE is "
         f"vs the FP policy on held-out inputs. torch {torch.__version__}, {args.threads} thread(s), fp32 CPU."
     )
-    results = [run_model(name, args) for name in args.models.split(",")]
+    run = run_rtn_groups if args.rtn_groups else run_model
+    results = [run(name, args) for name in args.models.split(",")]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -4,6 +4,7 @@
     qvla-quant allocate  --sensitivity SENS --budget 4 --out plan.json                   bits per row
     qvla-quant apply     --policy CKPT --plan plan.json --out ARTIFACT                    packed artifact
     qvla-quant inspect   ARTIFACT | plan.json | SENS [--plots DIR]                        summary table (+ plots)
+    qvla-quant baseline  --method {rtn,awq,gptq,smoothquant,module} --policy CKPT [--data DATA] --bits 4 --out A
 
 Calibration data (--data): a safetensors file holding one batch of model inputs, or a directory of such files
 (read in name order, one batch per file). Tensor names are the policy's input names with the samples in dimension 0;
@@ -427,6 +428,33 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def cmd_baseline(args) -> int:
+    """An LLM-derived baseline (`qvla_quant.llm_baselines`: rtn, awq, gptq, smoothquant, module) as an artifact."""
+    from qvla_quant.artifact import artifact_summary
+    from qvla_quant.llm_baselines import parse_bits_arg, run_baseline
+
+    _check_policy_path(args)
+    bits, role_bits = parse_bits_arg(args.method, args.bits)
+    if args.method in ("awq", "gptq", "smoothquant") and not args.data:
+        raise ValueError(f"--method {args.method} calibrates on model-input batches: pass --data")
+    batches = load_batches(args.data, args.batch_size, args.max_batches) if args.data else None
+    kwargs = {"template": _template(args.template)}
+    if args.group_size is not None:
+        if args.method != "gptq":
+            raise ValueError("--group-size is a GPTQ setting (grouped scales); leave it out for other methods")
+        kwargs["group_size"] = args.group_size
+    adapter = _load_policy(args)
+    t0 = time.perf_counter()
+    res = run_baseline(args.method, adapter, batches, bits=bits, role_bits=role_bits, **kwargs)
+    seconds = time.perf_counter() - t0
+    path = res.save(args.out)
+    summary = artifact_summary(path)
+    print(format_table(summary_rows(res.plan, getattr(adapter, "dtype", torch.float32))))
+    print("\n".join(stored_bytes_lines(summary)))
+    print(f"{res.plan.method}: {res.plan.average_bits():.4f} bits/weight, calibrated in {seconds:.1f} s -> {path}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     path = Path(args.path)
     if (path / "artifact.json").is_file():
@@ -516,6 +544,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action-dim", type=int)
     p.add_argument("--ignore-source", action="store_true", help="apply a plan made for another checkpoint")
     p.set_defaults(func=cmd_apply)
+
+    b = sub.add_parser("baseline", help="an LLM-derived baseline (RTN, AWQ, GPTQ, SmoothQuant, module-wise) as an "
+                       "artifact, on the same calibration batches")
+    b.add_argument("--method", required=True, choices=("rtn", "awq", "gptq", "smoothquant", "module"))
+    b.add_argument("--policy", required=True)
+    b.add_argument("--data", help="model-input batches (as for calibrate); needed by awq, gptq and smoothquant")
+    b.add_argument("--out", required=True, help="artifact directory")
+    b.add_argument("--bits", help="weight bits (default 4; smoothquant 8), or for --method module per role, e.g. "
+                   "vision=4,language=8,action=8 (the default)")
+    b.add_argument("--group-size", type=int, help="gptq: one scale/zero per this many columns (grouped rows)")
+    b.add_argument("--template", help="PlanTemplate JSON: which layers are quantized (default: the paper's)")
+    b.add_argument("--batch-size", type=int)
+    b.add_argument("--max-batches", type=int)
+    b.add_argument("--action-dim", type=int)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_baseline)
 
     i = sub.add_parser("inspect", help="summary table of an artifact, a plan file or a sensitivity store")
     i.add_argument("path")
