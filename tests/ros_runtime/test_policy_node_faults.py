@@ -60,7 +60,7 @@ def test_faults_from_outside(rig, ros_env, spawn, tiny_policies, tmp_path, reque
                         ("episode", True), ("episode", True), ("reload", True), ("episode", True)], ctx
     # the failed reloads say why, from the reload itself (not an exception caught around a dying callback)
     for s in (services[1], services[3]):
-        assert s[4].startswith("refused") and "keeps running" in s[4] and "Error" not in s[4], ctx
+        assert s[4].startswith("refused") and "keeps running" in s[4] and "reload_policy failed" not in s[4], ctx
     assert out["paused_message"] and out["resume_after_start"], ctx
     assert out["models_seen"] == ["tiny_a", "tiny_b"], ctx
 
