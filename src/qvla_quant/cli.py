@@ -377,6 +377,8 @@ def cmd_allocate(args) -> int:
         solver=args.solver,
         max_pruned_fraction=args.max_pruned_fraction,
         prune_threshold=args.prune_threshold,
+        prune_abs_threshold=args.prune_abs_threshold,
+        prune_rel_threshold=args.prune_rel_threshold,
         activation_bits=args.activation_bits,
         template=_template(args.template),
     )
@@ -531,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bits", type=_bits, default=BIT_CHOICES, help="candidate bit-widths, e.g. 2,4,8,16")
     a.add_argument("--max-pruned-fraction", type=float, default=0.5)
     a.add_argument("--prune-threshold", type=float, help="never prune a channel whose s(0) is above this")
+    a.add_argument("--prune-abs-threshold", type=float, help="the same (the dual-threshold guard's absolute part)")
+    a.add_argument("--prune-rel-threshold", type=float,
+                   help="never prune a channel whose s(0) is above this times its layer's median s(0)")
     a.add_argument("--activation-bits", type=int, choices=(8, 16), default=16)
     a.add_argument("--template", help="PlanTemplate JSON overriding the calibrated one")
     a.add_argument("--plots", help="write bit_histogram.png and layer_bits.png here")

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-episode", type=int, default=4)
     p.add_argument("--solver", choices=("greedy", "lagrangian"), default="greedy")
     p.add_argument("--bits", default="0,2,4,8,16", help="candidate bit-widths per channel")
+    p.add_argument("--prune-abs-threshold", type=float, help="never prune a channel whose s(0) is above this")
+    p.add_argument("--prune-rel-threshold", type=float,
+                   help="never prune a channel whose s(0) is above this times its layer's median s(0)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from qvla_quant import AllocationConfig, BudgetError
@@ -155,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         episodes = sorted(x for x in Path(args.episodes).iterdir() if not x.name.startswith("."))[: args.max_episodes]
         bits = tuple(int(b) for b in args.bits.split(","))
         path, summary = quantize_policy(args.policy, episodes, args.out, args.budget,
-                                        allocation=AllocationConfig(bits=bits, solver=args.solver),
+                                        allocation=AllocationConfig(bits=bits, solver=args.solver,
+                                                                    prune_abs_threshold=args.prune_abs_threshold,
+                                                                    prune_rel_threshold=args.prune_rel_threshold),
                                         samples_per_episode=args.samples_per_episode, seed=args.seed)
     except (ValueError, OSError, KeyError, BudgetError, EpisodeError) as exc:
         print(f"qvla-policy-quantize: error: {one_line(exc)}", file=sys.stderr)
