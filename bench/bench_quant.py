@@ -4,6 +4,9 @@ time, for budgets {8, 6, 4, 3, 2.5}.
     .venv/bin/python bench/bench_quant.py                 # tiny π0 and the larger random π0 shape (~10 min, 2 cores)
     .venv/bin/python bench/bench_quant.py --models tiny   # ~1 min
     .venv/bin/python bench/bench_quant.py --rtn-groups    # only uniform RTN W8/W4/W3/W2, per-row vs group-wise (~5 min)
+    .venv/bin/python bench/bench_quant.py --alloc-only    # only the allocation section: solvers' time and gaps (~3 min)
+    .venv/bin/python bench/bench_quant.py --calibration-timing --timing-episodes /tmp/demos
+                                  # only calibration of the committed policy with/without the reused VLM prefix
 
 What is measured, and what is not:
 - The policies are RANDOM-WEIGHT π0s (transformers' PI0ForConditionalGeneration) fed random-but-fixed inputs in the
@@ -34,6 +37,20 @@ What is measured, and what is not:
   average bits (8 x packed bytes / planned weights - avg bits; the same for an fp32 source since kept rows are
   16-bit there too). The MSE runs the packed fp32 model (fp32 only on this CPU).
 - Timing: single-threaded torch (two threads on a shared 2-core machine were up to 10x slower), wall clock.
+- `--calibration-timing` (issue 11.5): models/sim_transfer_cube_fp calibrated on recorded sim episodes
+  (`qvla-sim record-demos --out /tmp/demos -n 4`; --timing-samples-per-episode each, batches of 8, the
+  processor the robot uses), two-stage aligned proxy for all channels, exact for the top --timing-exact-fraction,
+  once with the VLM prefix reused for the action expert's exact passes (CalibrationConfig.prefix_cache) and once
+  without, in the same process; prints both times and the largest difference of the two sensitivity tables.
+- Allocation section (after the models, or alone with `--alloc-only`): time and gap to the lower bound of the paper's
+  greedy and of the optimal solver ("lagrangian": Lagrangian sweep + exact repair of the open core) on (a) a
+  synthetic problem of 10 M channels x 5 bit choices shaped like measured sensitivities (log-normal gains per
+  channel and layer, 10x less error at 2 bits then 16x less per 2 more bits; fan-ins 512..4096; the default 50%
+  per-layer prune cap, which binds at the lower budgets) and (b) the committed policy's layers
+  (models/sim_transfer_cube_fp): its artifact stores no sensitivities, so they are recomputed with the proxy only
+  on 2 random-but-fixed input samples (~10 s; robot episodes rank channels differently: the point is the solvers on
+  the real layer shapes). Times: wall and process-CPU seconds (the CPU figure is what the shared machine's load
+  does not inflate); "build" is AllocationProblem construction, the solver column the allocation itself.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from qvla_quant import AllocationConfig, CalibrationConfig, Pi0Adapter, allocate, calibrate  # noqa: E402
 from qvla_quant.adapters.base import is_quantizable  # noqa: E402
 from qvla_quant.adapters.pi0 import example_batch, random_pi0_config, tiny_pi0_config  # noqa: E402
+from qvla_quant.allocation import AllocationProblem, LayerMeta, greedy_allocate, solve  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
 from qvla_quant.llm_baselines import gptq, module_wise, quantized_bits, run_baseline, smoothquant  # noqa: E402
 from qvla_quant.packed import packed_layers, quantize_model  # noqa: E402
@@ -259,6 +277,163 @@ def run_rtn_groups(name: str, args) -> dict:
     return {"model": name, "block": "rtn-groups", "fp_bytes": fp_bytes, "rows": rows}
 
 
+# ---- issue 11: the allocation solvers' time and gap to the lower bound (no policy evaluation)
+def synthetic_tables(n_channels: int, seed: int = 0) -> list[tuple[LayerMeta, torch.Tensor]]:
+    """Layers of 512..4096 rows with fan-in 512..4096 until n_channels rows; s like `random_tables` of the tests:
+    a log-normal gain per row (sigma 2) and per layer, times an error 10x lower at 2 bits and 16x lower per 2 more
+    bits, 30% log-normal noise, 0 at 16 bits."""
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.tensor([1.0, 0.1, 0.1 / 16, 0.1 / 4096, 0.0], dtype=torch.float64)
+    items, total = [], 0
+    while total < n_channels:
+        out = min(int(torch.randint(512, 4097, (1,), generator=g)), n_channels - total)
+        fan_in = (512, 1024, 2048, 4096)[int(torch.randint(0, 4, (1,), generator=g))]
+        gain = torch.exp(2.0 * torch.randn(out, 1, generator=g, dtype=torch.float64) + torch.randn(1, generator=g))
+        s = gain * decay * torch.exp(0.3 * torch.randn(out, 5, generator=g, dtype=torch.float64))
+        items.append((LayerMeta(f"layer{len(items):05d}", out_features=out, fan_in=fan_in), s))
+        total += out
+    return items
+
+
+def _timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def compare_solvers(label: str, make_problem, budgets) -> list[dict]:
+    """Both solvers on the problem of each budget: times, error, the optimal solver's lower bound, both gaps."""
+    head = f"{'budget':>6}  {'solver':<10} {'build s':>7} {'wall s':>7} {'cpu s':>7} {'avg bits':>8} {'error':>11} " \
+           f"{'lower bound':>11} {'rel gap':>9}  note"  # fmt: skip
+    print(f"\n--- {label} ---\n{head}\n{'-' * len(head)}", flush=True)
+    rows = []
+    for budget in budgets:
+        problem, build_wall, _ = _timed(lambda b=budget: make_problem(b))
+        result, wall, cpu = _timed(lambda p=problem: solve(p))  # the config's solver: "lagrangian"
+        a = result.info
+        lower = a["lower_bound"]
+        note = (f"{'proven optimal' if a['proven_optimal'] else 'NOT proven'}; optimum vs dual bound "
+                f"{(a['total_error'] - a['dual_bound']) / a['dual_bound']:+.1e}; {a['core_channels']} channels "
+                "left to the exact repair")  # fmt: skip
+        greedy, g_wall, g_cpu = _timed(lambda p=problem: greedy_allocate(p))
+        g_err = problem.error(greedy.bits)
+        for solver, w, c, bits, err, extra in (
+            ("lagrangian", wall, cpu, result.bits, a["total_error"], note),
+            ("greedy", g_wall, g_cpu, greedy.bits, g_err, f"{g_err / a['total_error']:.2f}x the optimal error"),
+        ):
+            gap = (err - lower) / lower if lower > 0 else 0.0
+            avg = problem.total_bits(bits) / problem.n_weights
+            print(f"{budget:>6g}  {solver:<10} {build_wall:>7.2f} {w:>7.2f} {c:>7.2f} {avg:>8.4f} {err:>11.5g} "
+                  f"{lower:>11.5g} {gap:>9.2e}  {extra}", flush=True)  # fmt: skip
+            rows.append({"set": label, "budget": budget, "solver": solver, "build_s": build_wall, "wall_s": w,
+                         "cpu_s": c, "avg_bits": avg, "error": err, "lower_bound": lower, "relative_gap": gap,
+                         "proven_optimal": a["proven_optimal"], "core_channels": a["core_channels"]})  # fmt: skip
+        del problem, result, greedy
+    return rows
+
+
+def run_allocation(args) -> list[dict]:
+    from qvla_quant.adapters import load_policy
+
+    print(f"\n=== allocation: greedy (the paper) vs optimal (Lagrangian sweep + exact repair), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} thread(s) ===", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    items = synthetic_tables(args.alloc_channels)
+    n_weights = sum(m.out_features * m.fan_in for m, _ in items)
+    print(f"synthetic: {args.alloc_channels:,} channels x 5 bit choices in {len(items)} layers, {n_weights:,} weights "
+          f"(generated in {time.perf_counter() - t0:.1f} s); per-layer prune cap 50%", flush=True)  # fmt: skip
+    config = AllocationConfig(solver="lagrangian")
+    rows = compare_solvers(
+        f"synthetic, {args.alloc_channels:,} channels",
+        lambda b: AllocationProblem.from_tables(items, (0, 2, 4, 8, 16), b, config),
+        args.alloc_budgets,
+    )
+    items.clear()  # 400 MB
+    if args.alloc_policy and Path(args.alloc_policy).is_dir():
+        adapter = load_policy(args.alloc_policy)
+        batch = example_batch(adapter.model.config, 2, n_cameras=3, text_len=8, seed=0)
+        calib = CalibrationConfig(method="proxy", rank_sample=0, n_probes=8, progress=False)
+        sens, wall, _ = _timed(lambda: calibrate(adapter, [batch], calib))
+        print(f"\n{args.alloc_policy}: {sens.total_channels():,} channels; proxy sensitivities of 2 random-input "
+              f"samples recomputed in {wall:.1f} s (the artifact stores none)", flush=True)  # fmt: skip
+        rows += compare_solvers(
+            f"committed policy {Path(args.alloc_policy).name}",
+            lambda b: AllocationProblem.from_sensitivity(sens, b, config),
+            args.alloc_budgets,
+        )
+    return rows
+
+
+def run_calibration_timing(args) -> dict:
+    """Issue 11.5: calibration of the committed policy with and without the reused VLM prefix (same run, same data),
+    and the largest difference between the two sensitivity tables."""
+    from qvla_ros.policy.quantize import calibration_batches, policy_adapter
+
+    policy = Path(args.timing_policy)
+    episodes = sorted(p for p in Path(args.timing_episodes).iterdir() if p.is_dir())
+    processor, adapter = policy_adapter(policy)
+    data = calibration_batches(episodes, processor, args.timing_samples_per_episode, 8)
+    n_samples = sum(adapter.batch_size(b) for b in data.batches)
+    print(f"\n=== calibration timing: {policy.name}, {n_samples} samples from {len(episodes)} recorded episodes "
+          f"({args.timing_episodes}), proxy for all channels, top {args.timing_exact_fraction:.1%} exact per bit, "
+          f"rank sample {args.timing_rank_sample}, {args.channels_per_pass} channels per pass ===",
+          flush=True)  # fmt: skip
+    runs = {}
+    for cached in (True, False):
+        config = CalibrationConfig(
+            exact_fraction=args.timing_exact_fraction, rank_sample=args.timing_rank_sample,
+            channels_per_pass=args.channels_per_pass, progress=not args.quiet, prefix_cache=cached,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        sens = calibrate(adapter, data.batches, config)
+        runs[cached] = (sens, time.perf_counter() - t0)
+    worst_abs = worst_rel = 0.0
+    for name in runs[True][0].layers:
+        a, b = runs[True][0].values(name), runs[False][0].values(name)
+        worst_abs = max(worst_abs, float((a - b).abs().max()))
+        worst_rel = max(worst_rel, float(((a - b).abs() / b.abs().clamp_min(1e-300)).max()))
+    rows = []
+    print(f"{'prefix cache':<14} {'total s':>9} {'proxy s':>9} {'exact s':>9} {'exact jobs':>11} {'rows':>6}")
+    for cached in (False, True):
+        sens, total = runs[cached]
+        r = sens.report
+        t = r["time_s"]
+        rows.append({"prefix_cache": cached, "total_s": total, "proxy_s": t["proxy"], "exact_s": t["exact"],
+                     "exact_jobs": r["n_exact_jobs"], "exact_rows": r["n_exact_rows"]})  # fmt: skip
+        print(f"{'on' if cached else 'off':<14} {total:>9.1f} {t['proxy']:>9.1f} {t['exact']:>9.1f} "
+              f"{r['n_exact_jobs']:>11} {r['n_exact_rows']:>6}")  # fmt: skip
+    off, on = rows
+    by_role = {}
+    for layer in runs[True][0].layers.values():
+        if layer.exact is not None and not layer.dead:
+            n = int(torch.isfinite(layer.exact[:, :-1]).all(1).sum())
+            by_role[layer.role] = by_role.get(layer.role, 0) + n
+    print("rows measured exactly, by role: " + ", ".join(f"{k} {v}" for k, v in by_role.items()))
+    print(f"ratio on/off: total {on['total_s'] / off['total_s']:.3f}, "
+          f"exact stage {on['exact_s'] / off['exact_s']:.3f}; "
+          f"max |s_on - s_off| = {worst_abs:.3e} (relative {worst_rel:.3e})")  # fmt: skip
+    # the exact stage of one action-expert layer alone (what the prefix cache speeds up): 64 channels at 2 bits
+    from qvla_quant import sensitivity as S
+
+    prepared = S._prepare(adapter, data.batches, 0)
+    info = next(i for i in adapter.layers() if i.name == "model.dit.layers.1.mlp.gate_proj")
+    jobs = [(r, 2) for r in range(64)]
+    layer_rows = {}
+    for cached in (False, True):
+        t0 = time.perf_counter()
+        values = S.exact_sensitivity(adapter, prepared, info, jobs, (2,), WeightQuantConfig(), channels_per_pass=16,
+                                     prefixes=S._Prefixes(adapter) if cached else None)  # fmt: skip
+        layer_rows[cached] = (values, time.perf_counter() - t0)
+    same = torch.equal(layer_rows[True][0], layer_rows[False][0])
+    print(f"{info.name}, 64 channels x 2 bits, 4 passes x {len(prepared)} batches (references included): "
+          f"{layer_rows[False][1]:.1f} s without the prefix cache, {layer_rows[True][1]:.1f} s with it (ratio "
+          f"{layer_rows[True][1] / layer_rows[False][1]:.3f}); identical: {same}")  # fmt: skip
+    layer_timing = {"layer": info.name, "off_s": layer_rows[False][1], "on_s": layer_rows[True][1], "identical": same}
+    return {"block": "calibration-timing", "policy": str(policy), "n_samples": n_samples, "rows": rows,
+            "expert_layer": layer_timing,
+            "max_abs_diff": worst_abs, "max_rel_diff": worst_rel, "exact_rows_by_role": by_role}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,large")
@@ -271,17 +446,40 @@ def main(argv=None) -> int:
                         help="LLM-derived baseline rows (qvla_quant.llm_baselines); '' for none")
     parser.add_argument("--rtn-groups", action="store_true",
                         help="only the RTN block: per-row W8/W4/W3/W2 vs group-wise (g 128, 64); no calibration")
+    parser.add_argument("--alloc-only", action="store_true", help="only the allocation section (solvers' time, gaps)")
+    parser.add_argument("--alloc-channels", type=int, default=10_000_000, help="channels of the synthetic problem")
+    parser.add_argument("--alloc-budgets", default="4,3,2", help="budgets of the allocation section")
+    parser.add_argument("--alloc-policy", default=str(Path(__file__).resolve().parents[1] / "models" /
+                        "sim_transfer_cube_fp"), help="policy whose layers it uses too ('': none)")  # fmt: skip
+    parser.add_argument("--calibration-timing", action="store_true",
+                        help="only issue 11.5's block: calibration of --timing-policy with and without the VLM prefix")
+    parser.add_argument("--timing-policy", default=str(Path(__file__).resolve().parents[1] / "models" /
+                        "sim_transfer_cube_fp"))  # fmt: skip
+    parser.add_argument("--timing-episodes", default="/tmp/demos", help="recorded episodes (qvla-sim record-demos)")
+    parser.add_argument("--timing-samples-per-episode", type=int, default=4)
+    parser.add_argument("--timing-exact-fraction", type=float, default=0.05)
+    parser.add_argument("--timing-rank-sample", type=int, default=64)
     args = parser.parse_args(argv)
     args.budgets = tuple(float(b) for b in args.budgets.split(","))
+    args.alloc_budgets = tuple(float(b) for b in args.alloc_budgets.split(","))
     # exact refinement: 5% of the channels per bit on the tiny model, 0.5% on the larger one (CPU time)
     args.exact_fraction = {"tiny": 0.05, "large": 0.005}
     torch.set_num_threads(args.threads)
-    print(
-        "bench_quant: random-weight π0 policies with random-but-fixed inputs (no trained policy yet); action MSE is "
-        f"vs the FP policy on held-out inputs. torch {torch.__version__}, {args.threads} thread(s), fp32 CPU."
-    )
-    run = run_rtn_groups if args.rtn_groups else run_model
-    results = [run(name, args) for name in args.models.split(",")]
+    results = []
+    if args.calibration_timing:
+        results = [run_calibration_timing(args)]
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        return 0
+    if not args.alloc_only:
+        print(
+            "bench_quant: random-weight π0 policies with random-but-fixed inputs (no trained policy yet); action MSE "
+            f"is vs the FP policy on held-out inputs. torch {torch.__version__}, {args.threads} thread(s), fp32 CPU."
+        )
+        run = run_rtn_groups if args.rtn_groups else run_model
+        results = [run(name, args) for name in args.models.split(",")]
+    if args.alloc_only or not args.rtn_groups:
+        results.append({"block": "allocation", "rows": run_allocation(args)})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -10,7 +10,12 @@ Exact (Eq. 4)   s_{l,c}^(b) = E_x || A(x; W with row c quantized) - A(x; W) ||^2
                 layer's output. k channels share one forward pass by replicating the batch k times and adding
                 channel i's error to replica i only (`PolicyAdapter.repeat_batch`; replicas are contiguous blocks
                 of the leading dimension). The reference actions are computed at the same replicated batch size,
-                so a perturbation that changes nothing gives exactly 0.
+                so a perturbation that changes nothing gives exactly 0. Layers downstream of the adapter's
+                prefix (`PolicyAdapter.downstream_of_prefix`; π0: the action expert, which reads the VLM only
+                through its KV cache) reuse that prefix (`prefix_cache`, computed once per batch and replica count
+                with the unperturbed weights, at the replicated size, so the numbers are bit for bit those of a
+                full pass) and rerun only what follows it (π0: the denoising loop); `prefix_cache=False` reruns
+                everything.
 Proxy (Eq. 6)   "gain":    ||J||_F^2 * ||dX_c||^2, J = dA/dX_c the Jacobian of the action w.r.t. the channel's
                            whole output (every token, every call: π0's expert runs once per denoising step), i.e. the
                            paper's gain-times-error with the Frobenius norm, per sample, then averaged.
@@ -22,9 +27,12 @@ Proxy (Eq. 6)   "gain":    ||J||_F^2 * ||dX_c||^2, J = dA/dX_c the Jacobian of t
 Two-stage       the proxy ranks every channel; exact passes refine the globally top-ranked `exact_fraction` of
                 channels per bit-width (the paper's "limited number of full forward passes ... targeting the most
                 important channels"), plus `rank_sample` random (channel, bit) pairs that measure how well each
-                proxy ranks channels (Spearman). Unrefined channels keep the proxy times a per-bit scale fitted on the
-                refined ones (median exact/proxy ratio), so that refined and unrefined values are comparable when the
-                allocation ranks them together.
+                proxy ranks channels (Spearman). A refined channel is measured exactly at every bit (its whole row:
+                one pass batches channels, so the extra bits are cheap), so that every row of the table is
+                consistent: all exact, or all proxy times a per-bit scale. That scale (median exact/proxy ratio per
+                bit) is fitted on the rows of the random sample only: the top picks are the channels the proxy
+                over-ranks most, so a fit on them would be biased low. Consistent rows keep the allocation's
+                rho = (s^lo - s^hi) / (hi - lo) a difference of like with like.
 Cumulative (Eq. 5)  S = E_episode sum_t ||dA_t|| over recorded episodes (teacher forcing: the recorded
                 observations, not a closed-loop rollout), for validating rankings; `cumulative_sensitivity`.
 
@@ -54,10 +62,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qvla_quant.adapters.base import Batch, LayerInfo, PolicyAdapter, output_gradients
-from qvla_quant.quantizer import BIT_CHOICES, KEEP_BITS, WeightQuantConfig, row_quantization_error
+from qvla_quant.quantizer import BIT_CHOICES, KEEP_BITS, ROW_BITS, WeightQuantConfig, row_quantization_error
 from qvla_quant.roles import PlanTemplate
 
-SENSITIVITY_FORMAT_VERSION = 1
+SENSITIVITY_FORMAT_VERSION = 2  # 2: whole rows exact, proxy scale fitted on the random sample
 METHODS = ("two_stage", "proxy", "exact")
 PROXIES = ("aligned", "gain")
 
@@ -86,6 +94,8 @@ class CalibrationConfig:
     weight: the weight quantizer, identical to the one the plan will be packed with.
     template: which layers are calibrated (rule "auto"); fixed/skipped layers are not measured.
     store_dir: directory of the resumable on-disk store (None: in memory only).
+    prefix_cache: exact passes over layers downstream of the adapter's observation prefix (π0: the action expert)
+        reuse that prefix instead of recomputing it (the same numbers, bit for bit; False: recompute, for timing).
     """
 
     bits: tuple[int, ...] = BIT_CHOICES
@@ -102,12 +112,13 @@ class CalibrationConfig:
     template: PlanTemplate = field(default_factory=PlanTemplate)
     store_dir: str | None = None
     progress: bool = True
+    prefix_cache: bool = True
 
     def __post_init__(self):
         bits = tuple(sorted({int(b) for b in self.bits} | {KEEP_BITS}))
-        bad = set(bits) - set(BIT_CHOICES)
+        bad = set(bits) - set(ROW_BITS)  # 3 and 6 on request: the default stays the paper's BIT_CHOICES
         if bad:
-            raise ValueError(f"CalibrationConfig.bits: {sorted(bad)} not in {BIT_CHOICES}")
+            raise ValueError(f"CalibrationConfig.bits: {sorted(bad)} not in {ROW_BITS}")
         if len(bits) < 2:
             raise ValueError("CalibrationConfig.bits: give at least one bit-width below 16")
         object.__setattr__(self, "bits", bits)
@@ -151,7 +162,7 @@ class CalibrationConfig:
     def result_key(self) -> dict:
         """The settings that change the numbers (a store written with other ones cannot be resumed)."""
         d = self.to_dict()
-        for k in ("channels_per_pass", "proxy_group_weights", "store_dir", "progress"):
+        for k in ("channels_per_pass", "proxy_group_weights", "store_dir", "progress", "prefix_cache"):
             d.pop(k)
         return d
 
@@ -189,8 +200,9 @@ class LayerSensitivity:
 class Sensitivity:
     """Per-layer, per-channel, per-bit action sensitivities of one policy on one calibration set.
 
-    `values(name)` is what the allocation uses: exact where measured, else the ranking proxy times its per-bit
-    scale (`proxy_scale`), 0 for dead layers and for 16 bits. `other_layers`: the policy's layers that were not
+    `values(name)` is what the allocation uses, row by row: exact when the row was measured exactly at every bit,
+    else the ranking proxy times its per-bit scale (`proxy_scale`) at every bit (a row never mixes the two), 0 for
+    dead layers and for 16 bits. `other_layers`: the policy's layers that were not
     measured (template rule "skip" or fixed bits) with their shapes and rule.
     """
 
@@ -222,8 +234,12 @@ class Sensitivity:
             scale = torch.tensor([self.proxy_scale.get(b, 1.0) for b in self.bits], dtype=torch.float64)
             out = proxy.double() * scale
         if layer.exact is not None:
-            measured = torch.isfinite(layer.exact)
-            out = torch.where(measured, layer.exact.double(), out)
+            keep = self.bit_index(KEEP_BITS)
+            quantized = [i for i in range(len(self.bits)) if i != keep]
+            whole = torch.isfinite(layer.exact[:, quantized]).all(1)  # rows measured exactly at every bit
+            if proxy is None:  # method "exact": nothing to fall back to, a NaN below says what is missing
+                whole = torch.ones_like(whole)
+            out = torch.where(whole[:, None], layer.exact.double(), out)
         out[:, self.bit_index(KEEP_BITS)] = 0.0
         if torch.isnan(out).any():
             raise ValueError(f"{name}: some channels have neither a proxy nor an exact sensitivity")
@@ -474,17 +490,47 @@ class _References:
         self.adapter = adapter
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
 
-    def get(self, i: int, prep: _Prepared, k: int) -> torch.Tensor:
+    def get(self, i: int, prep: _Prepared, k: int, prefix=None) -> torch.Tensor:
+        """prefix: the replicated batch's unperturbed prefix when one is at hand (the same numbers, bit for bit,
+        without recomputing the prefix)."""
         key = (i, k)
         if key not in self.cache:
             with torch.no_grad():
-                self.cache[key] = _replicated_actions(self.adapter, prep, k)
+                self.cache[key] = _replicated_actions(self.adapter, prep, k, prefix)
         return self.cache[key]
 
 
-def _replicated_actions(adapter: PolicyAdapter, prep: _Prepared, k: int) -> torch.Tensor:
+class _Prefixes:
+    """The adapter's prefix (`PolicyAdapter.prefix_cache`) per (batch, replica count), computed once with the
+    unperturbed weights at the replicated size the passes use (so that a cached pass computes bit for bit what a
+    full pass does). Kept up to `max_bytes` (the prefix's `nbytes`, when it has one), least recently used first out:
+    layers with fewer jobs than a full chunk use other replica counts."""
+
+    def __init__(self, adapter: PolicyAdapter, max_bytes: int = 2 << 30):
+        self.adapter = adapter
+        self.max_bytes = max_bytes
+        self.cache: dict[tuple[int, int], object] = {}
+
+    def get(self, i: int, prep: _Prepared, k: int):
+        key = (i, k)
+        if key in self.cache:
+            self.cache[key] = self.cache.pop(key)  # most recently used last
+            return self.cache[key]
+        batch = self.adapter.repeat_batch(prep.batch, k) if k > 1 else prep.batch
+        with torch.no_grad():
+            prefix = self.adapter.prefix_cache(batch)
+        size = getattr(prefix, "nbytes", 0)
+        while self.cache and sum(getattr(v, "nbytes", 0) for v in self.cache.values()) + size > self.max_bytes:
+            self.cache.pop(next(iter(self.cache)))
+        self.cache[key] = prefix
+        return prefix
+
+
+def _replicated_actions(adapter: PolicyAdapter, prep: _Prepared, k: int, prefix=None) -> torch.Tensor:
     batch = adapter.repeat_batch(prep.batch, k) if k > 1 else prep.batch
     noise = None if prep.noise is None else torch.cat([prep.noise] * k, dim=0)
+    if prefix is not None:
+        return adapter.actions_from_prefix(prefix, batch, noise)
     return adapter.actions(batch, noise)
 
 
@@ -495,11 +541,13 @@ def _squared_deviations(
     info: LayerInfo,
     rows: torch.Tensor,
     row_errors: torch.Tensor,
+    prefix=None,
 ) -> torch.Tensor:
-    """||A_i - A*||^2 per replica i (channel rows[i] perturbed) and sample: [k, B] float64."""
+    """||A_i - A*||^2 per replica i (channel rows[i] perturbed) and sample: [k, B] float64. prefix: the adapter's
+    unperturbed prefix of the replicated batch, for a layer downstream of it (None: the full forward)."""
     k = len(rows)
     with torch.no_grad(), _channel_error_hook(info, rows, row_errors):
-        actions = _replicated_actions(adapter, prep, k)
+        actions = _replicated_actions(adapter, prep, k, prefix)
     diff = (actions.double() - ref.double()).reshape(k, prep.size, -1)
     return diff.pow(2).sum(-1)
 
@@ -517,10 +565,13 @@ def exact_sensitivity(
     progress: bool = False,
     errors: torch.Tensor | None = None,
     on_step=None,
+    prefixes: _Prefixes | None = None,
 ) -> torch.Tensor:
     """Eq. 4 for (row, bit) `jobs` of one layer: [len(jobs)] float64, the mean over all calibration samples.
 
     errors: this layer's `_errors(info, bits, wcfg)` if already computed (rows of every bit in `bits`).
+    prefixes: the adapter's unperturbed prefixes, reused when the layer is downstream of the prefix (None: every
+    pass recomputes the whole policy).
     on_step: called with no argument after each pass (progress reports; may raise to stop the run)."""
     if not jobs:
         return torch.zeros(0, dtype=torch.float64)
@@ -533,6 +584,8 @@ def exact_sensitivity(
     rows = torch.tensor([r for r, _ in jobs], device=adapter.device)
     out = torch.zeros(len(jobs), dtype=torch.float64)
     n_samples = sum(p.size for p in data)
+    if prefixes is not None and not adapter.downstream_of_prefix(info.name):
+        prefixes = None  # the layer feeds the prefix: its perturbation changes it
     chunks = range(0, len(jobs), channels_per_pass)
     for start in tqdm(chunks, desc=info.name, unit="pass", disable=not progress, leave=False):
         chunk = jobs[start : start + channels_per_pass]
@@ -541,8 +594,9 @@ def exact_sensitivity(
         row_errors = torch.stack([errs[b][r] for r, b in chunk])
         total = torch.zeros(k, dtype=torch.float64)
         for i, prep in enumerate(data):
-            ref = references.get(i, prep, k)
-            total += _squared_deviations(adapter, prep, ref, info, chunk_rows, row_errors).sum(1).cpu()
+            prefix = None if prefixes is None else prefixes.get(i, prep, k)
+            ref = references.get(i, prep, k, prefix)
+            total += _squared_deviations(adapter, prep, ref, info, chunk_rows, row_errors, prefix).sum(1).cpu()
         out[start : start + k] = total / n_samples
         if on_step is not None:
             on_step()
@@ -947,10 +1001,12 @@ def calibrate_sensitivity(
         ranking = {info.name: getattr(results[info.name], f"proxy_{config.proxy}")[:, qcols] for info in live}
         n_top = math.ceil(config.exact_fraction * sum(counts.values())) if config.method == "two_stage" else 0
         top, sample = _select_jobs(ranking, counts, len(qbits), n_top, config.rank_sample, config.seed)
+    measure = _whole_rows(top, sample, len(qbits))
     references = _References(adapter)
+    prefixes = _Prefixes(adapter) if config.prefix_cache else None
     todo = [info for info in auto if not index["layers"][info.name].get("exact_done")]
     exact_steps = {"done": 0, "total": sum(
-        math.ceil(len(top.get(i.name, set()) | sample.get(i.name, set())) / config.channels_per_pass)
+        math.ceil(len(measure.get(i.name, set())) / config.channels_per_pass)
         for i in todo if not results[i.name].dead
     )}  # fmt: skip
 
@@ -963,7 +1019,7 @@ def calibrate_sensitivity(
         layer = results[info.name]
         exact = torch.full((info.out_features, len(bits)), float("nan"), dtype=torch.float64)
         exact[:, bits.index(KEEP_BITS)] = 0.0
-        jobs = sorted(top.get(info.name, set()) | sample.get(info.name, set()))
+        jobs = sorted(measure.get(info.name, set()))
         if layer.dead:
             exact[:, qcols] = 0.0  # dead: exactly zero, nothing to measure
         elif jobs:
@@ -971,7 +1027,7 @@ def calibrate_sensitivity(
             values = exact_sensitivity(
                 adapter, data, info, [(r, qbits[q]) for r, q in jobs], qbits, config.weight,
                 channels_per_pass=config.channels_per_pass, references=references, progress=config.progress,
-                errors=error_cache.pop(info.name, None), on_step=exact_step,
+                errors=error_cache.pop(info.name, None), on_step=exact_step, prefixes=prefixes,
             )  # fmt: skip
             index["times"]["exact_s"] += time.perf_counter() - t0
             for (r, q), v in zip(jobs, values.tolist()):
@@ -991,9 +1047,18 @@ def calibrate_sensitivity(
         fingerprint=index["fingerprint"],
         adapter_config=index["adapter"],
     )
+    fit_on = "none"
     if use_proxy:
-        sens.proxy_scale = _fit_proxy_scale(sens, qbits)
+        # the random sample's rows; without one (rank_sample=0) only the top rows exist, and the fit is biased
+        fit_rows = {n: {r for r, _ in pairs} for n, pairs in sample.items()}
+        fit_on = "random sample" if any(fit_rows.values()) else "top (no random sample: biased)"
+        if not any(fit_rows.values()):
+            fit_rows = {n: {r for r, _ in pairs} for n, pairs in measure.items()}
+        sens.proxy_scale = _fit_proxy_scale(sens, qbits, fit_rows)
     sens.report = _report(sens, sample, top, qbits, index["times"], probes, time.perf_counter() - started)
+    sens.report["n_exact_rows"] = sum(len({r for r, _ in v}) for v in measure.values())
+    sens.report["n_exact_jobs"] = sum(len(v) for v in measure.values())
+    sens.report["proxy_scale_fit"] = fit_on
     sens.report["data_fingerprint"] = index["data"]
     sens.report["n_samples"] = sum(p.size for p in data)
     if store is not None:
@@ -1013,13 +1078,24 @@ def _pairs(sens: Sensitivity, jobs: dict[str, set], qbits, key: str):
     return out
 
 
-def _fit_proxy_scale(sens: Sensitivity, qbits) -> dict[int, float]:
-    """Per bit: exp(median(log(exact / proxy))) over every channel measured both ways (1.0 when none)."""
+def _whole_rows(top: dict[str, set], sample: dict[str, set], nq: int) -> dict[str, set[tuple[int, int]]]:
+    """Every (row, bit column) of each row that `top` or `sample` picks at some bit: rows are measured whole."""
+    out = {}
+    for name in set(top) | set(sample):
+        rows = {r for r, _ in top.get(name, set()) | sample.get(name, set())}
+        out[name] = {(r, q) for r in rows for q in range(nq)}
+    return out
+
+
+def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None = None) -> dict[int, float]:
+    """Per bit: exp(median(log(exact / proxy))) over the channels of `rows` (layer -> row indices; None: every
+    channel) measured both ways (1.0 when none). Give it the random sample's rows: the proxy's top picks are
+    selected for a high proxy, so their exact/proxy ratio is biased low."""
     scale = {}
     for b in qbits:
         col = sens.bit_index(b)
         ratios = []
-        for layer in sens.layers.values():
+        for name, layer in sens.layers.items():
             if layer.dead or layer.exact is None:
                 continue
             proxy = layer.proxy_aligned if sens.proxy == "aligned" else layer.proxy_gain
@@ -1027,6 +1103,10 @@ def _fit_proxy_scale(sens: Sensitivity, qbits) -> dict[int, float]:
                 continue
             e, p = layer.exact[:, col], proxy[:, col]
             ok = torch.isfinite(e) & (e > 0) & (p > 0)
+            if rows is not None:
+                chosen = torch.zeros_like(ok)
+                chosen[torch.tensor(sorted(rows.get(name, ())), dtype=torch.long)] = True
+                ok &= chosen
             ratios.append((e[ok] / p[ok]).log())
         r = torch.cat(ratios) if ratios else torch.zeros(0)
         scale[b] = float(r.median().exp()) if r.numel() else 1.0

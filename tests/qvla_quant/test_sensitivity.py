@@ -239,7 +239,7 @@ def test_calibration_config_validates_and_round_trips():
     again = CalibrationConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     for bad, match in [
-        (dict(bits=(3,)), "not in"),
+        (dict(bits=(5,)), "not in"),  # 3 and 6 are row widths of the format (opt-in); 5 is none
         (dict(method="fast"), "method"),
         (dict(proxy="hessian"), "proxy"),
         (dict(exact_fraction=1.5), "exact_fraction"),
@@ -273,3 +273,113 @@ def test_exact_and_proxy_only_methods():
         torch.testing.assert_close(proxy.values(info.name)[:, :4], brute, rtol=1e-4, atol=1e-12)
     assert "rank_correlation" not in exact.report and proxy.report["n_exact_top"] == 0
     assert proxy.report["n_rank_sample"] == 10
+
+
+def test_proxy_scale_is_fitted_on_the_random_sample_and_rows_stay_consistent(monkeypatch):
+    """Issue 11.4: a proxy that over-ranks a few channels (x50) and under-reads the rest (x0.5, true scale 2). The top
+    picks are exactly the over-ranked ones, so a fit on them gives ~0.02; the random sample's rows give 2. Every row
+    is then all exact or all proxy-scaled."""
+    real = S.proxy_sensitivity
+    over = [0, 1, 2]
+
+    def skewed(*args, **kwargs):
+        res = real(*args, **kwargs)
+        for table in (res.aligned, res.gain):
+            for name in table:
+                table[name] = table[name] * 0.5
+                if name == "a":
+                    table[name][over] *= 100.0
+        return res
+
+    monkeypatch.setattr(S, "proxy_sensitivity", skewed)
+    adapter = linear_adapter()
+    batches = linear_batches()
+    config = CalibrationConfig(exact_fraction=0.1, rank_sample=12, seed=1, progress=False)
+    sens = calibrate(adapter, batches, config)
+    report = sens.report
+    assert report["n_exact_top"] == 3 * 4
+    for b in (0, 2, 4, 8):
+        assert sens.proxy_scale[b] == pytest.approx(2.0, rel=1e-3)
+    assert report["proxy_scale_fit"] == "random sample"
+    data = S._prepare(adapter, batches, 0)
+    for info in adapter.layers():
+        exact = sens.layers[info.name].exact[:, :4]
+        measured = torch.isfinite(exact)
+        assert torch.equal(measured.any(1), measured.all(1))  # whole rows, never a mix
+        jobs = [(r, b) for r in range(info.out_features) for b in (0, 2, 4, 8)]
+        truth = exact_sensitivity(adapter, data, info, jobs, (0, 2, 4, 8), WCFG).view(info.out_features, 4)
+        v = sens.values(info.name)[:, :4]
+        if info.name == "a":
+            assert measured[over].all()  # the over-ranked rows are the top picks, measured exactly
+        # exact rows are exact; the others are the proxy times the recovered scale: the truth on a linear policy
+        torch.testing.assert_close(v, truth, rtol=1e-3, atol=1e-12)
+    # a partially measured row (e.g. an old or hand-edited table) is read all-proxy, not mixed
+    layer = sens.layers["b"]
+    row = int(torch.isfinite(layer.exact[:, 0]).nonzero()[0])
+    layer.exact[row, 1] = float("nan")
+    scale = torch.tensor([sens.proxy_scale.get(b, 1.0) for b in sens.bits], dtype=torch.float64)
+    expect = layer.proxy_aligned[row] * scale
+    expect[-1] = 0.0
+    assert torch.equal(sens.values("b")[row], expect)
+
+
+def test_pi0_prefix_cache_reproduces_actions_and_is_not_mutated(tiny_pi0, tiny_batches):
+    batch = tiny_pi0.repeat_batch(tiny_batches[0], 3)
+    noise = tiny_pi0.make_noise(6, 5)
+    with torch.no_grad():
+        full = tiny_pi0.actions(batch, noise)
+        prefix = tiny_pi0.prefix_cache(batch)
+        before = [(k.clone(), v.clone()) for k, v in prefix.kv]
+        first = tiny_pi0.actions_from_prefix(prefix, batch, noise)
+        second = tiny_pi0.actions_from_prefix(prefix, batch, noise)
+    assert torch.equal(first, full) and torch.equal(second, full)  # the same operations: bit for bit
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(prefix.kv, before))
+    assert tiny_pi0.downstream_of_prefix("model.dit.layers.0.mlp.up_proj")
+    assert tiny_pi0.downstream_of_prefix("action_out_proj")
+    assert not tiny_pi0.downstream_of_prefix("model.vlm.language_model.layers.0.self_attn.k_proj")
+    assert not tiny_pi0.downstream_of_prefix("model.vlm.vision_tower.embeddings.patch_embedding")
+    # the generic fallback recomputes
+    adapter = linear_adapter()
+    x = linear_batches(1)[0]
+    assert adapter.prefix_cache(x) is None
+    assert torch.equal(adapter.actions_from_prefix(None, x, None), adapter.model(x["x"]))
+
+
+def test_exact_passes_over_the_action_expert_reuse_the_vlm_prefix(tiny_pi0, tiny_batches, tiny_calibration):
+    """Issue 11.5: the VLM runs once per (batch, replica count) for the expert's layers, not once per pass, and the
+    sensitivities are identical (bit for bit) to recomputing everything."""
+    calls = {"vlm": 0}
+    handle = tiny_pi0.model.model.vlm.register_forward_hook(lambda *a: calls.__setitem__("vlm", calls["vlm"] + 1))
+    data = S._prepare(tiny_pi0, tiny_batches, 0)
+    jobs = [(r, b) for r in range(7) for b in (2, 4)]  # 14 jobs: passes of 4, 4, 4 and 2 channels
+    values = {}
+    try:
+        for layer in ("model.dit.layers.1.self_attn.v_proj", "model.vlm.language_model.layers.0.mlp.up_proj"):
+            info = _info(tiny_pi0, layer)
+            for cached in (False, True):
+                calls["vlm"] = 0
+                prefixes = S._Prefixes(tiny_pi0) if cached else None
+                values[layer, cached] = exact_sensitivity(
+                    tiny_pi0, data, info, jobs, (0, 2, 4, 8), WCFG, channels_per_pass=4, prefixes=prefixes
+                )
+                values[layer, cached, "vlm"] = calls["vlm"]
+    finally:
+        handle.remove()
+    dit, vlm = "model.dit.layers.1.self_attn.v_proj", "model.vlm.language_model.layers.0.mlp.up_proj"
+    # uncached: references (2 batches x 2 replica counts) + 4 passes x 2 batches; cached: the 2 x 2 prefixes only
+    # (the references reuse them too)
+    assert values[dit, False, "vlm"] == 4 + 8 and values[dit, True, "vlm"] == 4
+    assert values[vlm, True, "vlm"] == values[vlm, False, "vlm"] == 4 + 8  # a VLM layer changes the prefix
+    for layer in (dit, vlm):
+        assert torch.equal(values[layer, True], values[layer, False]) and values[layer, True].min() > 0
+    # the whole calibration: identical sensitivities with and without the cache
+    cfgs = [CalibrationConfig(prefix_cache=c, **tiny_calibration) for c in (True, False)]
+    assert CalibrationConfig.from_dict(cfgs[0].to_dict()) == cfgs[0] and cfgs[0].result_key() == cfgs[1].result_key()
+    cached, full = (calibrate(load_policy_like(tiny_pi0), tiny_batches, c) for c in cfgs)
+    assert cached.proxy_scale == full.proxy_scale
+    for name in full.layers:
+        assert torch.equal(cached.values(name), full.values(name)), name
+
+
+def load_policy_like(adapter):
+    return type(adapter)(adapter.model, action_dim=adapter.action_dim, num_steps=adapter.num_steps)

@@ -155,6 +155,26 @@ class PolicyAdapter(abc.ABC):
     def make_noise(self, batch_size: int, seed: int) -> torch.Tensor | None:
         """The fixed initial noise for `batch_size` samples (None for policies without noise)."""
 
+    # ---- an observation prefix computed once (optional; exact sensitivity of the layers downstream of it)
+    def downstream_of_prefix(self, name: str) -> bool:
+        """Whether layer `name` runs only after the prefix that `prefix_cache` holds, so that perturbing it leaves
+        that prefix unchanged (π0: the action expert and its heads, which read the VLM's KV cache). Default: no
+        layer (no prefix)."""
+        return False
+
+    def prefix_cache(self, batch: Batch):
+        """What `actions` computes from the observation alone before any downstream layer runs (π0: the VLM's KV
+        cache of the images and text), computed with the current weights, for reuse by `actions_from_prefix` on the
+        same batch; None when the adapter has no such prefix (the default; `actions_from_prefix` then recomputes).
+        Runs in the caller's grad mode; callers use it under no_grad."""
+        return None
+
+    def actions_from_prefix(self, prefix, batch: Batch, noise: torch.Tensor | None) -> torch.Tensor:
+        """`actions(batch, noise)` reusing `prefix` (from `prefix_cache(batch)`; never modified, so it can be reused
+        for any number of calls): the same numbers as `actions`, without recomputing the prefix. Only valid while
+        the layers upstream of the prefix are unchanged. Default (and prefix None): `actions(batch, noise)`."""
+        return self.actions(batch, noise)
+
     def predict(self, batch: Batch) -> torch.Tensor:
         """Deployment path: no grad, the adapter's fixed seeded noise."""
         with torch.no_grad():

@@ -29,6 +29,7 @@ state). They are reported by `known_dead_layers`, and gradient-based detection f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,18 @@ def _transformers_pi0():
             f"(pip install 'transformers>=5'): {e}"
         ) from None
     return PI0Config, PI0ForConditionalGeneration
+
+
+@dataclass(frozen=True)
+class _Pi0Prefix:
+    """The VLM's KV cache of one batch: per VLM layer (key, value) [B, kv_heads, prefix_len, head_dim]."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    size: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv for t in pair)
 
 
 class Pi0Adapter(PolicyAdapter):
@@ -120,6 +133,78 @@ class Pi0Adapter(PolicyAdapter):
             num_steps=self.num_steps,
         )
         return chunk[..., : self.action_dim]
+
+    # ---- the VLM prefix, computed once (exact sensitivity of the action expert's layers)
+    def downstream_of_prefix(self, name: str) -> bool:
+        # the action expert and its in/out heads run only in the denoising loop, after the VLM's KV cache is built
+        return self.role_of(name) in ("action", "action_head")
+
+    def prefix_cache(self, batch: Batch) -> _Pi0Prefix | None:
+        """The VLM's KV cache of the batch's images and text, exactly as `sample_actions` builds it (step 2), as
+        plain per-layer (key, value) tensors; None if the cache is not a plain DynamicCache (then every call
+        recomputes it)."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        self.check_batch(batch)
+        batch = self.to_device(batch)
+        model = self.model
+        attention_mask = batch.get("attention_mask")
+        position_ids = None if attention_mask is None else attention_mask.cumsum(-1) - 1
+        inputs_embeds = model.model.embed_prefix(
+            batch["input_ids"], batch["pixel_values"].to(self.dtype), batch["pixel_attention_mask"].bool()
+        )
+        token_type_ids = torch.zeros_like(inputs_embeds)[:, :, 0]
+        cache = model.model.vlm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            use_cache=True,
+        ).cache
+        if type(cache) is not DynamicCache or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None  # pragma: no cover - a sliding-window or quantized cache: not reproduced here
+        kv = tuple((layer.keys, layer.values) for layer in cache.layers)
+        return _Pi0Prefix(kv=kv, size=self.batch_size(batch))
+
+    def actions_from_prefix(self, prefix, batch: Batch, noise: torch.Tensor | None) -> torch.Tensor:
+        """`sample_actions`' denoising loop (step 3, the same operations) on a fresh DynamicCache filled from
+        `prefix`: the stored tensors are never written to (DynamicLayer.update concatenates into new tensors and
+        `crop` slices), so one prefix serves any number of calls."""
+        if prefix is None:
+            return self.actions(batch, noise)
+        from transformers.cache_utils import DynamicCache
+
+        self.check_batch(batch)
+        batch = self.to_device(batch)
+        dtype = self.dtype
+        size = self.batch_size(batch)
+        if size != prefix.size:
+            raise ValueError(f"π0 prefix was computed for {prefix.size} samples, the batch has {size}")
+        if noise is None:
+            noise = self.make_noise(size, self.noise_seed)
+        model = self.model
+        cache = DynamicCache(ddp_cache_data=prefix.kv)
+        prefix_length = cache.get_seq_length()
+        state = batch["state"].to(dtype)
+        attention_mask = batch.get("attention_mask")
+        pixel_attention_mask = batch["pixel_attention_mask"].bool()
+        noise = noise.to(device=self.device, dtype=dtype)
+        num_steps = self.num_steps or model.config.num_inference_steps
+        dt = -1.0 / num_steps
+        for step in range(num_steps):
+            time = 1.0 + step * dt
+            time_tensor = torch.full((size,), time, dtype=torch.float32, device=self.device)
+            output = model(
+                state=state,
+                noise=noise,
+                timestep=time_tensor,
+                pixel_attention_mask=pixel_attention_mask,
+                attention_mask=attention_mask,
+                cache=cache,
+            )
+            cache.crop(prefix_length - cache.get_seq_length())
+            noise = noise + dt * output.logits
+        return noise[..., : self.action_dim]
 
     def make_noise(self, batch_size: int, seed: int) -> torch.Tensor:
         config = self.model.config
