@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from qvla_quant.plan import Plan
-from qvla_quant.quantizer import BIT_CHOICES, WeightQuantConfig
+from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS, WeightQuantConfig
 
 PROG = "qvla-quant"
 
@@ -46,10 +46,10 @@ def _bits(text: str) -> tuple[int, ...]:
         bits = tuple(int(b) for b in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"bits must be a comma-separated list from {BIT_CHOICES}, got {text!r}"
+            f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}"
         ) from None
-    if not bits or set(bits) - set(BIT_CHOICES):
-        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {BIT_CHOICES}, got {text!r}")
+    if not bits or set(bits) - set(ROW_BITS):
+        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}")
     return bits
 
 

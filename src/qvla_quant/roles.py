@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qvla_quant.quantizer import BIT_CHOICES
+from qvla_quant.quantizer import ROW_BITS
 
 ROLES: tuple[str, ...] = ("vision", "projector", "language", "action", "action_head", "other")
 RULES: tuple[str, ...] = ("auto", "skip")
@@ -77,8 +77,8 @@ class NameRules:
 
 
 def _check_rule(where: str, rule: Any) -> str | int:
-    if isinstance(rule, bool) or not (rule in RULES or (isinstance(rule, int) and rule in BIT_CHOICES)):
-        raise ValueError(f"{where}: rule must be 'auto', 'skip' or a bit-width in {BIT_CHOICES}, got {rule!r}")
+    if isinstance(rule, bool) or not (rule in RULES or (isinstance(rule, int) and rule in ROW_BITS)):
+        raise ValueError(f"{where}: rule must be 'auto', 'skip' or a bit-width in {ROW_BITS}, got {rule!r}")
     return rule
 
 

@@ -354,3 +354,10 @@ def test_qvla_sim_names_a_corrupt_topic_config_on_one_line(tmp_path, capsys):
     topics.write_text("cameras: [\n")
     assert main(["record-demos", "--out", str(tmp_path / "demos"), "-n", "1", "--topics", str(topics)]) == 2
     assert_one_line_error(capsys.readouterr().err, "qvla-sim", topics)
+
+
+def test_the_calibration_job_knows_every_row_width_of_the_format():
+    from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS
+    from qvla_ros.policy import calibration_job
+
+    assert calibration_job.ROW_BITS == ROW_BITS and calibration_job.BIT_SET == BIT_CHOICES

@@ -487,9 +487,9 @@ def _calibration_checks(v: dict) -> str:
         bits = [int(b) for b in v["calibration.bits"].split(",") if b.strip()]
     except ValueError:
         bits = [-1]
-    if not bits or set(bits) - {0, 2, 4, 8, 16} or not set(bits) - {16}:
-        return (f"calibration.bits {v['calibration.bits']!r} must be a comma-separated list from 0,2,4,8,16 with "
-                "something below 16")
+    if not bits or set(bits) - {0, 2, 3, 4, 6, 8, 16} or not set(bits) - {16}:
+        return (f"calibration.bits {v['calibration.bits']!r} must be a comma-separated list from 0,2,3,4,6,8,16 "
+                "with something below 16")
     return ""
 
 

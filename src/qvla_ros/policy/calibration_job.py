@@ -50,6 +50,9 @@ STATE_FILE = "calibration_state.json"
 SENSITIVITY_DIR = "sensitivity"
 REPORT_DIR = "report"
 BIT_SET = (0, 2, 4, 8, 16)
+# every row width the packed format stores (qvla_quant.quantizer.ROW_BITS, spelled out so that importing this module
+# for the node does not import torch; tests/policy/test_loaders.py keeps the two equal)
+ROW_BITS = (0, 2, 3, 4, 6, 8, 16)
 SOLVERS = ("greedy", "lagrangian")
 EXIT_OK, EXIT_ERROR, EXIT_VALIDATION, EXIT_CANCELLED = 0, 2, 3, 130
 
@@ -92,9 +95,9 @@ class JobSpec:
         """JobError naming the first invalid field (cheap checks: no model is loaded)."""
         if not isinstance(self.budget, (int, float)) or not math.isfinite(self.budget) or self.budget <= 0:
             raise JobError(f"budget must be a positive number of bits per weight (e.g. 4), got {self.budget!r}")
-        bad = sorted(set(self.bits) - set(BIT_SET))
+        bad = sorted(set(self.bits) - set(ROW_BITS))
         if bad:
-            raise JobError(f"bit set {list(self.bits)}: {bad} not in {list(BIT_SET)}")
+            raise JobError(f"bit set {list(self.bits)}: {bad} not in {list(ROW_BITS)}")
         if len(self.bits) < 2:
             raise JobError(f"bit set {list(self.bits)} has nothing below 16 bits: add e.g. 4 or 8")
         if self.solver not in SOLVERS:
@@ -675,7 +678,7 @@ def _bits(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {BIT_SET}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
