@@ -199,7 +199,7 @@ def test_plan_template_rules_and_json():
     assert PlanTemplate().roles == DEFAULT_ROLE_RULES
     assert PlanTemplate.from_dict(template.to_dict()) == template
     with pytest.raises(ValueError, match="rule must be"):
-        PlanTemplate(names={"x": 3})
+        PlanTemplate(names={"x": 5})  # 3 and 6 are row widths now; 5 is none
     with pytest.raises(ValueError, match="not a valid regular expression"):
         PlanTemplate(names={"re:(": "auto"})
     with pytest.raises(ValueError, match="unknown role"):

@@ -161,7 +161,7 @@ def test_job_refuses_what_it_cannot_use_with_the_reason(tmp_path, tiny_policies)
     with pytest.raises(JobError, match="no usable recording left: ") as e:
         run_job(spec)
     assert "bad.mcap: not an MCAP file" in str(e.value) and "nope: does not exist" in str(e.value)
-    for field, value, match in (("budget", 0.0, "budget must be a positive"), ("bits", (3, 16), r"\[3\] not in"),
+    for field, value, match in (("budget", 0.0, "budget must be a positive"), ("bits", (5, 16), r"\[5\] not in"),
                                 ("solver", "exact", "solver 'exact'"), ("policy", str(tmp_path / "nope"),
                                                                          "does not exist")):
         s = JobSpec(**{**spec.to_dict(), field: value})

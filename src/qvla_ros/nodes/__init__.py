@@ -1,7 +1,11 @@
 """qvla's ROS 2 nodes (thin: messages, timers, parameters) and the few rclpy helpers they share.
 
-    policy_node    three cameras + arm states -> inference worker -> chunk scheduler -> 30 Hz safe arm commands
-    sim_rig_node   the simulated rig on the same topics as the real one (cameras, arm states, commands)
+    policy_node       three cameras + arm states -> inference worker -> chunk scheduler -> 30 Hz safe arm commands
+    sim_rig_node      the simulated rig on the same topics as the real one (cameras, arm states, commands; the
+                      scripted teleoperator on the leader-arm topics)
+    monitor_node      the full-precision reference on the policy's exact observations -> ActionDeviation, markers
+    recorder_node     teleoperated demonstrations -> one rosbag2/MCAP episode each, from the raw messages
+    calibration_node  the Calibrate action: recordings -> sensitivities -> allocation -> artifact -> reload
 
 The decisions (sync, blending, safety, adapters, parameter validation) live in qvla_ros.control, without rclpy.
 """
@@ -11,7 +15,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
@@ -98,3 +104,15 @@ def fail(node_name: str, error: Exception) -> int:
     """A start-up error a user can act on: one clear line on stderr, exit code 2, no traceback."""
     print(f"[{node_name}] cannot start: {error}", file=sys.stderr, flush=True)
     return 2
+
+
+def spin(executor) -> None:
+    """Spin `executor` until Ctrl-C or shutdown. Ctrl-C shuts the context down under executors that spin in other
+    threads (rclpy raises RCLError "context is not valid" there): expected at shutdown, re-raised otherwise."""
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:
+        if rclpy.ok():
+            raise

@@ -37,14 +37,14 @@ from pathlib import Path
 import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import String
 
 from qvla_msgs.action import Calibrate
 from qvla_msgs.srv import ReloadPolicy
 from qvla_ros.control.params import CALIBRATION_NODE, ParameterError
-from qvla_ros.nodes import declare_schema, fail, qos
+from qvla_ros.nodes import declare_schema, fail, qos, spin
 from qvla_ros.policy.calibration_job import EXIT_CANCELLED, EXIT_OK, EXIT_VALIDATION, JobError, JobSpec, check_budget
 
 NODE_NAME = "calibration"
@@ -289,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(NODE_NAME, e)
         executor = MultiThreadedExecutor(num_threads=4)  # the job's thread, goals, cancels, the reload answer
         executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        spin(executor)
     finally:
         if node is not None:
             node.shutdown()

@@ -31,7 +31,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import ColorRGBA
@@ -60,7 +60,7 @@ from qvla_ros.control.images import ImageFormatError, compressed_to_rgb, image_t
 from qvla_ros.control.params import MONITOR_NODE, ParameterError
 from qvla_ros.control.timing import LatencyStats
 from qvla_ros.control.worker import InferenceWorker, PolicyInfo
-from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, to_seconds
+from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin, to_seconds
 from qvla_ros.policy.types import Observation
 
 NODE_NAME = "monitor"
@@ -402,10 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(NODE_NAME, e)
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        spin(executor)
     finally:
         if node is not None:
             node.shutdown()

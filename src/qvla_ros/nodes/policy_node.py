@@ -33,7 +33,7 @@ import numpy as np
 import rclpy
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, String
@@ -59,7 +59,7 @@ from qvla_ros.control.scheduler import ChunkScheduler
 from qvla_ros.control.sync import ApproxTimeSync, LatestStore
 from qvla_ros.control.timing import CycleTimer, LatencyStats, RateMonitor
 from qvla_ros.control.worker import InferenceWorker, PolicyInfo
-from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, to_seconds
+from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin, to_seconds
 from qvla_ros.paths import config_path
 from qvla_ros.policy.types import Observation
 
@@ -572,11 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         # for 190 input messages/s on a 2-core machine, the single-threaded one 8% and 37 ms.
         service_executor = SingleThreadedExecutor()
         service_executor.add_node(services)
-        threading.Thread(target=_spin, args=(service_executor,), name="qvla-services", daemon=True).start()
+        threading.Thread(target=spin, args=(service_executor,), name="qvla-services", daemon=True).start()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         node.use_realtime_priority()  # this thread runs the control timer
-        _spin(executor)
+        spin(executor)
     finally:
         for n in (services, node):
             if n is not None:
@@ -585,18 +585,6 @@ def main(argv: list[str] | None = None) -> int:
                 n.destroy_node()
         rclpy.try_shutdown()
     return 0
-
-
-def _spin(executor) -> None:
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        # Ctrl-C shuts the context down under the services thread's executor (RCLError: context is not valid):
-        # expected at shutdown, a real error otherwise
-        if rclpy.ok():
-            raise
 
 
 if __name__ == "__main__":

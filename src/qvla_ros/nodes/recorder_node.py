@@ -42,7 +42,7 @@ from qvla_ros.control.adapters import AdapterError, import_message_type
 from qvla_ros.control.params import RECORDER_NODE, ParameterError
 from qvla_ros.episodes.recorder import DatasetRecorder, RecorderError, SequenceTracker
 from qvla_ros.episodes.topics import TopicConfigError, load_topic_config
-from qvla_ros.nodes import declare_schema, fail, qos
+from qvla_ros.nodes import declare_schema, fail, qos, spin
 
 NODE_NAME = "recorder"
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         control = Control(node)
         control_executor = SingleThreadedExecutor()
         control_executor.add_node(control)
-        control_thread = threading.Thread(target=_spin, args=(control_executor,), name="qvla-recorder-control",
+        control_thread = threading.Thread(target=spin, args=(control_executor,), name="qvla-recorder-control",
                                           daemon=True)
         control_thread.start()
         executor = SingleThreadedExecutor()
@@ -373,13 +373,6 @@ def main(argv: list[str] | None = None) -> int:
                 n.destroy_node()
         rclpy.try_shutdown()
     return 0
-
-
-def _spin(executor) -> None:
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, String
@@ -41,7 +41,7 @@ from qvla_ros.control.adapters import AdapterError, fill, import_message_type, m
 from qvla_ros.control.images import rgb_to_image_fields
 from qvla_ros.control.params import SIM_RIG_NODE, ParameterError
 from qvla_ros.control.timing import RateMonitor
-from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos
+from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin
 
 NODE_NAME = "sim_rig"
 MAX_CATCH_UP_TICKS = 10  # after a stall, at most this many physics ticks per timer call (then time slips)
@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         executor = SingleThreadedExecutor()  # callbacks are short; rendering has a thread of its own
         executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        spin(executor)
     finally:
         if node is not None:
             node.shutdown()
