@@ -455,7 +455,8 @@ def main(argv=None) -> int:
                         help="only issue 11.5's block: calibration of --timing-policy with and without the VLM prefix")
     parser.add_argument("--timing-policy", default=str(Path(__file__).resolve().parents[1] / "models" /
                         "sim_transfer_cube_fp"))  # fmt: skip
-    parser.add_argument("--timing-episodes", default="/tmp/demos", help="recorded episodes (qvla-sim record-demos)")
+    parser.add_argument("--timing-episodes", default=str(Path(__file__).resolve().parents[1] / "data" / "demos"),
+                        help="recorded episodes (qvla-sim record-demos --out data/demos)")
     parser.add_argument("--timing-samples-per-episode", type=int, default=4)
     parser.add_argument("--timing-exact-fraction", type=float, default=0.05)
     parser.add_argument("--timing-rank-sample", type=int, default=64)
