@@ -75,7 +75,7 @@ def write_pickle(path: Path, marker: Path, kind: str) -> None:
         path.write_bytes(pickle.dumps({"trap": Trap(marker)}))
 
 
-def refused(path: Path, *fragments: str) -> str:
+def assert_refused(path: Path, *fragments: str) -> str:
     with pytest.raises(PolicyFormatError) as e:
         PolicyRuntime.load(path, warmup=False)
     message = str(e.value)
@@ -88,13 +88,14 @@ def refused(path: Path, *fragments: str) -> str:
 def test_a_missing_tensor_is_named_with_its_expected_shape(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if k != HEAD})
-    refused(d, str(d / "model.safetensors"), "1 tensors missing", "action_out_proj.weight [14, 64]")
+    assert_refused(d, str(d / "model.safetensors"), "1 tensors missing", "action_out_proj.weight [14, 64]")
 
 
 def test_a_checkpoint_without_the_action_expert_is_refused(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if "gemma_expert" not in k})
-    message = refused(d, str(d / "model.safetensors"), "20 tensors missing", "model.dit.embed_tokens.weight [9, 64]")
+    message = assert_refused(d, str(d / "model.safetensors"), "20 tensors missing",
+                             "model.dit.embed_tokens.weight [9, 64]")
     assert "and 8 more" in message  # long lists are cut, with a count
     # the qvla_quant loader refuses it too (qvla-quant calibrate/apply, qvla_quant.load_policy)
     from qvla_quant.adapters import load_policy
@@ -107,19 +108,19 @@ def test_a_checkpoint_without_the_action_expert_is_refused(tiny_dir, tmp_path):
 def test_an_extra_tensor_is_refused(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {**t, "action_expert_v2.weight": torch.zeros(3, 5)})
-    refused(d, str(d / "model.safetensors"), "1 unexpected tensors: action_expert_v2.weight [3, 5]")
+    assert_refused(d, str(d / "model.safetensors"), "1 unexpected tensors: action_expert_v2.weight [3, 5]")
 
 
 def test_a_tensor_of_the_wrong_shape_is_refused(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {**t, HEAD: torch.zeros(14, 32)})
-    refused(d, str(d / "model.safetensors"), "action_out_proj.weight is [14, 32], expected [14, 64]")
+    assert_refused(d, str(d / "model.safetensors"), "action_out_proj.weight is [14, 32], expected [14, 64]")
 
 
 def test_a_tensor_of_the_wrong_dtype_is_refused(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {**t, HEAD: t[HEAD].to(torch.int32)})
-    refused(d, str(d / "model.safetensors"), "non-floating dtype", "action_out_proj.weight is int32")
+    assert_refused(d, str(d / "model.safetensors"), "non-floating dtype", "action_out_proj.weight is int32")
 
 
 def test_a_float_checkpoint_of_another_width_is_cast(tiny_dir, tmp_path):
@@ -134,7 +135,7 @@ def test_a_truncated_file_is_refused(tiny_dir, tmp_path, keep):
     d = copy_of(tiny_dir, tmp_path)
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: int(len(data) * keep)])
-    refused(d, str(d / "model.safetensors"), "cannot be read as safetensors", "truncated or corrupt")
+    assert_refused(d, str(d / "model.safetensors"), "cannot be read as safetensors", "truncated or corrupt")
 
 
 def test_the_committed_checkpoint_reports_nothing_missing():
@@ -153,7 +154,7 @@ def test_a_pickle_under_the_name_model_safetensors_is_never_unpickled(tiny_dir, 
     d = copy_of(tiny_dir, tmp_path)
     marker = tmp_path / "unpickled"
     write_pickle(d / "model.safetensors", marker, kind)
-    refused(d, str(d / "model.safetensors"), "not safetensors", "never unpickles")
+    assert_refused(d, str(d / "model.safetensors"), "not safetensors", "never unpickles")
     assert not marker.exists()
 
 
@@ -165,7 +166,7 @@ def test_a_pickle_weights_file_is_never_unpickled(tiny_dir, tmp_path, instead, n
     if instead:
         (d / "model.safetensors").unlink()
     write_pickle(d / name, marker, "torch.save")
-    refused(d, str(d / name), "pickle-based weights file", "never unpickles")
+    assert_refused(d, str(d / name), "pickle-based weights file", "never unpickles")
     assert not marker.exists()
     from qvla_quant.adapters import load_policy
     from qvla_quant.checkpoint import CheckpointError
@@ -182,7 +183,7 @@ def test_an_artifact_without_artifact_json_is_not_loaded_as_a_float_model(tmp_pa
     (d / "artifact.json").unlink()
     if remove_plan:
         (d / "plan.json").unlink()
-    refused(d, "looks like a qvla_quant artifact but", str(d / "artifact.json"), "is missing")
+    assert_refused(d, "looks like a qvla_quant artifact but", str(d / "artifact.json"), "is missing")
     from qvla_quant.adapters import load_policy
     from qvla_quant.checkpoint import CheckpointError
 
@@ -205,7 +206,7 @@ def test_an_artifact_without_artifact_json_is_not_loaded_as_a_float_model(tmp_pa
 def test_corrupt_json_files_are_named(tiny_dir, tmp_path, name, text, fragment):
     d = copy_of(tiny_dir, tmp_path)
     (d / name).write_text(text)
-    refused(d, str(d / name), fragment)
+    assert_refused(d, str(d / name), fragment)
 
 
 # (an artifact's config.json is not in the list: the artifact is rebuilt from artifact.json, config.json is there for
