@@ -502,6 +502,16 @@ def _copy_adapter(adapter: PolicyAdapter, inplace: bool) -> PolicyAdapter:
     return new
 
 
+def _float_reference(adapter: PolicyAdapter, inplace: bool) -> PolicyAdapter:
+    """The untouched float policy that a folding check compares with: the adapter itself, or a copy of it when the
+    transformation works in place."""
+    if not inplace:
+        return adapter
+    original = copy.copy(adapter)
+    original.model = copy.deepcopy(adapter.model)
+    return original
+
+
 def _check_bits(method: str, bits: int, allowed: Iterable[int]) -> int:
     allowed = tuple(allowed)
     if isinstance(bits, bool) or bits not in allowed:
@@ -588,8 +598,7 @@ def awq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTemplat
     t0 = time.perf_counter()
     source = _source_id(adapter.model)
     new = _copy_adapter(adapter, inplace)
-    original = copy.copy(adapter)
-    original.model = copy.deepcopy(adapter.model) if inplace else adapter.model
+    original = _float_reference(adapter, inplace)
     planned = planned_layers(new, template, bits)
     groups = input_groups(new, groups)
     model = new.model
@@ -863,8 +872,7 @@ def smoothquant(adapter: PolicyAdapter, batches, bits: int = 8, *, alpha: float 
     t0 = time.perf_counter()
     source = _source_id(adapter.model)
     new = _copy_adapter(adapter, inplace)
-    original = copy.copy(adapter)
-    original.model = copy.deepcopy(adapter.model) if inplace else adapter.model
+    original = _float_reference(adapter, inplace)
     planned = planned_layers(new, template, bits)
     model = new.model
     work, layer_info, group_info = [], {}, []
