@@ -15,6 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 _domain_counter = itertools.count()
 
+# Headless rendering for every MuJoCo user in the suite (the sim rig, the evaluation, the monitor's forward
+# kinematics), set before any test module imports mujoco: whichever subset of the tests runs, and in what order.
+if "MUJOCO_GL" not in os.environ and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    os.environ["MUJOCO_GL"] = "egl"
+
 
 def ros_available() -> bool:
     return importlib.util.find_spec("rclpy") is not None and importlib.util.find_spec("qvla_msgs") is not None

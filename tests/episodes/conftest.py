@@ -1,15 +1,9 @@
-"""Fixtures for the episode tests: headless rendering for the sim round trip, a synthetic episode."""
+"""Fixtures for the episode tests: a synthetic episode (headless rendering: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-
-# Before anything imports mujoco (qvla_ros.sim sets the same default, but a test may import mujoco first).
-if "MUJOCO_GL" not in os.environ and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-    os.environ["MUJOCO_GL"] = "egl"
-
-import pytest  # noqa: E402
-from episode_fixtures import Truth, write_synthetic  # noqa: E402
+import pytest
+from episode_fixtures import Truth, write_synthetic
 
 
 @pytest.fixture

@@ -1,14 +1,8 @@
-"""Fixtures for the simulated rig's tests: headless rendering, small images, one rig per module."""
+"""Fixtures for the simulated rig's tests: small images, one rig per module (headless rendering: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-
-# Before anything imports mujoco (the rig sets the same default, but a test may import mujoco first).
-if "MUJOCO_GL" not in os.environ and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-    os.environ["MUJOCO_GL"] = "egl"
-
-import pytest  # noqa: E402
+import pytest
 
 SMALL = (48, 64)
 
