@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from qvla_quant.artifact import artifact_summary  # noqa: E402
 from qvla_ros.policy.evaluate import evaluate, parse_seeds  # noqa: E402
 from qvla_ros.policy.runtime import PolicyRuntime  # noqa: E402
 
@@ -46,7 +47,7 @@ def make_rtn(policy: Path, template_artifact: Path, bits: int, out: Path) -> Pat
 
 
 def average_bits(artifact: Path) -> float:
-    return float(json.loads((artifact / "artifact.json").read_text())["summary"]["average_bits"])
+    return float(artifact_summary(artifact)["average_bits"])
 
 
 def plot(curves: dict[str, list[list[float]]], period: float, path: Path, title: str) -> None:

@@ -72,8 +72,8 @@ from qvla_quant.adapters.pi0 import example_batch, random_pi0_config, tiny_pi0_c
 from qvla_quant.allocation import AllocationProblem, LayerMeta, greedy_allocate, solve  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
 from qvla_quant.llm_baselines import gptq, module_wise, quantized_bits, run_baseline, smoothquant  # noqa: E402
-from qvla_quant.packed import packed_layers, quantize_model  # noqa: E402
 from qvla_quant.quantizer import QuantConfig, WeightQuantConfig  # noqa: E402
+from qvla_quant.transforms import packed_layers, quantize_model  # noqa: E402
 
 BUDGETS = (8.0, 6.0, 4.0, 3.0, 2.5)
 
@@ -333,7 +333,7 @@ def compare_solvers(label: str, make_problem, budgets) -> list[dict]:
 
 
 def run_allocation(args) -> list[dict]:
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
 
     print(f"\n=== allocation: greedy (the paper) vs optimal (Lagrangian sweep + exact repair), torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread(s) ===", flush=True)  # fmt: skip

@@ -70,8 +70,17 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from qvla_quant.fingerprint import fingerprint_id
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import BIT_CHOICES, KEEP_BITS, PRUNE_BITS, ROW_BITS, ActivationQuantConfig, QuantConfig
+from qvla_quant.quantizer import (
+    BIT_CHOICES,
+    KEEP_BITS,
+    PRUNE_BITS,
+    ROW_BITS,
+    ActivationQuantConfig,
+    QuantConfig,
+    WeightQuantConfig,
+)
 from qvla_quant.roles import PlanTemplate
 from qvla_quant.sensitivity import Sensitivity
 
@@ -1036,8 +1045,6 @@ def solve(problem: AllocationProblem) -> AllocationResult:
 # ---------------------------------------------------------------------------------------------------------------
 def allocate_plan(sens: Sensitivity, budget: float, config: AllocationConfig | None = None) -> Plan:
     """Allocate bits from sensitivities under `budget` (average bits per weight) and emit the Plan."""
-    from qvla_quant.artifact import fingerprint_id
-    from qvla_quant.quantizer import WeightQuantConfig
 
     config = config or AllocationConfig()
     problem = AllocationProblem.from_sensitivity(sens, budget, config)

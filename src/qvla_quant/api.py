@@ -5,23 +5,24 @@ plan = allocate(sens, budget=4.0, config=AllocationConfig())    bits per row und
 model = quantize(adapter, plan)                                 packed mixed-precision layers, in place
 save("artifact/", adapter, plan)                                safetensors + JSON, no pickle
 adapter = load("artifact/")                                     skeleton from the stored config + weights
+adapter = load_policy("dir/")                                   an artifact or a float checkpoint, whichever it is
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from qvla_quant.adapters import PolicyAdapter, adapter_class
+from qvla_quant.adapters import ADAPTERS, PolicyAdapter, adapter_class
+from qvla_quant.allocation import AllocationConfig, allocate_plan
+from qvla_quant.artifact import ArtifactError, artifact_summary, load_artifact, read_manifest, save_artifact
+from qvla_quant.files import ARTIFACT_FILE, is_artifact
+from qvla_quant.fingerprint import fingerprint_id_matches
 from qvla_quant.plan import Plan
-
-if TYPE_CHECKING:  # imported where used, so that `load` never pulls in the calibration code
-    from qvla_quant.allocation import AllocationConfig
-    from qvla_quant.sensitivity import CalibrationConfig, Sensitivity
+from qvla_quant.sensitivity import CalibrationConfig, Sensitivity, calibrate_sensitivity
+from qvla_quant.transforms import quantize_model
 
 
 def calibrate(adapter: PolicyAdapter, batches, config: CalibrationConfig | None = None) -> Sensitivity:
@@ -30,8 +31,6 @@ def calibrate(adapter: PolicyAdapter, batches, config: CalibrationConfig | None 
     With `config.store_dir`, results are written per layer as they finish, and a second call with the same policy,
     data and settings resumes where the first one stopped.
     """
-    from qvla_quant.sensitivity import CalibrationConfig, calibrate_sensitivity
-
     if not isinstance(adapter, PolicyAdapter):
         raise TypeError(f"calibrate needs a PolicyAdapter (see qvla_quant.adapters), got {type(adapter).__name__}")
     return calibrate_sensitivity(adapter, batches, config or CalibrationConfig())
@@ -39,9 +38,6 @@ def calibrate(adapter: PolicyAdapter, batches, config: CalibrationConfig | None 
 
 def allocate(sensitivity: Sensitivity, budget: float, config: AllocationConfig | None = None) -> Plan:
     """Bits per output row under `budget` average bits per weight (see `qvla_quant.allocation`)."""
-    from qvla_quant.allocation import AllocationConfig, allocate_plan
-    from qvla_quant.sensitivity import Sensitivity
-
     if not isinstance(sensitivity, Sensitivity):
         raise TypeError(f"allocate needs a Sensitivity (from calibrate), got {type(sensitivity).__name__}")
     return allocate_plan(sensitivity, budget, config or AllocationConfig())
@@ -57,8 +53,6 @@ def _model_of(adapter_or_model) -> nn.Module:
 
 def check_plan_source(model: nn.Module, plan: Plan) -> None:
     """Refuse a plan calibrated on another model (architecture or checkpoint), when the plan records its source."""
-    from qvla_quant.artifact import fingerprint_id_matches
-
     if not plan.model_fingerprint:
         return
     matches, have = fingerprint_id_matches(model, plan.model_fingerprint)  # also the sampled ids of older plans
@@ -71,12 +65,10 @@ def check_plan_source(model: nn.Module, plan: Plan) -> None:
 
 
 def quantize(adapter_or_model, plan: Plan, *, inplace: bool = True, check_source: bool = True) -> nn.Module:
-    """Replace the planned layers by packed mixed-precision layers (`qvla_quant.packed.quantize_model`).
+    """Replace the planned layers by packed mixed-precision layers (`qvla_quant.transforms.quantize_model`).
 
     With an adapter and inplace=True the adapter's own model is quantized, so the adapter keeps working on it.
     """
-    from qvla_quant.packed import quantize_model
-
     model = _model_of(adapter_or_model)
     if check_source:
         check_plan_source(model, plan)
@@ -86,8 +78,6 @@ def quantize(adapter_or_model, plan: Plan, *, inplace: bool = True, check_source
 def save(path: str | os.PathLike, adapter_or_model, plan: Plan, *, extra: dict | None = None) -> Path:
     """Write an artifact (`qvla_quant.artifact`). With an adapter, its config is stored so that `load` can
     rebuild the skeleton without any other input; the float model is quantized into a copy if not done yet."""
-    from qvla_quant.artifact import save_artifact
-
     model = _model_of(adapter_or_model)
     extra = dict(extra or {})
     model_config, adapter_name = None, None
@@ -106,11 +96,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu
     model: a float skeleton to load into instead (required for the generic adapter, with actions_fn=...).
     A skeleton whose parameters differ from the artifact's source is refused with the differences listed.
     """
-    from qvla_quant.artifact import ARTIFACT_FILE, ArtifactError, artifact_summary, load_artifact
-
     path = Path(path)
     artifact_summary(path)  # validates the directory and its versions before anything is built
-    manifest = json.loads((path / ARTIFACT_FILE).read_text())
+    manifest = read_manifest(path)
     adapter_config = (manifest.get("extra") or {}).get("adapter_config")
     if not adapter_config:
         raise ValueError(
@@ -123,3 +111,20 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu
     adapter = adapter_class(adapter_config["adapter"]).from_config(adapter_config, model=model, **adapter_kwargs)
     load_artifact(path, adapter.model, device=device)
     return adapter
+
+
+def load_policy(path: str | os.PathLike, **kwargs) -> PolicyAdapter:
+    """Load a policy from a local directory: a qvla_quant artifact (loaded with `load`) or a float checkpoint, with
+    the adapter that recognizes its files (`PolicyAdapter.can_load`)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"policy checkpoint {str(path)!r} does not exist")
+    if is_artifact(path):
+        return load(path, **kwargs)
+    for cls in ADAPTERS.values():
+        if cls.can_load(path):
+            return cls.from_pretrained(path, **kwargs)
+    raise ValueError(
+        f"no adapter recognizes the checkpoint at {str(path)!r} (known: {sorted(ADAPTERS)}); "
+        "a π0 checkpoint is a directory with config.json (model_type 'pi0') and safetensors weights"
+    )

@@ -35,6 +35,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qvla_quant.checkpoint import pickle_files, sniff_payload
+from qvla_quant.files import ARTIFACT_FILE, CONFIG_FILE, PLAN_FILE, TENSORS_FILE
+from qvla_quant.fingerprint import dtype_name, fingerprint_id, model_fingerprint, model_structure
 from qvla_quant.packed import (
     GROUP_OVERHEAD_BYTES,
     KEPT_ROW_OVERHEAD_BYTES,
@@ -47,140 +50,16 @@ from qvla_quant.packed import (
     ConvGeometry,
     PackedLinear,
     group_suffix,
-    packed_layers,
-    planned_modules,
     predicted_weight_bytes,
-    quantize_model,
 )
 from qvla_quant.plan import Plan
 from qvla_quant.quantizer import SCALE_DTYPE, ZERO_DTYPE, kept_dtype
+from qvla_quant.transforms import packed_layers, planned_modules, quantize_model
 
 ARTIFACT_FORMAT_VERSION = 2
 ARTIFACT_READ_VERSIONS: tuple[int, ...] = (1, 2)
-PLAN_FILE = "plan.json"
-TENSORS_FILE = "model.safetensors"
-ARTIFACT_FILE = "artifact.json"
-CONFIG_FILE = "config.json"
-# how `model_fingerprint` hashes the weights: every byte (format 2), or the first and last 4 KiB of each tensor
-# (format 1: what older artifacts, plans and sensitivity stores recorded; a fingerprint without
-# "weights_algorithm" is of this kind)
-FINGERPRINT_ALGORITHM = "sha256-all-bytes"
-LEGACY_FINGERPRINT_ALGORITHM = "sha256-first-last-4KiB"
-FINGERPRINT_SAMPLE_BYTES = 4096  # per tensor, from each end (legacy algorithm)
-
-
 class ArtifactError(ValueError):
     """An artifact directory that cannot be used: missing/corrupt file, version, or model mismatch."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _source_parameters(
-    model: nn.Module,
-) -> list[tuple[str, nn.Module | None, torch.Tensor | None, list, str]]:
-    """(name, packed layer or None, tensor or None, shape, dtype) of the parameters of the SOURCE model, sorted.
-
-    A PackedLinear reports the weight/bias of the layer it replaced, so a quantized model, its float source and
-    an empty skeleton of it all have the same structure. Shared (tied) parameters appear under every name.
-    """
-    entries = []
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        prefix = f"{mod_name}." if mod_name else ""
-        if isinstance(mod, PackedLinear):
-            entries.append((prefix + "weight", mod, None, list(mod.weight_shape), _dtype_name(mod.source_dtype)))
-            if mod.bias is not None:
-                entries.append((prefix + "bias", mod, mod.bias, [mod.out_features], _dtype_name(mod.bias.dtype)))
-            continue
-        for p_name, p in mod.named_parameters(recurse=False):
-            entries.append((prefix + p_name, None, p, list(p.shape), _dtype_name(p.dtype)))
-    return sorted(entries, key=lambda e: e[0])
-
-
-def model_structure(model: nn.Module) -> list[list]:
-    """[[name, shape, dtype], ...] of the source model's parameters (see `_source_parameters`)."""
-    return [[name, shape, dtype] for name, _, _, shape, dtype in _source_parameters(model)]
-
-
-def _sample_bytes(t: torch.Tensor, nbytes: int) -> bytes:
-    flat = t.detach().reshape(-1)
-    n = max(1, nbytes // flat.element_size())
-    parts = [flat[:n], flat[-n:]] if flat.numel() > 2 * n else [flat]
-    return b"".join(p.contiguous().cpu().view(torch.uint8).numpy().tobytes() for p in parts)
-
-
-def _hash_all_bytes(h, t: torch.Tensor) -> None:
-    """Feed every byte of `t` (row-major, its own dtype) to `h`, 64 MiB at a time (no full copy of a big tensor)."""
-    flat = t.detach().reshape(-1)
-    step = max(1, (64 << 20) // flat.element_size())
-    for start in range(0, flat.numel(), step):
-        h.update(flat[start : start + step].contiguous().cpu().view(torch.uint8).numpy().data)
-
-
-def fingerprint_algorithm(fingerprint: dict) -> str:
-    """The algorithm a recorded fingerprint's "weights" was made with (absent key: the legacy sampled one)."""
-    return fingerprint.get("weights_algorithm", LEGACY_FINGERPRINT_ALGORITHM)
-
-
-def model_fingerprint(model: nn.Module, *, algorithm: str = FINGERPRINT_ALGORITHM) -> dict:
-    """Identify a source model.
-
-    structure: sha256 of the names, shapes and dtypes of all parameters (what a skeleton must match to load).
-    weights: sha256 of every byte of every parameter (algorithm "sha256-all-bytes"; it runs once per quantization
-    or save, ~1 s per 2 GB), or with `algorithm=LEGACY_FINGERPRINT_ALGORITHM` of the first and last 4 KiB of each
-    (what format-1 artifacts and older plans recorded; only to re-check those). None when the weights are not
-    available (meta device, or a quantized model that did not record its source). A quantized model returns
-    the fingerprint recorded at quantization, whatever its algorithm ("weights_algorithm" says which).
-    """
-    if algorithm not in (FINGERPRINT_ALGORITHM, LEGACY_FINGERPRINT_ALGORITHM):
-        raise ValueError(f"unknown fingerprint algorithm {algorithm!r}")
-    entries = _source_parameters(model)
-    structure = hashlib.sha256(json.dumps(model_structure(model)).encode()).hexdigest()
-    weights = None
-    has_packed = any(packed is not None for _, packed, _, _, _ in entries)
-    if has_packed:
-        recorded = getattr(model, SOURCE_FINGERPRINT_ATTR, None)
-        if isinstance(recorded, dict) and recorded.get("structure") == structure:
-            weights = recorded.get("weights")
-            algorithm = fingerprint_algorithm(recorded)
-    elif not any(t is not None and t.is_meta for _, _, t, _, _ in entries):
-        h = hashlib.sha256()
-        for name, _, t, shape, dtype in entries:
-            h.update(f"{name}|{shape}|{dtype}|".encode())
-            if not t.numel():
-                continue
-            if algorithm == FINGERPRINT_ALGORITHM:
-                _hash_all_bytes(h, t)
-            else:
-                h.update(_sample_bytes(t, FINGERPRINT_SAMPLE_BYTES))
-        weights = h.hexdigest()
-    n_params = sum(int(torch.Size(shape).numel()) for _, _, _, shape, _ in entries)
-    fingerprint = {"structure": structure, "weights": weights, "n_tensors": len(entries), "n_parameters": n_params}
-    if algorithm != LEGACY_FINGERPRINT_ALGORITHM:  # legacy fingerprints stay exactly as they were recorded
-        fingerprint["weights_algorithm"] = algorithm
-    return fingerprint
-
-
-def fingerprint_id_matches(model: nn.Module, fid: str) -> tuple[bool, str]:
-    """Whether `fid` (a `fingerprint_id`, e.g. `Plan.model_fingerprint`) names `model`, and the model's own id.
-
-    Ids written before format 2 hashed a sample of the weights: when the full hash does not match, the model is
-    hashed again the old way, so plans and sensitivity stores made with an older qvla_quant still apply."""
-    have = fingerprint_id(model_fingerprint(model))
-    if have == fid:
-        return True, have
-    legacy = fingerprint_id(model_fingerprint(model, algorithm=LEGACY_FINGERPRINT_ALGORITHM))
-    return legacy == fid, have
-
-
-def fingerprint_id(fingerprint: dict) -> str:
-    """Short text form for `Plan.model_fingerprint`: "<structure[:16]>-<weights[:16] or 'noweights'>"."""
-    return f"{fingerprint['structure'][:16]}-{(fingerprint.get('weights') or 'noweights')[:16]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,13 +141,13 @@ def _bits_fields(plan: Plan, weight_bytes: dict[str, int]) -> dict:
 def _format_fields(packed_version: int, source_dtypes: set[str]) -> dict:
     """The storage formula the byte counts follow (see `qvla_quant.packed`)."""
     if packed_version >= 2:
-        kept = sorted({_dtype_name(kept_dtype(getattr(torch, d))) for d in source_dtypes})
+        kept = sorted({dtype_name(kept_dtype(getattr(torch, d))) for d in source_dtypes})
         fields = {
             "packed_format_version": packed_version,
             "source_dtype": sorted(source_dtypes),
             "kept_dtype": kept,
-            "scale_dtype": _dtype_name(SCALE_DTYPE),
-            "zero_dtype": _dtype_name(ZERO_DTYPE),
+            "scale_dtype": dtype_name(SCALE_DTYPE),
+            "zero_dtype": dtype_name(ZERO_DTYPE),
             "row_overhead_bytes": {"quantized": QUANTIZED_ROW_OVERHEAD_BYTES, "kept": KEPT_ROW_OVERHEAD_BYTES,
                                    "pruned": 0},
         }  # fmt: skip
@@ -318,7 +197,7 @@ def _summary(qmodel: nn.Module, plan: Plan) -> dict:
         "quantized_bias_bytes": biases,
         "parameter_bytes_before": others + biases + before,
         "parameter_bytes_after": others + biases + after,
-        **_format_fields(PACKED_FORMAT_VERSION, {_dtype_name(m.source_dtype) for m in layers.values()}),
+        **_format_fields(PACKED_FORMAT_VERSION, {dtype_name(m.source_dtype) for m in layers.values()}),
     }
 
 
@@ -368,7 +247,7 @@ def save_artifact(
             raise ArtifactError(
                 f"{len(legacy)} packed layer(s) hold kept rows wider than 16 bits ({_first(legacy)}), the layout of "
                 f"format-1 artifacts: packed layout {PACKED_FORMAT_VERSION} stores them as 16-bit floats. Call "
-                "qvla_quant.packed.repack_kept(model) first (it rounds those rows to bf16) or save the float model"
+                "qvla_quant.transforms.repack_kept(model) first (it rounds those rows to bf16) or save the float model"
             )
     else:
         qmodel = quantize_model(model, plan, inplace=False)
@@ -442,7 +321,9 @@ def read_plan(directory: str | os.PathLike) -> Plan:
         raise ArtifactError(f"{directory / PLAN_FILE} is not a valid plan: {detail}") from None
 
 
-def _read_manifest(directory: Path) -> dict:
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The checked contents of `directory`'s artifact.json (versions and required keys), or ArtifactError."""
+    directory = Path(directory)
     manifest = _read_json(directory, ARTIFACT_FILE)
     version = manifest.get("format_version")
     if version not in ARTIFACT_READ_VERSIONS:
@@ -493,7 +374,7 @@ def _summary_for_old_format(manifest: dict, plan: Plan) -> dict:
 def artifact_layer_dtypes(directory: str | os.PathLike) -> dict[str, str]:
     """{planned layer: source dtype name} of an artifact, from its JSON files (what its byte formula needs)."""
     directory = Path(directory)
-    return _layer_source_dtypes(_read_manifest(directory), read_plan(directory))
+    return _layer_source_dtypes(read_manifest(directory), read_plan(directory))
 
 
 def artifact_summary(directory: str | os.PathLike) -> dict:
@@ -502,7 +383,7 @@ def artifact_summary(directory: str | os.PathLike) -> dict:
     Besides the manifest's summary (see `_summary`): format_version, and for a format-1 artifact the stored-bits
     fields it lacks, computed from its plan (`_summary_for_old_format`)."""
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     plan = read_plan(directory)
     files = {
         name: (directory / name).stat().st_size
@@ -546,7 +427,7 @@ def _structure_diff(skeleton: list[list], stored: list[list], limit: int = 12) -
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"{_dtype_name(t.dtype)} [{', '.join(str(d) for d in t.shape)}]"
+    return f"{dtype_name(t.dtype)} [{', '.join(str(d) for d in t.shape)}]"
 
 
 def _first(items: list[str], limit: int = 12) -> str:
@@ -555,7 +436,6 @@ def _first(items: list[str], limit: int = 12) -> str:
 
 def _refuse_pickles(directory: Path, path: Path) -> None:
     """An artifact is read with safetensors only: a pickle in its place, or beside it, is refused unread."""
-    from qvla_quant.checkpoint import pickle_files, sniff_payload
 
     kind = sniff_payload(path)
     if kind is not None:
@@ -620,7 +500,7 @@ def load_artifact(
     or swapped files; reads the file once more, ~1 s per GB).
     """
     directory = Path(directory)
-    manifest = _read_manifest(directory)
+    manifest = read_manifest(directory)
     plan = read_plan(directory)
     if plan.hash() != manifest["plan_hash"]:
         raise ArtifactError(

@@ -164,7 +164,7 @@ def linear_layers_spec(model: nn.Module, role: str = "other") -> list[LayerSpec]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(parent, nn.MultiheadAttention) and attr == "out_proj":
-            continue  # never called as a module (see packed.planned_modules)
+            continue  # never called as a module (see transforms.planned_modules)
         for base, kind in ((nn.Linear, "linear"), (nn.Conv2d, "conv")):
             if isinstance(module, base) and type(module).forward is base.forward:
                 w = module.weight

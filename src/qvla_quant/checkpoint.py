@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-TENSORS_FILE = "model.safetensors"
-PLAN_FILE = "plan.json"
-ARTIFACT_FILE = "artifact.json"
+from qvla_quant.files import ARTIFACT_FILE, PLAN_FILE, TENSORS_FILE
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 LIST_LIMIT = 12  # names listed per kind of problem; the rest are counted
 # PackedLinear buffer names (qvla_quant.packed): a file holding them is a quantized artifact, not a float model

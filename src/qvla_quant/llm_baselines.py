@@ -68,7 +68,9 @@ from torch import nn
 
 from qvla_quant import quantizer as _quantizer
 from qvla_quant.adapters.base import PolicyAdapter, is_quantizable
-from qvla_quant.baselines import RTN_WEIGHT, uniform_plan
+from qvla_quant.api import save
+from qvla_quant.baselines import RTN_WEIGHT, _specs, uniform_plan
+from qvla_quant.fingerprint import fingerprint_id, model_fingerprint
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
     BIT_CHOICES,
@@ -79,6 +81,7 @@ from qvla_quant.quantizer import (
     quantize_rows,
 )
 from qvla_quant.roles import PlanTemplate
+from qvla_quant.transforms import packed_layers, quantize_model
 
 METHODS: tuple[str, ...] = ("rtn", "awq", "gptq", "smoothquant", "module")
 PRODUCER_KINDS: tuple[str, ...] = ("layernorm", "gemma_rmsnorm", "rmsnorm", "linear")
@@ -112,15 +115,12 @@ class BaselineResult(NamedTuple):
 
     def quantize(self) -> PolicyAdapter:
         """Pack `adapter.model` in place with the plan (and the explicit qparams); returns the adapter."""
-        from qvla_quant.packed import quantize_model
 
         quantize_model(self.adapter.model, self.plan, qparams=self.qparams or None)
         return self.adapter
 
     def save(self, path, *, extra: dict | None = None):
         """Write the packed artifact (`qvla_quant.save`); packs a copy unless `quantize()` already ran."""
-        from qvla_quant.api import save
-        from qvla_quant.packed import packed_layers, quantize_model
 
         adapter = self.adapter
         if not any(True for _ in packed_layers(adapter.model)):
@@ -472,7 +472,6 @@ def planned_layers(adapter: PolicyAdapter, template: PlanTemplate | None, bits: 
 
 
 def _plan(adapter, planned, *, method, quant, budget, info, group_size=None, grouped_layers=()) -> Plan:
-    from qvla_quant.artifact import fingerprint_id, model_fingerprint
 
     layers = {}
     for info_ in adapter.layers():
@@ -491,7 +490,6 @@ def _plan(adapter, planned, *, method, quant, budget, info, group_size=None, gro
 def _copy_adapter(adapter: PolicyAdapter, inplace: bool) -> PolicyAdapter:
     if not isinstance(adapter, PolicyAdapter):
         raise TypeError(f"expected a PolicyAdapter (see qvla_quant.adapters), got {type(adapter).__name__}")
-    from qvla_quant.packed import packed_layers
 
     if any(True for _ in packed_layers(adapter.model)):
         raise ValueError("the policy is already quantized (it holds PackedLinear layers): start from the float model")
@@ -520,7 +518,6 @@ def _check_bits(method: str, bits: int, allowed: Iterable[int]) -> int:
 
 
 def _source_id(model) -> str:
-    from qvla_quant.artifact import fingerprint_id, model_fingerprint
 
     return fingerprint_id(model_fingerprint(model))
 
@@ -917,7 +914,6 @@ def module_wise_plan(layers_spec, role_bits: dict[str, int] | None = None, *,
                      weight: WeightQuantConfig = RTN_WEIGHT) -> Plan:
     """One bit-width per role (default vision 4, language 8, action 8), per-row RTN; `layers_spec` as for
     `baselines.uniform_plan` (a template Plan, LayerPlans or (name, role, kind, out, fan_in) tuples)."""
-    from qvla_quant.baselines import _specs
 
     role_bits = dict(DEFAULT_MODULE_BITS if role_bits is None else role_bits)
     for role, b in role_bits.items():

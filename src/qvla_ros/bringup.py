@@ -279,11 +279,13 @@ def _config_file(name: str) -> str:
 def recorded_source(policy: str) -> str:
     """The float policy a qvla_quant artifact was made from (its artifact.json `extra.policy_source`), when that
     directory exists (as given, or relative to the working directory); '' otherwise."""
-    try:
-        manifest = json.loads((Path(policy).expanduser() / "artifact.json").read_text())
-        source = str(manifest.get("extra", {}).get("policy_source", ""))
-    except (OSError, ValueError, AttributeError):
+    # imported here: qvla_quant imports torch (~2 s), which only launches that look up a reference policy need
+    from qvla_quant.files import is_artifact
+    from qvla_quant.files import recorded_source as artifact_source
+
+    if not is_artifact(policy):
         return ""
+    source = artifact_source(policy)
     return source if source and Path(source).expanduser().is_dir() else ""
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qvla_quant.files import is_artifact
+
 DEFAULT_POLICY = "models/sim_transfer_cube_w4"
 DEFAULT_REFERENCE = "models/sim_transfer_cube_fp"
 RANDOM_NOTE = ("NOTE: --random-policy: the policy is a freshly made RANDOM-WEIGHT π0. The graph, timing and safety "
@@ -69,7 +71,7 @@ def _resolve_reference(args, policy: Path, random_policy: bool) -> Path:
         if not ref.is_dir():
             raise DemoError(f"--reference {args.reference} not found (give the full-precision policy directory)")
         return ref.resolve()
-    if random_policy or not (policy / "artifact.json").is_file():
+    if random_policy or not is_artifact(policy):
         return policy
     source = recorded_source(str(policy))
     for cand in (source, DEFAULT_REFERENCE):

@@ -98,7 +98,7 @@ def test_a_checkpoint_without_the_action_expert_is_refused(tiny_dir, tmp_path):
                              "model.dit.embed_tokens.weight [9, 64]")
     assert "and 8 more" in message  # long lists are cut, with a count
     # the qvla_quant loader refuses it too (qvla-quant calibrate/apply, qvla_quant.load_policy)
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
     from qvla_quant.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="20 tensors missing"):
@@ -168,7 +168,7 @@ def test_a_pickle_weights_file_is_never_unpickled(tiny_dir, tmp_path, instead, n
     write_pickle(d / name, marker, "torch.save")
     assert_refused(d, str(d / name), "pickle-based weights file", "never unpickles")
     assert not marker.exists()
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
     from qvla_quant.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match=name):
@@ -184,7 +184,7 @@ def test_an_artifact_without_artifact_json_is_not_loaded_as_a_float_model(tmp_pa
     if remove_plan:
         (d / "plan.json").unlink()
     assert_refused(d, "looks like a qvla_quant artifact but", str(d / "artifact.json"), "is missing")
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
     from qvla_quant.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="looks like a qvla_quant artifact"):

@@ -50,7 +50,7 @@ def tiny_batches():
 @pytest.fixture
 def tiny_pi0(tiny_pi0_dir):
     """A fresh adapter per test (tests may quantize its model in place)."""
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
 
     return load_policy(tiny_pi0_dir)
 
@@ -70,7 +70,7 @@ def tiny_calibration():
 @pytest.fixture(scope="session")
 def tiny_sensitivity(tiny_pi0_dir, tiny_batches, tiny_calibration, tmp_path_factory):
     from qvla_quant import CalibrationConfig, calibrate
-    from qvla_quant.adapters import load_policy
+    from qvla_quant.api import load_policy
 
     store = tmp_path_factory.mktemp("tiny_sens")
     config = CalibrationConfig(store_dir=str(store), **tiny_calibration)

@@ -23,8 +23,8 @@ from qvla_quant import (
     quantize,
     save,
 )
-from qvla_quant.adapters import load_policy
 from qvla_quant.adapters.pi0 import tiny_pi0_config
+from qvla_quant.api import load_policy
 from qvla_quant.cli import main, save_batches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ PATCH_CONV = "model.vlm.vision_tower.embeddings.patch_embedding"
     ],
 )
 def test_quantize_save_load_round_trip(tiny_pi0, tiny_sensitivity, tiny_batches, tmp_path, template):
-    from qvla_quant.packed import fake_quantize_model
+    from qvla_quant.transforms import fake_quantize_model
 
     sens, _ = tiny_sensitivity
     plan = allocate(sens, 3.0, AllocationConfig(solver="lagrangian", template=template))
@@ -191,7 +191,7 @@ def test_qvla_with_3_and_6_bit_choices_end_to_end(tiny_pi0, tiny_batches, tiny_c
     and at an average of 3 bits the optimal allocation really uses 3-bit rows (greedy may stop before its 4->3
     stage: it demotes stage by stage and ends as soon as the budget holds)."""
     from qvla_quant import CalibrationConfig, calibrate
-    from qvla_quant.packed import fake_quantize_model
+    from qvla_quant.transforms import fake_quantize_model
 
     bits = (0, 2, 3, 4, 6, 8, 16)
     config = CalibrationConfig(bits=bits, store_dir=str(tmp_path / "store"), **tiny_calibration)

@@ -15,13 +15,14 @@ from qvla_quant.artifact import (
     ArtifactError,
     artifact_summary,
     load_artifact,
-    model_fingerprint,
     read_plan,
     save_artifact,
 )
-from qvla_quant.packed import PackedLinear, predicted_weight_bytes, quantize_model
+from qvla_quant.fingerprint import model_fingerprint
+from qvla_quant.packed import PackedLinear, predicted_weight_bytes
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import ActivationQuantConfig, QuantConfig
+from qvla_quant.transforms import quantize_model
 
 
 class TinyPolicy(nn.Module):
@@ -401,7 +402,7 @@ def to_format_1(directory, source: nn.Module) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from qvla_quant.artifact import LEGACY_FINGERPRINT_ALGORITHM
+    from qvla_quant.fingerprint import LEGACY_FINGERPRINT_ALGORITHM
 
     path = directory / TENSORS_FILE
     with safe_open(str(path), framework="pt") as f:
@@ -449,7 +450,7 @@ def layout_1_weight(raw: dict, name: str, lp: LayerPlan) -> torch.Tensor:
 
 
 def test_a_format_1_artifact_loads_with_its_own_outputs(tmp_path):
-    from qvla_quant.packed import repack_kept
+    from qvla_quant.transforms import repack_kept
 
     model = odd_model(torch.float32)
     plan = odd_plan(model)
@@ -498,7 +499,7 @@ def test_committed_format_1_artifact_loads_exactly():
     from safetensors.torch import load_file
 
     from qvla_quant.api import load
-    from qvla_quant.packed import packed_layers
+    from qvla_quant.transforms import packed_layers
 
     w4 = Path(__file__).resolve().parents[2] / "models" / "sim_transfer_cube_w4"
     summary = artifact_summary(w4)
@@ -516,7 +517,7 @@ def test_committed_format_1_artifact_loads_exactly():
 
 def test_the_fingerprint_hashes_every_byte_and_still_knows_old_ids():
     from qvla_quant.api import check_plan_source
-    from qvla_quant.artifact import LEGACY_FINGERPRINT_ALGORITHM, fingerprint_id
+    from qvla_quant.fingerprint import LEGACY_FINGERPRINT_ALGORITHM, fingerprint_id
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64))  # 16 KiB of weights: the old sample read the first and last 4 KiB

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from qvla_quant.baselines import layerwise_plan, linear_layers_spec, table3_plans, uniform_plan
-from qvla_quant.packed import PackedLinear, fake_quantize_model, quantize_model
+from qvla_quant.packed import PackedLinear
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import fake_quantize_weight
+from qvla_quant.transforms import fake_quantize_model, quantize_model
 
 SPEC = [
     ("vision.patch", "vision", "conv", 16, 48),

@@ -15,11 +15,9 @@ from qvla_quant.artifact import ARTIFACT_FILE, PLAN_FILE, artifact_summary, load
 from qvla_quant.baselines import grouped_plan, linear_layers_spec, rtn_plans, uniform_plan
 from qvla_quant.packed import (
     PackedLinear,
-    fake_quantize_model,
     overhead_bits_per_weight,
     plan_weight_bytes,
     predicted_weight_bytes,
-    quantize_model,
     row_bytes,
 )
 from qvla_quant.plan import LayerPlan, Plan
@@ -37,6 +35,7 @@ from qvla_quant.quantizer import (
     row_quantization_error,
     row_storage_bytes,
 )
+from qvla_quant.transforms import fake_quantize_model, quantize_model
 
 DATA = Path(__file__).resolve().parent / "data"
 REL_TOL = 1e-5  # as test_packed: max |packed - reference| <= REL_TOL * max |reference| in fp32
@@ -377,8 +376,8 @@ def test_layout_3_artifact_round_trip_with_every_kind(tmp_path):
 
 def test_rtn_w3_and_grouped_artifacts_load_through_qvla_quant_load(tiny_pi0, tiny_batches, tmp_path):
     from qvla_quant import load, save
-    from qvla_quant.packed import packed_layers
     from qvla_quant.roles import PlanTemplate
+    from qvla_quant.transforms import packed_layers
 
     template = PlanTemplate()
     spec = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in tiny_pi0.layers()

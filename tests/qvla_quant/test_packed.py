@@ -12,13 +12,10 @@ from torch import nn
 import qvla_quant.packed as packed_mod
 from qvla_quant.packed import (
     PackedLinear,
-    fake_quantize_model,
     overhead_bits_per_weight,
     pack_codes,
     plan_weight_bytes,
     predicted_weight_bytes,
-    quantize_model,
-    set_dequantized_cache,
     stored_bits_per_weight,
     unpack_codes,
 )
@@ -30,6 +27,7 @@ from qvla_quant.quantizer import (
     fake_quantize_activation,
     fake_quantize_weight,
 )
+from qvla_quant.transforms import fake_quantize_model, quantize_model, set_dequantized_cache
 
 A16 = QuantConfig()
 A8 = QuantConfig(activation=ActivationQuantConfig(bits=8))

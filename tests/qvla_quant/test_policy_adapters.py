@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from qvla_quant.adapters import GenericAdapter, Pi0Adapter, adapter_from_config, load_policy
+from qvla_quant.adapters import GenericAdapter, Pi0Adapter, adapter_class
 from qvla_quant.adapters.pi0 import example_batch, tiny_pi0_config
+from qvla_quant.api import load_policy
 from qvla_quant.roles import DEFAULT_ROLE_RULES, NameRules, PlanTemplate
 
 LAST_VLM = "model.vlm.language_model.layers.1"
@@ -84,7 +85,7 @@ def test_pi0_bad_batches_are_named(tiny_pi0, tiny_batches):
 
 def test_pi0_skeleton_from_config(tiny_pi0, tiny_batches):
     config = tiny_pi0.config_dict()
-    meta = adapter_from_config(config)
+    meta = adapter_class(config["adapter"]).from_config(config)
     assert isinstance(meta, Pi0Adapter) and next(meta.model.parameters()).is_meta
     assert [i.name for i in meta.layers()] == [i.name for i in tiny_pi0.layers()]
     cpu = Pi0Adapter.from_config(config, device="cpu")
@@ -98,7 +99,7 @@ def test_load_policy_errors(tmp_path):
     with pytest.raises(ValueError, match="no adapter recognizes"):
         load_policy(tmp_path)
     with pytest.raises(ValueError, match="unknown policy adapter"):
-        adapter_from_config({"adapter": "openvla-7b"})
+        adapter_class("openvla-7b")
 
 
 def test_example_batch_follows_the_processor_layout():

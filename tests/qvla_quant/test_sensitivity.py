@@ -12,7 +12,7 @@ from torch import nn
 
 import qvla_quant.sensitivity as S
 from qvla_quant import CalibrationConfig, GenericAdapter, Sensitivity, calibrate
-from qvla_quant.adapters import load_policy
+from qvla_quant.api import load_policy
 from qvla_quant.quantizer import WeightQuantConfig
 from qvla_quant.sensitivity import (
     CalibrationError,

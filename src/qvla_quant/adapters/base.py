@@ -27,7 +27,7 @@ from torch import nn
 from qvla_quant.roles import ROLES, NameRules
 
 # What the packed runtime can replace: plain nn.Linear / nn.Conv2d (a subclass with its own forward computes
-# something else and is left alone, as `qvla_quant.packed.planned_modules` requires).
+# something else and is left alone, as `qvla_quant.transforms.planned_modules` requires).
 QUANTIZABLE_TYPES = (nn.Linear, nn.Conv2d)
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from qvla_quant.adapters.base import Batch, PolicyAdapter
+from qvla_quant.checkpoint import load_pretrained_strict
 
 REQUIRED_KEYS = ("input_ids", "pixel_values", "pixel_attention_mask", "state")
 OPTIONAL_KEYS = ("attention_mask",)
@@ -242,7 +243,6 @@ class Pi0Adapter(PolicyAdapter):
     ) -> Pi0Adapter:
         """Load a π0 checkpoint from a local directory (config.json + model.safetensors); never downloads, never
         unpickles, and refuses missing, unexpected or mismatched tensors (`qvla_quant.checkpoint`)."""
-        from qvla_quant.checkpoint import load_pretrained_strict
 
         path = Path(path)
         if not path.is_dir():

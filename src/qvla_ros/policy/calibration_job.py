@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qvla_quant.files import is_artifact
+
 STAGES = ("reading", "sampling", "proxy", "exact", "allocating", "packing", "validating")
 # rough shares of the job's time (measured on the committed policy with small sample counts); used for the
 # overall progress and the time estimate, which then follows the measured rate
@@ -116,7 +118,7 @@ class JobSpec:
         p = Path(self.policy)
         if not p.is_dir():
             raise JobError(f"policy {self.policy} does not exist (expected a full-precision policy directory)")
-        if (p / "artifact.json").is_file():
+        if is_artifact(p):
             raise JobError(f"policy {self.policy} is already a quantized artifact: calibrate the full-precision "
                            "policy it was made from")
         if not self.out:
@@ -125,7 +127,7 @@ class JobSpec:
         if out.resolve() == p.resolve():
             raise JobError(f"output {self.out} is the policy directory itself: choose a new directory")
         state = _read_state(out)
-        if (out / "artifact.json").is_file() and (state is None or state.get("complete")):
+        if is_artifact(out) and (state is None or state.get("complete")):
             raise JobError(f"output {self.out} already holds a finished artifact: choose a new output directory "
                            "(artifacts are never overwritten)")
         if out.exists() and not out.is_dir():
@@ -494,7 +496,7 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     progress.end()
 
     from qvla_quant.artifact import artifact_summary
-    from qvla_quant.cli import format_table, summary_rows
+    from qvla_quant.report import format_table, summary_rows
 
     summary = artifact_summary(out)
     n_weights = sum(lp.n_weights for lp in plan.layers.values())
@@ -611,9 +613,9 @@ def format_report(r: dict) -> str:
 # ---------------------------------------------------------------------------- plots
 def write_plots(plan, sens, validation: dict, directory) -> list[Path]:
     """The report's plots (module docstring); the bit histogram and per-layer bits come from qvla_quant.cli."""
-    from qvla_quant.cli import ROLE_COLORS, _pyplot, plot_plan
+    from qvla_quant.report import ROLE_COLORS, plot_plan, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = list(plot_plan(plan, directory))

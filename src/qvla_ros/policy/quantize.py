@@ -100,7 +100,7 @@ def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, 
     path = save(out, adapter, plan, extra={"policy_source": str(policy_dir), **(extra or {})})
     for name in (PROCESSOR_FILE, TOKENIZER_FILE):
         shutil.copy2(policy_dir / name, out / name)
-    from qvla_quant.cli import plot_plan, plot_sensitivity
+    from qvla_quant.report import plot_plan, plot_sensitivity
 
     plot_plan(plan, out / "plots")
     if plots_of is not None:

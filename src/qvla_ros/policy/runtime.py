@@ -11,7 +11,6 @@ No ROS here: the policy node runs this in its inference worker; evaluation and c
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,15 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import qvla_quant
+from qvla_quant.artifact import artifact_summary
+from qvla_quant.files import is_artifact
+from qvla_quant.transforms import set_dequantized_cache
 from qvla_ros.policy.model import check_model_matches_processor, load_pi0_model
 from qvla_ros.policy.processor import Pi0Processor, PolicyFormatError
 from qvla_ros.policy.types import ActionChunk, Observation
 
-ARTIFACT_MARKER = "artifact.json"  # written by qvla_quant.save next to the packed model
-
 
 def is_quantized_artifact(path: str | Path) -> bool:
-    return (Path(path) / ARTIFACT_MARKER).is_file()
+    """Whether `path` is a qvla_quant artifact (packed weights) rather than a float policy directory."""
+    return is_artifact(path)
 
 
 class PolicyRuntime:
@@ -69,8 +71,6 @@ class PolicyRuntime:
         if is_quantized_artifact(path):
             model, quant = _load_quantized(path, device)
             if cache_dequantized:
-                from qvla_quant.packed import set_dequantized_cache
-
                 set_dequantized_cache(model, True)
             model_id = f"{path.name}@{quant.get('plan_hash', '')}"
         else:
@@ -154,14 +154,9 @@ class PolicyRuntime:
 
 def _load_quantized(path: Path, device: str):
     """A qvla_quant artifact: the packed π0 plus the status fields for QuantizationStatus."""
-    try:
-        import qvla_quant
-    except ImportError as exc:  # pragma: no cover - qvla_quant ships with qvla_ros
-        raise PolicyFormatError(f"{path} is a quantized artifact but qvla_quant is not importable: {exc}") from exc
     adapter = qvla_quant.load(path, device=device)
-    model = getattr(adapter, "model", adapter)
-    manifest = json.loads((path / ARTIFACT_MARKER).read_text())
-    summary = manifest.get("summary", {})
+    model = adapter.model
+    summary = artifact_summary(path)  # the manifest's summary, version-checked (older formats filled in)
     by_role = summary.get("average_bits_by_role", {})
     roles = sorted(by_role)
     status = {
@@ -173,6 +168,6 @@ def _load_quantized(path: Path, device: str):
         # all parameters as stored vs the float source: what the robot's memory actually holds
         "weight_bytes": int(summary.get("parameter_bytes_after", 0)),
         "fp_weight_bytes": int(summary.get("parameter_bytes_before", 0)),
-        "plan_hash": str(manifest.get("plan_hash", "")),
+        "plan_hash": str(summary.get("plan_hash", "")),
     }
     return model.eval(), status
