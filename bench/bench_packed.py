@@ -28,9 +28,9 @@ import time
 import torch
 from torch import nn
 
+from qvla_quant.config import QuantConfig, WeightQuantConfig
 from qvla_quant.packed import PackedLinear, predicted_weight_bytes
 from qvla_quant.plan import LayerPlan
-from qvla_quant.quantizer import QuantConfig, WeightQuantConfig
 
 # 4.0 bits on average with 10% of the rows pruned: 5% kept, 5% int8, 60% int4, 20% int2
 MIXES = {

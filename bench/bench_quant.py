@@ -71,8 +71,8 @@ from qvla_quant.adapters.base import is_quantizable  # noqa: E402
 from qvla_quant.adapters.pi0 import example_batch, random_pi0_config, tiny_pi0_config  # noqa: E402
 from qvla_quant.allocation import AllocationProblem, LayerMeta, greedy_allocate, solve  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
+from qvla_quant.config import QuantConfig, WeightQuantConfig  # noqa: E402
 from qvla_quant.llm_baselines import gptq, module_wise, quantized_bits, run_baseline, smoothquant  # noqa: E402
-from qvla_quant.quantizer import QuantConfig, WeightQuantConfig  # noqa: E402
 from qvla_quant.transforms import packed_layers, quantize_model  # noqa: E402
 
 BUDGETS = (8.0, 6.0, 4.0, 3.0, 2.5)

@@ -14,8 +14,9 @@ machine (`python -X importtime`), so a separate light load path would buy the ro
 from __future__ import annotations
 
 from qvla_quant.adapters import GenericAdapter, Pi0Adapter, PolicyAdapter
-from qvla_quant.allocation import AllocationConfig, BudgetError
+from qvla_quant.allocation import BudgetError
 from qvla_quant.api import allocate, calibrate, load, load_policy, quantize, save
+from qvla_quant.config import ActivationQuantConfig, AllocationConfig, CalibrationConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.llm_baselines import (
     BaselineResult,
     InputGroup,
@@ -27,9 +28,9 @@ from qvla_quant.llm_baselines import (
     smoothquant,
 )
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.roles import PlanTemplate
-from qvla_quant.sensitivity import CalibrationConfig, Sensitivity, cumulative_sensitivity
+from qvla_quant.sensitivity import cumulative_sensitivity
+from qvla_quant.sensitivity_store import Sensitivity
 
 __all__ = [
     "ActivationQuantConfig",

@@ -70,105 +70,16 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from qvla_quant.config import ActivationQuantConfig, AllocationConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.fingerprint import fingerprint_id
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import (
-    BIT_CHOICES,
-    KEEP_BITS,
-    PRUNE_BITS,
-    ROW_BITS,
-    ActivationQuantConfig,
-    QuantConfig,
-    WeightQuantConfig,
-)
+from qvla_quant.quantizer import KEEP_BITS, PRUNE_BITS
 from qvla_quant.roles import PlanTemplate
-from qvla_quant.sensitivity import Sensitivity
-
-SOLVERS = ("greedy", "lagrangian")
+from qvla_quant.sensitivity_store import Sensitivity
 
 
 class BudgetError(ValueError):
     """The budget cannot be met (the message names the lowest reachable average) or is not a valid number."""
-
-
-@dataclass(frozen=True)
-class AllocationConfig:
-    """How bits are allocated (module docstring). Validated on construction; JSON round-trip with to/from_dict.
-
-    bits: candidate bit-widths per channel (16 always included). {2, 4, 8, 16}: no pruning.
-    solver: "greedy" (the paper) or "lagrangian" (optimal: the Lagrangian sweep with an exact repair).
-    max_pruned_fraction: the per-layer cap on pruned (non-dead) rows.
-    prune_abs_threshold / prune_rel_threshold: the dual-threshold pruning guard (None: that test off);
-        prune_threshold: the former name of prune_abs_threshold, still accepted (and mirrored).
-    template: per-layer rules; None uses the one the sensitivity was calibrated with.
-    """
-
-    bits: tuple[int, ...] = BIT_CHOICES
-    solver: str = "greedy"
-    max_pruned_fraction: float = 0.5
-    prune_threshold: float | None = None
-    prune_dead: bool = True
-    activation_bits: int = 16
-    template: PlanTemplate | None = None
-    prune_abs_threshold: float | None = None
-    prune_rel_threshold: float | None = None
-
-    def __post_init__(self):
-        bits = tuple(sorted({int(b) for b in self.bits} | {KEEP_BITS}))
-        bad = set(bits) - set(ROW_BITS)  # 3 and 6 on request: the default stays the paper's BIT_CHOICES
-        if bad:
-            raise ValueError(f"AllocationConfig.bits: {sorted(bad)} not in {ROW_BITS}")
-        object.__setattr__(self, "bits", bits)
-        if self.solver not in SOLVERS:
-            raise ValueError(f"AllocationConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
-        if not 0.0 <= self.max_pruned_fraction <= 1.0:
-            raise ValueError(f"AllocationConfig.max_pruned_fraction must be in [0, 1], got {self.max_pruned_fraction}")
-        old, new = self.prune_threshold, self.prune_abs_threshold
-        if old is not None and new is not None and float(old) != float(new):
-            raise ValueError(
-                f"AllocationConfig: prune_threshold ({old}) is the former name of prune_abs_threshold ({new}); give one"
-            )
-        absolute = new if new is not None else old
-        for name, value in (("prune_abs_threshold", absolute), ("prune_rel_threshold", self.prune_rel_threshold)):
-            if value is not None and (isinstance(value, bool) or not float(value) >= 0 or math.isinf(value)):
-                raise ValueError(f"AllocationConfig.{name} must be a finite number >= 0 or None, got {value}")
-        absolute = None if absolute is None else float(absolute)
-        object.__setattr__(self, "prune_abs_threshold", absolute)
-        object.__setattr__(self, "prune_threshold", absolute)
-        if self.prune_rel_threshold is not None:
-            object.__setattr__(self, "prune_rel_threshold", float(self.prune_rel_threshold))
-        ActivationQuantConfig(self.activation_bits)  # validates 8 / 16
-        if isinstance(self.template, dict):
-            object.__setattr__(self, "template", PlanTemplate.from_dict(self.template))
-
-    def to_dict(self) -> dict:
-        return {
-            "bits": list(self.bits),
-            "solver": self.solver,
-            "max_pruned_fraction": self.max_pruned_fraction,
-            "prune_abs_threshold": self.prune_abs_threshold,
-            "prune_rel_threshold": self.prune_rel_threshold,
-            "prune_dead": self.prune_dead,
-            "activation_bits": self.activation_bits,
-            "template": None if self.template is None else self.template.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AllocationConfig:
-        """Also reads the configs of plans written before the dual threshold (key "prune_threshold")."""
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"AllocationConfig: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        if "bits" in d:
-            d["bits"] = tuple(d["bits"])
-        return cls(**d)
-
-    def guard_text(self) -> str:
-        return (
-            f"max pruned fraction {self.max_pruned_fraction:g}, prune thresholds: absolute {self.prune_abs_threshold}, "
-            f"relative to the layer median {self.prune_rel_threshold}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

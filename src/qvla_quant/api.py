@@ -16,12 +16,14 @@ from pathlib import Path
 from torch import nn
 
 from qvla_quant.adapters import ADAPTERS, PolicyAdapter, adapter_class
-from qvla_quant.allocation import AllocationConfig, allocate_plan
+from qvla_quant.allocation import allocate_plan
 from qvla_quant.artifact import ArtifactError, artifact_summary, load_artifact, read_manifest, save_artifact
+from qvla_quant.config import AllocationConfig, CalibrationConfig
 from qvla_quant.files import ARTIFACT_FILE, is_artifact
 from qvla_quant.fingerprint import fingerprint_id_matches
 from qvla_quant.plan import Plan
-from qvla_quant.sensitivity import CalibrationConfig, Sensitivity, calibrate_sensitivity
+from qvla_quant.sensitivity import calibrate_sensitivity
+from qvla_quant.sensitivity_store import Sensitivity
 from qvla_quant.transforms import quantize_model
 
 

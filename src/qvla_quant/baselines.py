@@ -22,16 +22,9 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from qvla_quant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import (
-    GROUPED_BITS,
-    QUANTIZED_BITS,
-    ActivationQuantConfig,
-    QuantConfig,
-    WeightQuantConfig,
-    check_granularity,
-    check_group_size,
-)
+from qvla_quant.quantizer import GROUPED_BITS, QUANTIZED_BITS, check_granularity, check_group_size
 
 # (name, role, kind, out_features, fan_in): what a policy adapter reports for each quantizable layer
 LayerSpec = tuple[str, str, str, int, int]

@@ -27,18 +27,28 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qvla_quant.allocation import AllocationConfig, BudgetError
+from qvla_quant.allocation import BudgetError
 from qvla_quant.api import allocate, calibrate, load_policy, quantize, save
 from qvla_quant.artifact import artifact_layer_dtypes, artifact_summary, read_plan
 from qvla_quant.checkpoint import check_checkpoint_dir
+from qvla_quant.config import (
+    ACTIVATION_BITS,
+    METHODS,
+    PROXIES,
+    SOLVERS,
+    AllocationConfig,
+    CalibrationConfig,
+    WeightQuantConfig,
+)
 from qvla_quant.files import CONFIG_FILE, is_artifact
 from qvla_quant.llm_baselines import parse_bits_arg, run_baseline
 from qvla_quant.packed import PACKED_FORMAT_VERSION
 from qvla_quant.plan import Plan
-from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS, WeightQuantConfig
+from qvla_quant.quantizer import ROW_BITS
 from qvla_quant.report import format_table, human_bytes, plot_plan, plot_sensitivity, stored_bytes_lines, summary_rows
 from qvla_quant.roles import PlanTemplate
-from qvla_quant.sensitivity import CalibrationConfig, CalibrationError, Sensitivity
+from qvla_quant.sensitivity import CalibrationError
+from qvla_quant.sensitivity_store import Sensitivity
 
 PROG = "qvla-quant"
 
@@ -316,19 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    cal, alloc = CalibrationConfig(), AllocationConfig()  # the defaults and choices below are theirs
     c = sub.add_parser("calibrate", help="measure per-channel action-space sensitivities (resumable)")
     c.add_argument("--policy", required=True, help="local checkpoint directory (e.g. a π0 saved by transformers)")
     c.add_argument("--data", required=True, help="safetensors file or directory of model-input batches")
     c.add_argument("--out", required=True, help="sensitivity store directory (an unfinished one is resumed)")
-    c.add_argument("--method", choices=("two_stage", "proxy", "exact"), default="two_stage")
-    c.add_argument("--proxy", choices=("aligned", "gain"), default="aligned")
-    c.add_argument("--exact-fraction", type=float, default=0.05, help="two_stage: share refined exactly per bit")
-    c.add_argument("--rank-sample", type=int, default=64, help="random channels measured exactly for the report")
-    c.add_argument("--channels-per-pass", type=int, default=16)
-    c.add_argument("--max-exact-dims", type=int, default=64)
-    c.add_argument("--n-probes", type=int, default=16)
-    c.add_argument("--bits", type=_bits, default=BIT_CHOICES)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--method", choices=METHODS, default=cal.method)
+    c.add_argument("--proxy", choices=PROXIES, default=cal.proxy)
+    c.add_argument("--exact-fraction", type=float, default=cal.exact_fraction,
+                   help="two_stage: share refined exactly per bit")
+    c.add_argument("--rank-sample", type=int, default=cal.rank_sample,
+                   help="random channels measured exactly for the report")
+    c.add_argument("--channels-per-pass", type=int, default=cal.channels_per_pass)
+    c.add_argument("--max-exact-dims", type=int, default=cal.max_exact_dims)
+    c.add_argument("--n-probes", type=int, default=cal.n_probes)
+    c.add_argument("--bits", type=_bits, default=cal.bits,
+                   help=f"bit-widths measured per channel, from {list(ROW_BITS)}")
+    c.add_argument("--seed", type=int, default=cal.seed)
     c.add_argument("--template", help="PlanTemplate JSON ({'roles': {...}, 'names': {...}})")
     c.add_argument("--no-clip-search", action="store_true", help="plain min-max ranges (no MSE clip search)")
     c.add_argument("--batch-size", type=int, help="re-split the samples into batches of this size")
@@ -343,14 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sensitivity", required=True, help="sensitivity store directory from calibrate")
     a.add_argument("--budget", required=True, type=_positive_float, help="average bits per weight")
     a.add_argument("--out", required=True, help="plan JSON to write")
-    a.add_argument("--solver", choices=("greedy", "lagrangian"), default="greedy")
-    a.add_argument("--bits", type=_bits, default=BIT_CHOICES, help="candidate bit-widths, e.g. 2,4,8,16")
-    a.add_argument("--max-pruned-fraction", type=float, default=0.5)
+    a.add_argument("--solver", choices=SOLVERS, default=alloc.solver)
+    a.add_argument("--bits", type=_bits, default=alloc.bits, help="candidate bit-widths, e.g. 2,4,8,16")
+    a.add_argument("--max-pruned-fraction", type=float, default=alloc.max_pruned_fraction)
     a.add_argument("--prune-threshold", type=float, help="never prune a channel whose s(0) is above this")
     a.add_argument("--prune-abs-threshold", type=float, help="the same (the dual-threshold guard's absolute part)")
     a.add_argument("--prune-rel-threshold", type=float,
                    help="never prune a channel whose s(0) is above this times its layer's median s(0)")
-    a.add_argument("--activation-bits", type=int, choices=(8, 16), default=16)
+    a.add_argument("--activation-bits", type=int, choices=ACTIVATION_BITS, default=alloc.activation_bits)
     a.add_argument("--template", help="PlanTemplate JSON overriding the calibrated one")
     a.add_argument("--plots", help="write bit_histogram.png and layer_bits.png here")
     a.set_defaults(func=cmd_allocate)

@@ -70,16 +70,10 @@ from qvla_quant import quantizer as _quantizer
 from qvla_quant.adapters.base import PolicyAdapter, is_quantizable
 from qvla_quant.api import save
 from qvla_quant.baselines import RTN_WEIGHT, _specs, uniform_plan
+from qvla_quant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.fingerprint import fingerprint_id, model_fingerprint
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import (
-    BIT_CHOICES,
-    ActivationQuantConfig,
-    QuantConfig,
-    WeightQuantConfig,
-    fake_quantize_rows,
-    quantize_rows,
-)
+from qvla_quant.quantizer import BIT_CHOICES, fake_quantize_rows, quantize_rows
 from qvla_quant.roles import PlanTemplate
 from qvla_quant.transforms import packed_layers, quantize_model
 

@@ -130,6 +130,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvla_quant.config import QuantConfig
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
     BIT_PLANES,
@@ -140,7 +141,6 @@ from qvla_quant.quantizer import (
     SCALE_DTYPE,
     ZERO_BYTES,
     ZERO_DTYPE,
-    QuantConfig,
     RowChoice,
     as_rows,
     check_granularity,

@@ -25,15 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qvla_quant.quantizer import (
-    BIT_CHOICES,
-    ROW_BITS,
-    QuantConfig,
-    RowChoice,
-    check_granularity,
-    check_grouped,
-    row_plan_bits,
-)
+from qvla_quant.config import QuantConfig
+from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS, RowChoice, check_granularity, check_grouped, row_plan_bits
 
 PLAN_FORMAT_VERSION = 2  # what plans with 3/6-bit or grouped rows are written as (others: 1, see the docstring)
 PLAN_READ_VERSIONS: tuple[int, ...] = (1, 2)
@@ -191,7 +184,7 @@ class Plan:
         payload = json.dumps(
             {
                 "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
-                "quant": self.quant.to_dict(),
+                "quant": self.quant.to_dict(version=False),  # the hashes of plans written before configs had one
                 "model": self.model_fingerprint,
             },
             sort_keys=True,

@@ -64,19 +64,22 @@ ceil(K * p / 8): exactly K * b / 8 when 8 divides K (see `qvla_quant.packed` for
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-BIT_CHOICES: tuple[int, ...] = (0, 2, 4, 8, 16)  # the paper's set: default candidates of calibration / allocation
-ROW_BITS: tuple[int, ...] = (0, 2, 3, 4, 6, 8, 16)  # every bit-width a row can be stored at
-QUANTIZED_BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
-GROUPED_BITS: tuple[int, ...] = (2, 3, 4)  # bit-widths that may use group-wise scales
-GROUP_SIZES: tuple[int, ...] = (64, 128, 256)  # allowed group sizes along K
-KEEP_BITS = 16
-PRUNE_BITS = 0
+# the bit vocabulary is defined in qvla_quant.bits; the quantizer's users have always imported it from here, so it
+# stays importable from here (explicit re-exports)
+from qvla_quant.bits import BIT_CHOICES as BIT_CHOICES
+from qvla_quant.bits import GROUP_SIZES as GROUP_SIZES
+from qvla_quant.bits import GROUPED_BITS as GROUPED_BITS
+from qvla_quant.bits import KEEP_BITS as KEEP_BITS
+from qvla_quant.bits import PRUNE_BITS as PRUNE_BITS
+from qvla_quant.bits import QUANTIZED_BITS as QUANTIZED_BITS
+from qvla_quant.bits import ROW_BITS as ROW_BITS
+from qvla_quant.config import WeightQuantConfig
+
 GRANULARITIES: tuple[str, ...] = ("row", "tensor")
 SCALE_DTYPE = torch.float32  # per-row (per-group) scale s of a quantized row
 ZERO_DTYPE = torch.uint8  # per-row (per-group) zero point z of a quantized row (an integer in [0, 2^b - 1])
@@ -246,67 +249,6 @@ def check_grouped(
     if granularity != "row":
         raise ValueError(f"granularity {granularity!r} has one scale per tensor: it cannot have grouped rows")
     return flags, group_size
-
-
-@dataclass(frozen=True)
-class WeightQuantConfig:
-    """How weight rows are quantized.
-
-    clip_search: search a per-row shrink factor of the [min, max] range that minimizes the row's squared error.
-    clip_grid: number of shrink factors tried, evenly spaced in [clip_min_ratio, 1].
-    """
-
-    clip_search: bool = True
-    clip_grid: int = 20
-    clip_min_ratio: float = 0.5
-
-    def __post_init__(self):
-        if self.clip_grid < 1:
-            raise ValueError(f"clip_grid must be >= 1, got {self.clip_grid}")
-        if not 0.0 < self.clip_min_ratio <= 1.0:
-            raise ValueError(f"clip_min_ratio must be in (0, 1], got {self.clip_min_ratio}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> WeightQuantConfig:
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class ActivationQuantConfig:
-    """One activation bit-width for every quantized layer (the paper's branch-free uniform activations).
-
-    bits = 16: activations stay in floating point (A16). bits = 8: per-token dynamic asymmetric int8 (A8), the
-    input of every quantized layer is fake-quantized per row of the flattened input (per token).
-    """
-
-    bits: int = 16
-
-    def __post_init__(self):
-        if self.bits not in (8, 16):
-            raise ValueError(f"activation bits must be 8 or 16, got {self.bits}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ActivationQuantConfig:
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
-    activation: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
-
-    def to_dict(self) -> dict:
-        return {"weight": self.weight.to_dict(), "activation": self.activation.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantConfig:
-        return cls(WeightQuantConfig.from_dict(d["weight"]), ActivationQuantConfig.from_dict(d["activation"]))
 
 
 def as_rows(weight: torch.Tensor) -> torch.Tensor:

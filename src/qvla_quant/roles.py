@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from qvla_quant.quantizer import ROW_BITS
+from qvla_quant.bits import ROW_BITS
 
 ROLES: tuple[str, ...] = ("vision", "projector", "language", "action", "action_head", "other")
 RULES: tuple[str, ...] = ("auto", "skip")

@@ -1,5 +1,19 @@
-"""Action-space sensitivity of every output channel: exact (Eq. 4), first-order proxy (Eq. 6), two-stage, cumulative
-(Eq. 5), with an on-disk store that makes long runs resumable.
+"""Action-space sensitivity of every output channel (the paper's Sec. 3.2-3.3.1): how far the policy's actions move
+when one output channel (row) of one layer is quantized to b bits. `calibrate_sensitivity` measures it for every
+calibrated channel at every bit-width; `qvla_quant.allocation` turns the table into bits per row. The table and its
+resumable on-disk store are plain data in `qvla_quant.sensitivity_store`.
+
+A run (`calibrate_sensitivity`), step by step:
+  1. prepare the calibration batches and pick the layers the template marks "auto";
+  2. open the run record: a fresh one, or the store of an interrupted run with the same policy, data and settings,
+     resumed at its first unfinished layer;
+  3. proxy stage (Eq. 6): a first-order estimate for every channel and bit, layers in groups bounded by weight count
+     (method "exact" has none and only looks for dead layers);
+  4. choose the exact jobs: the proxy's global top channels per bit and a random sample (method "exact": all);
+  5. exact stage (Eq. 4): forward passes that measure the chosen rows at every bit;
+  6. fit the proxy's per-bit scale on the random sample, write the report, store the complete result.
+The file reads in that order: the configuration; the run and its steps (with the choice of exact jobs, the scale fit
+and the report); then the measurements they call: calibration data, layer algebra, proxy, exact, cumulative.
 
 Notation: layer l, output channel (row) c, bit-width b; dW_c = Q_b(W_c) - W_c is the row's quantization error
 (`qvla_quant.quantizer.row_quantization_error`, the same quantizer the runtime packs with), and the channel's output
@@ -49,249 +63,459 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qvla_quant.adapters.base import Batch, LayerInfo, PolicyAdapter, output_gradients
-from qvla_quant.quantizer import BIT_CHOICES, KEEP_BITS, ROW_BITS, WeightQuantConfig, row_quantization_error
+from qvla_quant.config import CalibrationConfig, WeightQuantConfig
+from qvla_quant.fingerprint import model_fingerprint
+from qvla_quant.quantizer import KEEP_BITS, row_quantization_error
 from qvla_quant.roles import PlanTemplate
-
-SENSITIVITY_FORMAT_VERSION = 2  # 2: whole rows exact, proxy scale fitted on the random sample
-METHODS = ("two_stage", "proxy", "exact")
-PROXIES = ("aligned", "gain")
+from qvla_quant.sensitivity_store import SENSITIVITY_FORMAT_VERSION, LayerSensitivity, Sensitivity, SensitivityStore
 
 
 class CalibrationError(RuntimeError):
     """The policy violates an assumption of the sensitivity computation (message says which, and what to do)."""
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """How sensitivities are measured. Validated on construction; `to_dict`/`from_dict` round-trip through JSON.
+# ---------------------------------------------------------------------------------------------------------------
+# The calibration run
+def calibrate_sensitivity(
+    adapter: PolicyAdapter, batches: Iterable[Batch], config: CalibrationConfig, *, on_progress=None
+) -> Sensitivity:
+    """The whole calibration (the steps of the module docstring); `qvla_quant.calibrate` is the public entry point.
 
-    bits: bit-widths measured per channel (16 is always included, with s = 0).
-    method: "two_stage" (proxy for all, exact for the top), "proxy" (proxy only) or "exact" (Eq. 4 for every
-        channel and bit: the definition, and the slowest).
-    proxy: which first-order estimate ranks channels ("aligned" or "gain", see the module docstring).
-    exact_fraction: two_stage: fraction of all calibrated channels refined exactly, per bit-width (global top).
-    rank_sample: random (channel, bit) pairs measured exactly to report the proxy/exact rank correlation.
-    channels_per_pass: channels perturbed per forward pass of the exact computation (the batch is replicated that
-        many times: memory grows with it).
-    max_exact_dims: action chunks with at most this many dims (H * D) get one backward pass per dim (exact
-        Jacobian); larger ones use `n_probes` random projections.
-    proxy_group_weights: the proxy handles layers in groups of at most this many weights per forward/backward
-        pass (each layer's quantization errors for every bit are held in memory during its group's pass).
-    seed: random projections, the rank sample and the noise of batch i (seed + i).
-    weight: the weight quantizer, identical to the one the plan will be packed with.
-    template: which layers are calibrated (rule "auto"); fixed/skipped layers are not measured.
-    store_dir: directory of the resumable on-disk store (None: in memory only).
-    prefix_cache: exact passes over layers downstream of the adapter's observation prefix (π0: the action expert)
-        reuse that prefix instead of recomputing it (the same numbers, bit for bit; False: recompute, for timing).
-    """
+    on_progress(stage, done, total): called as the work advances, stage "proxy" (batches of every proxy group)
+    or "exact" (forward passes of every layer still to measure); it may raise to stop the run, which then resumes
+    from the store (`store_dir`) like any interrupted one."""
+    started = time.perf_counter()
+    batches = list(batches)
+    data = _prepare(adapter, batches, config.seed)
+    auto, others = _split_by_template(adapter.layers(), config.template)
+    record = _RunRecord.open(config.store_dir, _new_index(adapter, batches, config, auto, others), auto)
+    errors: dict[str, torch.Tensor] = {}  # dW per layer: the proxy stage computes them, the exact stage reuses them
+    if config.method == "exact":
+        _find_dead_layers(adapter, data, auto, config, record)
+    else:
+        _proxy_stage(adapter, data, auto, config, record, errors, on_progress)
+    top, sample = _choose_exact_jobs(auto, record.results, config)
+    measure = _whole_rows(top, sample, len(config.quantized_bits))
+    _exact_stage(adapter, data, auto, measure, config, record, errors, on_progress)
+    sens = _result(config, record, data, others, top, sample, measure, started)
+    record.finish(sens)
+    return sens
 
-    bits: tuple[int, ...] = BIT_CHOICES
-    method: str = "two_stage"
-    proxy: str = "aligned"
-    exact_fraction: float = 0.05
-    rank_sample: int = 64
-    channels_per_pass: int = 16
-    max_exact_dims: int = 64
-    n_probes: int = 16
-    proxy_group_weights: int = 50_000_000
-    seed: int = 0
-    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
-    template: PlanTemplate = field(default_factory=PlanTemplate)
-    store_dir: str | None = None
-    progress: bool = True
-    prefix_cache: bool = True
 
-    def __post_init__(self):
-        bits = tuple(sorted({int(b) for b in self.bits} | {KEEP_BITS}))
-        bad = set(bits) - set(ROW_BITS)  # 3 and 6 on request: the default stays the paper's BIT_CHOICES
-        if bad:
-            raise ValueError(f"CalibrationConfig.bits: {sorted(bad)} not in {ROW_BITS}")
-        if len(bits) < 2:
-            raise ValueError("CalibrationConfig.bits: give at least one bit-width below 16")
-        object.__setattr__(self, "bits", bits)
-        if self.method not in METHODS:
-            raise ValueError(f"CalibrationConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.proxy not in PROXIES:
-            raise ValueError(f"CalibrationConfig.proxy must be one of {PROXIES}, got {self.proxy!r}")
-        if not 0.0 <= self.exact_fraction <= 1.0:
-            raise ValueError(f"CalibrationConfig.exact_fraction must be in [0, 1], got {self.exact_fraction}")
-        for name in ("channels_per_pass", "max_exact_dims", "n_probes", "proxy_group_weights"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CalibrationConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.rank_sample < 0:
-            raise ValueError(f"CalibrationConfig.rank_sample must be >= 0, got {self.rank_sample}")
-        if isinstance(self.weight, dict):
-            object.__setattr__(self, "weight", WeightQuantConfig.from_dict(self.weight))
-        if isinstance(self.template, dict):
-            object.__setattr__(self, "template", PlanTemplate.from_dict(self.template))
+def _split_by_template(layers: Sequence[LayerInfo], template: PlanTemplate) -> tuple[list[LayerInfo], dict]:
+    """The layers to calibrate (rule "auto"), and the others by name with their shape and rule: recorded so that an
+    allocation can fix them at some bits or tell that they were never measured."""
+    auto, others = [], {}
+    for info in layers:
+        rule, why = template.explain(info.name, info.role)
+        if rule == "auto":
+            auto.append(info)
+        else:
+            others[info.name] = {
+                "role": info.role, "kind": info.kind, "out_features": info.out_features,
+                "fan_in": info.fan_in, "rule": rule, "why": why,
+            }  # fmt: skip
+    if not auto:
+        raise ValueError("calibrate: no layer has rule 'auto' in the template; nothing to measure")
+    return auto, others
+
+
+def _new_index(
+    adapter: PolicyAdapter, batches: Sequence[Batch], config: CalibrationConfig, auto: Sequence[LayerInfo], others
+) -> dict:
+    """The progress index of a fresh run (the store's index.json until the run is complete): what a resumed run must
+    match (`_RESUME_KEYS`), every calibrated layer's metadata and file, nothing done yet."""
+    known_dead = set(adapter.known_dead_layers())
+    index = {
+        "format_version": SENSITIVITY_FORMAT_VERSION,
+        "complete": False,
+        "bits": list(config.bits),
+        "proxy": config.proxy,
+        "config": config.result_key(),
+        "fingerprint": dict(model_fingerprint(adapter.model)),
+        "data": data_fingerprint(batches),
+        "adapter": adapter.config_dict(),
+        "other_layers": others,
+        "layers": SensitivityStore.layer_entries([info.name for info in auto]),
+        "times": {"proxy_s": 0.0, "exact_s": 0.0},
+    }
+    for info in auto:
+        index["layers"][info.name].update(
+            role=info.role, kind=info.kind, out_features=info.out_features, fan_in=info.fan_in,
+            dead=info.name in known_dead, proxy_done=False, exact_done=False,
+        )  # fmt: skip
+    return index
+
+
+_RESUME_KEYS = ("bits", "config", "fingerprint", "data", "layers")  # a stored run must match these to be resumed
+
+
+class _RunRecord:
+    """What a run has measured so far (`results`, layer name -> LayerSensitivity) and its progress index.
+
+    The one owner of the index: every change goes through its methods, and with a store it is the one writer,
+    storing a layer's file and then the index each time a stage of a layer is done, so that an interruption loses
+    at most the layer in progress. Without a store the index lives in memory only (the result still reads the
+    fingerprints and timings from it)."""
+
+    def __init__(self, store: SensitivityStore | None, index: dict, results: dict[str, LayerSensitivity]):
+        self.store = store
+        self.index = index
+        self.results = results
+
+    @classmethod
+    def open(cls, store_dir: str | None, header: dict, auto: Sequence[LayerInfo]) -> _RunRecord:
+        """A fresh record whose index is `header` (written at once to a new store), or, when `store_dir` holds a
+        run, that run's record with its finished layers read back; refused when it was written for another policy,
+        other data or other settings (`_RESUME_KEYS`)."""
+        results = {
+            info.name: LayerSensitivity(info.name, info.role, info.kind, info.out_features, info.fan_in)
+            for info in auto
+        }
+        store = SensitivityStore(store_dir) if store_dir else None
+        if store is None or not store.exists():
+            record = cls(store, header, results)
+            record._write_index()
+            return record
+        index = store.read_index()
+        for key in _RESUME_KEYS:
+            old, new = index.get(key), header.get(key)
+            if key == "layers":  # the same layers in the same files; their progress differs, of course
+                old = {n: m["file"] for n, m in (old or {}).items()}
+                new = {n: m["file"] for n, m in new.items()}
+            if old != new:
+                what = {"fingerprint": "model", "data": "calibration data"}.get(key, key)
+                raise ValueError(
+                    f"the sensitivity store {str(store.directory)!r} was written for a different {key} ({what}); "
+                    "resume only with the same policy, data and settings, or give a new store directory"
+                )
+        for name in results:
+            if index["layers"][name].get("proxy_done") or index["layers"][name].get("exact_done"):
+                results[name] = store.read_layer(index, name)
+        return cls(store, index, results)
+
+    def proxy_done(self, name: str) -> bool:
+        return bool(self.index["layers"][name].get("proxy_done"))
+
+    def exact_done(self, name: str) -> bool:
+        return bool(self.index["layers"][name].get("exact_done"))
 
     @property
-    def quantized_bits(self) -> tuple[int, ...]:
-        return tuple(b for b in self.bits if b != KEEP_BITS)
+    def probes(self) -> str:
+        """How the proxy's Jacobian was probed ("exact", "random(n)"; "none" before any proxy group ran)."""
+        return self.index.get("probes", "none")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["bits"] = list(self.bits)
-        d["weight"] = self.weight.to_dict()
-        d["template"] = self.template.to_dict()
-        return d
+    @probes.setter
+    def probes(self, kind: str) -> None:
+        self.index["probes"] = kind
 
-    @classmethod
-    def from_dict(cls, d: dict) -> CalibrationConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"CalibrationConfig: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        if "bits" in d:
-            d["bits"] = tuple(d["bits"])
-        return cls(**d)
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Time spent in `stage` ("proxy" or "exact"), summed over every run that worked on this record."""
+        self.index["times"][f"{stage}_s"] += seconds
 
-    def result_key(self) -> dict:
-        """The settings that change the numbers (a store written with other ones cannot be resumed)."""
-        d = self.to_dict()
-        for k in ("channels_per_pass", "proxy_group_weights", "store_dir", "progress", "prefix_cache"):
-            d.pop(k)
-        return d
+    def layer_done(self, name: str, stage: str) -> None:
+        """Stage `stage` ("proxy" or "exact") of layer `name` is done: flag it, and store the layer, then the index."""
+        entry = self.index["layers"][name]
+        entry[f"{stage}_done"] = True
+        entry["dead"] = self.results[name].dead
+        if self.store is not None:
+            self.store.write_layer(self.index, self.results[name])
+            self._write_index()
 
+    def finish(self, sens: Sensitivity) -> None:
+        """Rewrite the store complete (`SensitivityStore.write_all`): the form `Sensitivity.load` reads."""
+        if self.store is not None:
+            self.store.write_all(sens)
 
-# ---------------------------------------------------------------------------------------------------------------
-# Results
-@dataclass
-class LayerSensitivity:
-    """Measurements of one layer; every tensor is [out_features, len(bits)] float64, column of 16 bits = 0.
-
-    exact: NaN where not measured. proxy_gain / proxy_aligned: None when the proxy did not run.
-    """
-
-    name: str
-    role: str
-    kind: str
-    out_features: int
-    fan_in: int
-    proxy_gain: torch.Tensor | None = None
-    proxy_aligned: torch.Tensor | None = None
-    exact: torch.Tensor | None = None
-    dead: bool = False
-
-    def meta(self) -> dict:
-        return {
-            "role": self.role,
-            "kind": self.kind,
-            "out_features": self.out_features,
-            "fan_in": self.fan_in,
-            "dead": self.dead,
-        }
+    def _write_index(self) -> None:
+        if self.store is not None:
+            self.store.write_index(self.index)
 
 
-@dataclass
-class Sensitivity:
-    """Per-layer, per-channel, per-bit action sensitivities of one policy on one calibration set.
+class _Steps:
+    """Counts the steps of one stage for `on_progress(stage, done, total)`; call it (no argument) after each."""
 
-    `values(name)` is what the allocation uses, row by row: exact when the row was measured exactly at every bit,
-    else the ranking proxy times its per-bit scale (`proxy_scale`) at every bit (a row never mixes the two), 0 for
-    dead layers and for 16 bits. `other_layers`: the policy's layers that were not
-    measured (template rule "skip" or fixed bits) with their shapes and rule.
-    """
+    def __init__(self, stage: str, total: int, on_progress):
+        self.stage = stage
+        self.total = total
+        self.done = 0
+        self.on_progress = on_progress
 
-    bits: tuple[int, ...]
-    layers: dict[str, LayerSensitivity]
-    proxy: str = "aligned"
-    dead_layers: list[str] = field(default_factory=list)
-    other_layers: dict[str, dict] = field(default_factory=dict)
-    proxy_scale: dict[int, float] = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-    fingerprint: dict = field(default_factory=dict)
-    adapter_config: dict | None = None
+    def __call__(self) -> None:
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(self.stage, self.done, self.total)
 
-    def bit_index(self, bits: int) -> int:
-        try:
-            return self.bits.index(int(bits))
-        except ValueError:
-            raise ValueError(f"no sensitivity was measured for {bits} bits (measured: {self.bits})") from None
 
-    def values(self, name: str) -> torch.Tensor:
-        layer = self.layers[name]
-        shape = (layer.out_features, len(self.bits))
+def _proxy_groups(layers: Sequence[LayerInfo], max_weights: int) -> list[list[LayerInfo]]:
+    """Consecutive layers in groups of at most `max_weights` weights (a larger layer alone). A group shares its
+    forward and backward passes, and holds each of its layers' quantization errors at every bit meanwhile."""
+    groups, current, size = [], [], 0
+    for info in layers:
+        if current and size + info.n_weights > max_weights:
+            groups.append(current)
+            current, size = [], 0
+        current.append(info)
+        size += info.n_weights
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _with_keep_column(table: torch.Tensor, bits: Sequence[int], qbits: Sequence[int]) -> torch.Tensor:
+    """[out, len(qbits)] -> [out, len(bits)] float64, 0 in the column of 16 bits."""
+    full = torch.zeros(table.shape[0], len(bits), dtype=torch.float64)
+    full[:, [bits.index(b) for b in qbits]] = table
+    return full
+
+
+def _proxy_stage(adapter, data, auto, config: CalibrationConfig, record: _RunRecord, errors: dict, on_progress):
+    """Step 3: both proxies for every layer whose proxy is not stored yet, group by group."""
+    qbits = config.quantized_bits
+    pending = [info for info in auto if not record.proxy_done(info.name)]
+    groups = _proxy_groups(pending, config.proxy_group_weights)
+    step = _Steps("proxy", len(groups) * len(data), on_progress)
+    for group in tqdm(groups, desc="proxy groups", disable=not config.progress or len(groups) < 2):
+        t0 = time.perf_counter()
+        if len(groups) > 1:
+            errors.clear()  # keep at most one group's quantization errors in memory
+        res = proxy_sensitivity(
+            adapter, data, group, qbits, config.weight,
+            max_exact_dims=config.max_exact_dims, n_probes=config.n_probes, seed=config.seed,
+            progress=config.progress, errors=errors, on_step=step,
+        )  # fmt: skip
+        record.probes = res.probes
+        record.add_time("proxy", time.perf_counter() - t0)
+        for info in group:
+            layer = record.results[info.name]
+            layer.proxy_gain = _with_keep_column(res.gain[info.name], config.bits, qbits)
+            layer.proxy_aligned = _with_keep_column(res.aligned[info.name], config.bits, qbits)
+            layer.dead = layer.dead or info.name in res.dead
+            record.layer_done(info.name, "proxy")
+
+
+def _find_dead_layers(adapter, data, auto, config: CalibrationConfig, record: _RunRecord) -> None:
+    """Step 3 of method "exact", which has no proxy to notice dead layers: one gradient probe per batch instead (a
+    layer is dead when it is dead on every batch)."""
+    pending = [info for info in auto if not record.exact_done(info.name)]
+    if pending:
+        dead_sets = [set(adapter.dead_layers(p.batch, seed=config.seed + i)) for i, p in enumerate(data)]
+        for info in pending:
+            layer = record.results[info.name]
+            layer.dead = layer.dead or all(info.name in d for d in dead_sets)
+
+
+def _choose_exact_jobs(auto, results: dict[str, LayerSensitivity], config: CalibrationConfig):
+    """Step 4: (top, sample), each layer -> {(row, bit column)} of the live layers. "two_stage": the proxy's global
+    top `exact_fraction` per bit and `rank_sample` random pairs; "proxy": the random pairs only; "exact": all."""
+    qbits = config.quantized_bits
+    live = [info for info in auto if not results[info.name].dead]
+    if config.method == "exact":
+        top = {info.name: {(r, q) for r in range(info.out_features) for q in range(len(qbits))} for info in live}
+        return top, {info.name: set() for info in live}
+    counts = {info.name: info.out_features for info in live}
+    qcols = [config.bits.index(b) for b in qbits]
+    ranking = {info.name: getattr(results[info.name], f"proxy_{config.proxy}")[:, qcols] for info in live}
+    n_top = math.ceil(config.exact_fraction * sum(counts.values())) if config.method == "two_stage" else 0
+    return _select_jobs(ranking, counts, len(qbits), n_top, config.rank_sample, config.seed)
+
+
+def _exact_stage(adapter, data, auto, measure, config: CalibrationConfig, record: _RunRecord, errors, on_progress):
+    """Step 5: the exact table of every layer not stored yet: `measure`'s (row, bit column) jobs measured, the rest
+    NaN (the proxy stands in for them), dead layers 0 without a pass."""
+    bits, qbits = config.bits, config.quantized_bits
+    qcols = [bits.index(b) for b in qbits]
+    references = _References(adapter)
+    prefixes = _Prefixes(adapter) if config.prefix_cache else None
+    todo = [info for info in auto if not record.exact_done(info.name)]
+    n_passes = sum(
+        math.ceil(len(measure.get(info.name, set())) / config.channels_per_pass)
+        for info in todo if not record.results[info.name].dead
+    )  # fmt: skip
+    step = _Steps("exact", n_passes, on_progress)
+    for info in tqdm(todo, desc="exact", unit="layer", disable=not config.progress):
+        layer = record.results[info.name]
+        exact = torch.full((info.out_features, len(bits)), float("nan"), dtype=torch.float64)
+        exact[:, bits.index(KEEP_BITS)] = 0.0
+        jobs = sorted(measure.get(info.name, set()))
         if layer.dead:
-            return torch.zeros(shape, dtype=torch.float64)
-        proxy = layer.proxy_aligned if self.proxy == "aligned" else layer.proxy_gain
-        out = torch.full(shape, float("nan"), dtype=torch.float64)
-        if proxy is not None:
-            scale = torch.tensor([self.proxy_scale.get(b, 1.0) for b in self.bits], dtype=torch.float64)
-            out = proxy.double() * scale
-        if layer.exact is not None:
-            keep = self.bit_index(KEEP_BITS)
-            quantized = [i for i in range(len(self.bits)) if i != keep]
-            whole = torch.isfinite(layer.exact[:, quantized]).all(1)  # rows measured exactly at every bit
-            if proxy is None:  # method "exact": nothing to fall back to, a NaN below says what is missing
-                whole = torch.ones_like(whole)
-            out = torch.where(whole[:, None], layer.exact.double(), out)
-        out[:, self.bit_index(KEEP_BITS)] = 0.0
-        if torch.isnan(out).any():
-            raise ValueError(f"{name}: some channels have neither a proxy nor an exact sensitivity")
-        return out
+            exact[:, qcols] = 0.0  # dead: exactly zero, nothing to measure
+        elif jobs:
+            t0 = time.perf_counter()
+            values = exact_sensitivity(
+                adapter, data, info, [(r, qbits[q]) for r, q in jobs], qbits, config.weight,
+                channels_per_pass=config.channels_per_pass, references=references, progress=config.progress,
+                errors=errors.pop(info.name, None), on_step=step, prefixes=prefixes,
+            )  # fmt: skip
+            record.add_time("exact", time.perf_counter() - t0)
+            for (r, q), v in zip(jobs, values.tolist()):
+                exact[r, qcols[q]] = v
+        layer.exact = exact
+        record.layer_done(info.name, "exact")
 
-    def total_channels(self) -> int:
-        return sum(layer.out_features for layer in self.layers.values())
 
-    # ---- persistence (the same directory format the resumable store writes)
-    def save(self, directory) -> Path:
-        store = SensitivityStore(directory)
-        store.write_all(self)
-        return store.directory
-
-    @classmethod
-    def load(cls, directory) -> Sensitivity:
-        return SensitivityStore(directory).read()
+def _result(config: CalibrationConfig, record: _RunRecord, data, others, top, sample, measure, started) -> Sensitivity:
+    """Step 6: the Sensitivity, with the proxy's scale fitted (`_fit_proxy_scale`) and the report."""
+    qbits = config.quantized_bits
+    index = record.index
+    sens = Sensitivity(
+        bits=config.bits,
+        layers=record.results,
+        proxy=config.proxy,
+        dead_layers=[name for name, layer in record.results.items() if layer.dead],
+        other_layers=others,
+        config=config.to_dict(),
+        fingerprint=index["fingerprint"],
+        adapter_config=index["adapter"],
+    )
+    fit_on = "none"
+    if config.method != "exact":
+        # the random sample's rows; without one (rank_sample=0) only the top rows exist, and the fit is biased
+        fit_rows = {n: {r for r, _ in pairs} for n, pairs in sample.items()}
+        fit_on = "random sample" if any(fit_rows.values()) else "top (no random sample: biased)"
+        if not any(fit_rows.values()):
+            fit_rows = {n: {r for r, _ in pairs} for n, pairs in measure.items()}
+        sens.proxy_scale = _fit_proxy_scale(sens, qbits, fit_rows)
+    sens.report = _report(sens, sample, top, qbits, index["times"], record.probes, time.perf_counter() - started)
+    sens.report["n_exact_rows"] = sum(len({r for r, _ in v}) for v in measure.values())
+    sens.report["n_exact_jobs"] = sum(len(v) for v in measure.values())
+    sens.report["proxy_scale_fit"] = fit_on
+    sens.report["data_fingerprint"] = index["data"]
+    sens.report["n_samples"] = sum(p.size for p in data)
+    return sens
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layer algebra: the output error of a channel
-def _errors(info: LayerInfo, bits: Sequence[int], wcfg: WeightQuantConfig) -> torch.Tensor:
-    """dW for every row at every bit in `bits`: [len(bits), out, fan_in] fp32 on the weight's device."""
-    w = info.module.weight
-    return torch.stack([row_quantization_error(w, b, wcfg).reshape(info.out_features, -1) for b in bits]).to(w.device)
+# Exact jobs, the proxy's scale, the report
+def _select_jobs(
+    proxies: dict[str, torch.Tensor], counts: dict[str, int], nq: int, n_top: int, n_sample: int, seed: int
+) -> tuple[dict[str, set[tuple[int, int]]], dict[str, set[tuple[int, int]]]]:
+    """Global top-`n_top` channels per bit by proxy (ties: layer order, row), and `n_sample` random (row, bit)
+    pairs over all channels; both as layer -> {(row, bit column)}."""
+    names = list(proxies)
+    top: dict[str, set] = {n: set() for n in names}
+    sample: dict[str, set] = {n: set() for n in names}
+    if not names:
+        return top, sample
+    if n_top > 0:
+        for q in range(nq):
+            values = torch.cat([proxies[n][:, q] for n in names])
+            order = torch.argsort(-values, stable=True)[:n_top]
+            offsets = torch.tensor([0] + [counts[n] for n in names]).cumsum(0)
+            for flat in order.tolist():
+                li = int(torch.searchsorted(offsets, flat, right=True)) - 1
+                top[names[li]].add((flat - int(offsets[li]), q))
+    total = sum(counts[n] for n in names) * nq
+    if n_sample > 0 and total > 0:
+        gen = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(total, generator=gen)[: min(n_sample, total)].tolist()
+        offsets = [0]
+        for n in names:
+            offsets.append(offsets[-1] + counts[n] * nq)
+        for flat in picks:
+            li = next(i for i in range(len(names)) if offsets[i + 1] > flat)
+            local = flat - offsets[li]
+            sample[names[li]].add((local // nq, local % nq))
+    return top, sample
 
 
-def _conv_response(module, x: torch.Tensor, rows_weight: torch.Tensor) -> torch.Tensor:
-    """The conv's response (no bias) with the full filter bank replaced by `rows_weight` [out, fan_in]."""
-    return module._conv_forward(x, rows_weight.reshape(module.weight.shape).to(x.dtype), None)
+def _whole_rows(top: dict[str, set], sample: dict[str, set], nq: int) -> dict[str, set[tuple[int, int]]]:
+    """Every (row, bit column) of each row that `top` or `sample` picks at some bit: rows are measured whole."""
+    out = {}
+    for name in set(top) | set(sample):
+        rows = {r for r, _ in top.get(name, set()) | sample.get(name, set())}
+        out[name] = {(r, q) for r in rows for q in range(nq)}
+    return out
 
 
-def _channel_last(info: LayerInfo, t: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """A layer output (or its gradient) as [samples, positions, out]: tokens/pixels of a sample are positions."""
-    if info.kind == "conv":
-        t = t.movedim(1, -1)
-    if t.shape[0] % n_samples:
-        raise CalibrationError(
-            f"{info.name}: leading dimension {t.shape[0]} is not a multiple of the batch size {n_samples}; "
-            "the adapter must keep samples in the leading dimension of every quantizable layer (batch-major)"
-        )
-    return t.reshape(n_samples, -1, info.out_features)
+def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None = None) -> dict[int, float]:
+    """Per bit: exp(median(log(exact / proxy))) over the channels of `rows` (layer -> row indices; None: every
+    channel) measured both ways (1.0 when none). Give it the random sample's rows: the proxy's top picks are
+    selected for a high proxy, so their exact/proxy ratio is biased low."""
+    scale = {}
+    for b in qbits:
+        col = sens.bit_index(b)
+        ratios = []
+        for name, layer in sens.layers.items():
+            if layer.dead or layer.exact is None:
+                continue
+            proxy = layer.proxy_aligned if sens.proxy == "aligned" else layer.proxy_gain
+            if proxy is None:
+                continue
+            e, p = layer.exact[:, col], proxy[:, col]
+            ok = torch.isfinite(e) & (e > 0) & (p > 0)
+            if rows is not None:
+                chosen = torch.zeros_like(ok)
+                chosen[torch.tensor(sorted(rows.get(name, ())), dtype=torch.long)] = True
+                ok &= chosen
+            ratios.append((e[ok] / p[ok]).log())
+        r = torch.cat(ratios) if ratios else torch.zeros(0)
+        scale[b] = float(r.median().exp()) if r.numel() else 1.0
+    return scale
 
 
-def _output_errors(info: LayerInfo, x: torch.Tensor, errs: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """dX for every row and bit: [nq, samples, positions, out]."""
-    if info.kind == "linear":
-        nq = errs.shape[0]
-        p = F.linear(x, errs.reshape(-1, errs.shape[-1]).to(x.dtype))  # [..., nq * out]
-        p = p.reshape(n_samples, -1, nq, info.out_features)
-        return p.permute(2, 0, 1, 3)
-    return torch.stack([_channel_last(info, _conv_response(info.module, x, e), n_samples) for e in errs])
+def _report(sens, sample, top, qbits, times, probes, elapsed) -> dict:
+    report = {
+        "method": sens.config.get("method"),
+        "proxy": sens.proxy,
+        "probes": probes,
+        "n_layers": len(sens.layers),
+        "n_channels": sens.total_channels(),
+        "dead_layers": list(sens.dead_layers),
+        "n_exact_top": sum(len(v) for v in top.values()),
+        "n_rank_sample": sum(len(v) for v in sample.values()),
+        "proxy_scale": {str(b): s for b, s in sens.proxy_scale.items()},
+        "time_s": {"proxy": round(times["proxy_s"], 3), "exact": round(times["exact_s"], 3),
+                   "total_this_run": round(elapsed, 3)},
+    }  # fmt: skip
+    if any(layer.proxy_gain is not None for layer in sens.layers.values()):
+        rank = {}
+        for key in ("gain", "aligned"):
+            triples = _pairs(sens, sample, qbits, f"proxy_{key}")
+            entry = {"all": spearman([t[0] for t in triples], [t[1] for t in triples]), "n": len(triples)}
+            for b in qbits:
+                sub = [t for t in triples if t[2] == b]
+                entry[str(b)] = spearman([t[0] for t in sub], [t[1] for t in sub])
+            rank[key] = entry
+        report["rank_correlation"] = rank
+        finite = {k: v["all"] for k, v in rank.items() if not math.isnan(v["all"])}
+        report["better_proxy"] = max(finite, key=finite.get) if finite else None
+    return report
+
+
+def _pairs(sens: Sensitivity, jobs: dict[str, set], qbits, key: str):
+    """(exact, proxy, bit) triples for measured jobs."""
+    out = []
+    for name, pairs in jobs.items():
+        layer = sens.layers[name]
+        table = getattr(layer, key)
+        for r, q in pairs:
+            col = sens.bit_index(qbits[q])
+            out.append((float(layer.exact[r, col]), float(table[r, col]), qbits[q]))
+    return out
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two equally long sequences (nan when undefined)."""
+    from scipy.stats import spearmanr
+
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.numel() < 3 or a.numel() != b.numel():
+        return float("nan")
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +554,41 @@ def data_fingerprint(batches: Sequence[Batch]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Layer algebra: the output error of a channel
+def _errors(info: LayerInfo, bits: Sequence[int], wcfg: WeightQuantConfig) -> torch.Tensor:
+    """dW for every row at every bit in `bits`: [len(bits), out, fan_in] fp32 on the weight's device."""
+    w = info.module.weight
+    return torch.stack([row_quantization_error(w, b, wcfg).reshape(info.out_features, -1) for b in bits]).to(w.device)
+
+
+def _conv_response(module, x: torch.Tensor, rows_weight: torch.Tensor) -> torch.Tensor:
+    """The conv's response (no bias) with the full filter bank replaced by `rows_weight` [out, fan_in]."""
+    return module._conv_forward(x, rows_weight.reshape(module.weight.shape).to(x.dtype), None)
+
+
+def _channel_last(info: LayerInfo, t: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """A layer output (or its gradient) as [samples, positions, out]: tokens/pixels of a sample are positions."""
+    if info.kind == "conv":
+        t = t.movedim(1, -1)
+    if t.shape[0] % n_samples:
+        raise CalibrationError(
+            f"{info.name}: leading dimension {t.shape[0]} is not a multiple of the batch size {n_samples}; "
+            "the adapter must keep samples in the leading dimension of every quantizable layer (batch-major)"
+        )
+    return t.reshape(n_samples, -1, info.out_features)
+
+
+def _output_errors(info: LayerInfo, x: torch.Tensor, errs: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """dX for every row and bit: [nq, samples, positions, out]."""
+    if info.kind == "linear":
+        nq = errs.shape[0]
+        p = F.linear(x, errs.reshape(-1, errs.shape[-1]).to(x.dtype))  # [..., nq * out]
+        p = p.reshape(n_samples, -1, nq, info.out_features)
+        return p.permute(2, 0, 1, 3)
+    return torch.stack([_channel_last(info, _conv_response(info.module, x, e), n_samples) for e in errs])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # First-order proxy (Eq. 6)
 @dataclass
 class ProxyResult:
@@ -354,6 +613,81 @@ def _probes(shape: torch.Size, max_exact_dims: int, n_probes: int, seed: int, li
         for _ in range(n_probes):
             v = torch.randint(0, 2, tuple(shape), generator=gen) * 2 - 1
             yield v.to(dtype=like.dtype, device=like.device), 1.0 / n_probes
+
+
+class _LayerProxySums:
+    """One layer's sums over one calibration batch, per sample (the gain multiplies two per-sample sums before the
+    mean over samples, so they stay apart until `gain`), on the adapter's device:
+
+    err_sq  [B, out, nq]  ||dX_c||^2 at each bit, summed over the layer's calls (forward)
+    grad_sq [B, out]      sum over probes v of weight * ||g_v||^2, g_v = J^T v on channel c: E = ||J||_F^2
+    inner   [B, out, nq]  g_v . dX_c of the current probe, summed over the layer's calls (backward)
+    aligned [B, out, nq]  sum over probes of weight * (g_v . dX_c)^2: E = ||J dX_c||^2
+    """
+
+    def __init__(self, info: LayerInfo, errors: torch.Tensor, nq: int, n_samples: int, device):
+        self.info = info
+        self.errors = errors  # dW of every row at every bit: [nq, out, fan_in]
+        self.n_samples = n_samples
+        self.err_sq = torch.zeros(n_samples, info.out_features, nq, device=device)
+        self.inner = torch.zeros(n_samples, info.out_features, nq, device=device)
+        self.aligned = torch.zeros(n_samples, info.out_features, nq, device=device)
+        self.grad_sq = torch.zeros(n_samples, info.out_features, device=device)
+        self.probe_weight = 1.0
+
+    def on_call(self, x: torch.Tensor):
+        """One call of the layer on input x (π0's expert layers: one per denoising step): adds its ||dX||^2 and
+        returns the hook for this call's output gradient, which pairs it with this call's dX."""
+        with torch.no_grad():
+            dx = _output_errors(self.info, x.detach(), self.errors, self.n_samples).float()  # [nq, B, T, out]
+            self.err_sq += dx.pow(2).sum(2).permute(1, 2, 0)
+
+        def on_grad(g):
+            g = _channel_last(self.info, g.detach(), self.n_samples).float()
+            self.grad_sq.add_(g.pow(2).sum(1), alpha=self.probe_weight)
+            self.inner += torch.einsum("btc,qbtc->bcq", g, dx)
+
+        return on_grad
+
+    def start_probe(self, weight: float) -> None:
+        self.probe_weight = weight
+        self.inner.zero_()
+
+    def end_probe(self) -> None:
+        # squared only now: J dX sums the contributions of every call of the layer before the norm
+        self.aligned.add_(self.inner.pow(2), alpha=self.probe_weight)
+
+    def gain(self) -> torch.Tensor:
+        """[out, nq] float64 on the CPU: sum over the batch's samples of ||J||_F^2 ||dX_c||^2."""
+        return (self.grad_sq[:, :, None] * self.err_sq).sum(0).double().cpu()
+
+    def aligned_sum(self) -> torch.Tensor:
+        """[out, nq] float64 on the CPU: sum over the batch's samples of ||J dX_c||^2."""
+        return self.aligned.sum(0).double().cpu()
+
+    def alive(self) -> bool:
+        """Whether any gradient reached the layer in this batch."""
+        return bool(self.grad_sq.ne(0).any())
+
+
+class _ProxyBatch:
+    """The `_LayerProxySums` of every layer of a group over one batch, and the hook of `output_gradients` that
+    fills them."""
+
+    def __init__(self, layers: Sequence[LayerInfo], errors: dict[str, torch.Tensor], nq: int, n_samples: int, device):
+        self.layers = {info.name: _LayerProxySums(info, errors[info.name], nq, n_samples, device) for info in layers}
+
+    def grad_hook(self, info: LayerInfo, x: torch.Tensor, output: torch.Tensor):
+        """`output_gradients`' make_grad_hook."""
+        return self.layers[info.name].on_call(x)
+
+    def start_probe(self, weight: float) -> None:
+        for sums in self.layers.values():
+            sums.start_probe(weight)
+
+    def end_probe(self) -> None:
+        for sums in self.layers.values():
+            sums.end_probe()
 
 
 def proxy_sensitivity(
@@ -388,50 +722,23 @@ def proxy_sensitivity(
     bar = tqdm(total=len(data), desc="proxy", unit="batch", disable=not progress, leave=False)
     try:
         for i, prep in enumerate(data):
-            B = prep.size
-            st = {
-                info.name: {
-                    "errsq": torch.zeros(B, info.out_features, nq, device=adapter.device),
-                    "inner": torch.zeros(B, info.out_features, nq, device=adapter.device),
-                    "aligned": torch.zeros(B, info.out_features, nq, device=adapter.device),
-                    "gsq": torch.zeros(B, info.out_features, device=adapter.device),
-                }
-                for info in layers
-            }
-            weight = [1.0]
-
-            def make_grad_hook(info, x, output, B=B, st=st, weight=weight):
-                s = st[info.name]
-                with torch.no_grad():
-                    p = _output_errors(info, x.detach(), errs[info.name], B).float()  # [nq, B, T, out]
-                    s["errsq"] += p.pow(2).sum(2).permute(1, 2, 0)
-
-                def on_grad(g):
-                    g = _channel_last(info, g.detach(), B).float()
-                    s["gsq"].add_(g.pow(2).sum(1), alpha=weight[0])
-                    s["inner"] += torch.einsum("btc,qbtc->bcq", g, p)
-
-                return on_grad
-
-            with output_gradients(adapter.model, layers, make_grad_hook):
+            sums = _ProxyBatch(layers, errs, nq, prep.size, adapter.device)
+            with output_gradients(adapter.model, layers, sums.grad_hook):
                 actions = adapter.actions(prep.batch, prep.noise)
                 probes = list(_probes(actions.shape, max_exact_dims, n_probes, seed + 7919 * i, actions))
                 if len(probes) > 0 and math.prod(actions.shape[1:]) > max_exact_dims:
                     probe_kind = f"random({n_probes})"
                 for j, (v, w) in enumerate(probes):
-                    weight[0] = w
-                    for s in st.values():
-                        s["inner"].zero_()
+                    sums.start_probe(w)
                     torch.autograd.backward(actions, v, retain_graph=j < len(probes) - 1)
-                    for s in st.values():
-                        s["aligned"].add_(s["inner"].pow(2), alpha=w)
+                    sums.end_probe()
                 del actions
             for info in layers:
-                s = st[info.name]
-                gain[info.name] += (s["gsq"][:, :, None] * s["errsq"]).sum(0).double().cpu()
-                aligned[info.name] += s["aligned"].sum(0).double().cpu()
-                alive[info.name] = alive[info.name] or bool(s["gsq"].ne(0).any())
-            n_total += B
+                layer = sums.layers[info.name]
+                gain[info.name] += layer.gain()
+                aligned[info.name] += layer.aligned_sum()
+                alive[info.name] = alive[info.name] or layer.alive()
+            n_total += prep.size
             bar.update(1)
             if on_step is not None:
                 on_step()
@@ -552,6 +859,49 @@ def _squared_deviations(
     return diff.pow(2).sum(-1)
 
 
+def _errors_by_bit(
+    info: LayerInfo, jobs: Sequence[tuple[int, int]], wcfg: WeightQuantConfig, cached=None, cached_bits=()
+) -> dict[int, torch.Tensor]:
+    """bit -> dW of every row [out, fan_in], for the bits `jobs` use; from `cached` (`_errors(info, cached_bits,
+    wcfg)`) when given."""
+    used = sorted({b for _, b in jobs})
+    if cached is not None:
+        return {b: cached[list(cached_bits).index(b)] for b in used}
+    return dict(zip(used, _errors(info, used, wcfg)))
+
+
+def _exact_passes(
+    adapter: PolicyAdapter,
+    data: Sequence[_Prepared],
+    info: LayerInfo,
+    jobs: Sequence[tuple[int, int]],
+    errs: dict[int, torch.Tensor],
+    *,
+    channels_per_pass: int,
+    references: _References,
+    prefixes: _Prefixes | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+    """The perturbed forward passes that measure the (row, bit) `jobs` of one layer (Eq. 4 and Eq. 5 reduce them
+    differently): a pass perturbs up to `channels_per_pass` channels, one per replica of the batch. Yields, pass by
+    pass, where its jobs are in `jobs` and, per batch of `data`, ||A_i - A*||^2 per replica i and sample ([k, B]).
+
+    errs: `_errors_by_bit` of the layer. prefixes: the adapter's unperturbed prefixes, for a layer downstream of
+    the prefix (None: every pass recomputes the whole policy)."""
+    chunks = range(0, len(jobs), channels_per_pass)
+    for start in tqdm(chunks, desc=info.name, unit="pass", disable=not progress, leave=False):
+        chunk = jobs[start : start + channels_per_pass]
+        k = len(chunk)
+        rows = torch.tensor([r for r, _ in chunk], device=adapter.device)
+        row_errors = torch.stack([errs[b][r] for r, b in chunk])
+        deviations = []
+        for i, prep in enumerate(data):
+            prefix = None if prefixes is None else prefixes.get(i, prep, k)
+            ref = references.get(i, prep, k, prefix)
+            deviations.append(_squared_deviations(adapter, prep, ref, info, rows, row_errors, prefix))
+        yield slice(start, start + k), deviations
+
+
 def exact_sensitivity(
     adapter: PolicyAdapter,
     data: Sequence[_Prepared],
@@ -576,28 +926,20 @@ def exact_sensitivity(
     if not jobs:
         return torch.zeros(0, dtype=torch.float64)
     references = references or _References(adapter)
-    used = sorted({b for _, b in jobs})
-    if errors is not None:
-        errs = {b: errors[list(bits).index(b)] for b in used}
-    else:
-        errs = dict(zip(used, _errors(info, used, wcfg)))
-    rows = torch.tensor([r for r, _ in jobs], device=adapter.device)
-    out = torch.zeros(len(jobs), dtype=torch.float64)
-    n_samples = sum(p.size for p in data)
+    errs = _errors_by_bit(info, jobs, wcfg, errors, bits)
     if prefixes is not None and not adapter.downstream_of_prefix(info.name):
         prefixes = None  # the layer feeds the prefix: its perturbation changes it
-    chunks = range(0, len(jobs), channels_per_pass)
-    for start in tqdm(chunks, desc=info.name, unit="pass", disable=not progress, leave=False):
-        chunk = jobs[start : start + channels_per_pass]
-        k = len(chunk)
-        chunk_rows = rows[start : start + k]
-        row_errors = torch.stack([errs[b][r] for r, b in chunk])
-        total = torch.zeros(k, dtype=torch.float64)
-        for i, prep in enumerate(data):
-            prefix = None if prefixes is None else prefixes.get(i, prep, k)
-            ref = references.get(i, prep, k, prefix)
-            total += _squared_deviations(adapter, prep, ref, info, chunk_rows, row_errors, prefix).sum(1).cpu()
-        out[start : start + k] = total / n_samples
+    out = torch.zeros(len(jobs), dtype=torch.float64)
+    n_samples = sum(p.size for p in data)
+    passes = _exact_passes(
+        adapter, data, info, jobs, errs,
+        channels_per_pass=channels_per_pass, references=references, prefixes=prefixes, progress=progress,
+    )  # fmt: skip
+    for where, deviations in passes:
+        total = torch.zeros(where.stop - where.start, dtype=torch.float64)
+        for sq in deviations:
+            total += sq.sum(1).cpu()
+        out[where] = total / n_samples
         if on_step is not None:
             on_step()
     return out
@@ -658,485 +1000,15 @@ def cumulative_sensitivity(
         references = _References(adapter)
         for name, layer_jobs in jobs.items():
             info = infos[name]
-            used = sorted({b for _, b in layer_jobs})
-            errs = dict(zip(used, _errors(info, used, wcfg)))
-            for start in range(0, len(layer_jobs), channels_per_pass):
-                chunk = list(layer_jobs[start : start + channels_per_pass])
-                k = len(chunk)
-                rows = torch.tensor([r for r, _ in chunk], device=adapter.device)
-                row_errors = torch.stack([errs[b][r] for r, b in chunk])
-                for i, prep in enumerate(data):
-                    sq = _squared_deviations(adapter, prep, references.get(i, prep, k), info, rows, row_errors)
-                    sums[name][start : start + k] += sq.sqrt().sum(1).cpu()
+            errs = _errors_by_bit(info, layer_jobs, wcfg)
+            passes = _exact_passes(
+                adapter, data, info, list(layer_jobs), errs,
+                channels_per_pass=channels_per_pass, references=references,
+            )  # fmt: skip
+            for where, deviations in passes:
+                for sq in deviations:  # Eq. 5 sums norms, not squares: one per time step (sample)
+                    sums[name][where] += sq.sqrt().sum(1).cpu()
         n_episodes += 1
     if n_episodes == 0:
         raise ValueError("cumulative_sensitivity: no episodes given")
     return {name: s / n_episodes for name, s in sums.items()}
-
-
-def spearman(a, b) -> float:
-    """Spearman rank correlation of two equally long sequences (nan when undefined)."""
-    from scipy.stats import spearmanr
-
-    a = torch.as_tensor(a, dtype=torch.float64).flatten()
-    b = torch.as_tensor(b, dtype=torch.float64).flatten()
-    if a.numel() < 3 or a.numel() != b.numel():
-        return float("nan")
-    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
-        return float("nan")
-    return float(spearmanr(a.numpy(), b.numpy()).statistic)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The on-disk store
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-class SensitivityStore:
-    """A directory: index.json (config, fingerprints, layer metadata, progress flags, report) + one safetensors file
-    per layer (proxy_gain, proxy_aligned, exact; [out, len(bits)] float64). Every write is atomic (write + rename),
-    so an interrupted run leaves a consistent store that `calibrate` resumes at the next unfinished layer."""
-
-    INDEX = "index.json"
-
-    def __init__(self, directory):
-        self.directory = Path(directory)
-
-    @property
-    def index_path(self) -> Path:
-        return self.directory / self.INDEX
-
-    def exists(self) -> bool:
-        return self.index_path.is_file()
-
-    def read_index(self) -> dict:
-        try:
-            index = json.loads(self.index_path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"{str(self.directory)!r} is not a sensitivity store (no {self.INDEX}); run calibrate first"
-            ) from None
-        except ValueError as e:
-            raise ValueError(f"{self.index_path}: not valid JSON ({e})") from None
-        if index.get("format_version") != SENSITIVITY_FORMAT_VERSION:
-            raise ValueError(
-                f"{self.index_path}: sensitivity format {index.get('format_version')!r} is not supported "
-                f"(expects {SENSITIVITY_FORMAT_VERSION}); re-run calibrate"
-            )
-        return index
-
-    def write_index(self, index: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.index_path, json.dumps(index, indent=1).encode())
-
-    def _layer_file(self, index: dict, name: str) -> Path:
-        return self.directory / "layers" / index["layers"][name]["file"]
-
-    def write_layer(self, index: dict, layer: LayerSensitivity) -> None:
-        from safetensors.torch import save
-
-        tensors = {}
-        for key in ("proxy_gain", "proxy_aligned", "exact"):
-            t = getattr(layer, key)
-            if t is not None:
-                tensors[key] = t.double().contiguous()
-        path = self._layer_file(index, layer.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, save(tensors, metadata={"name": layer.name}))
-
-    def read_layer(self, index: dict, name: str) -> LayerSensitivity:
-        from safetensors.torch import load
-
-        meta = index["layers"][name]
-        path = self._layer_file(index, name)
-        tensors = load(path.read_bytes()) if path.is_file() else {}
-        return LayerSensitivity(
-            name,
-            meta["role"],
-            meta["kind"],
-            meta["out_features"],
-            meta["fan_in"],
-            proxy_gain=tensors.get("proxy_gain"),
-            proxy_aligned=tensors.get("proxy_aligned"),
-            exact=tensors.get("exact"),
-            dead=bool(meta.get("dead", False)),
-        )
-
-    @staticmethod
-    def layer_entries(names: Sequence[str]) -> dict:
-        return {name: {"file": f"{i:05d}.safetensors"} for i, name in enumerate(names)}
-
-    def write_all(self, sens: Sensitivity) -> None:
-        index = {
-            "format_version": SENSITIVITY_FORMAT_VERSION,
-            "complete": True,
-            "bits": list(sens.bits),
-            "proxy": sens.proxy,
-            # what a resumed run is compared against, and the full settings
-            "config": CalibrationConfig.from_dict(sens.config).result_key() if sens.config else {},
-            "calibration_config": sens.config,
-            "data": sens.report.get("data_fingerprint"),
-            "probes": sens.report.get("probes", "none"),
-            "times": {
-                "proxy_s": sens.report.get("time_s", {}).get("proxy", 0.0),
-                "exact_s": sens.report.get("time_s", {}).get("exact", 0.0),
-            },
-            "fingerprint": sens.fingerprint,
-            "adapter": sens.adapter_config,
-            "dead_layers": list(sens.dead_layers),
-            "other_layers": sens.other_layers,
-            "proxy_scale": {str(b): s for b, s in sens.proxy_scale.items()},
-            "report": sens.report,
-            "layers": {},
-        }
-        entries = self.layer_entries(list(sens.layers))
-        for name, layer in sens.layers.items():
-            index["layers"][name] = {**entries[name], **layer.meta(), "proxy_done": True, "exact_done": True}
-        for layer in sens.layers.values():
-            self.write_layer(index, layer)
-        self.write_index(index)
-
-    def read(self) -> Sensitivity:
-        index = self.read_index()
-        if not index.get("complete"):
-            done = sum(1 for m in index["layers"].values() if m.get("exact_done"))
-            raise ValueError(
-                f"the calibration in {str(self.directory)!r} is not finished ({done} of {len(index['layers'])} "
-                "layers done); run calibrate again with the same arguments to resume it"
-            )
-        layers = {name: self.read_layer(index, name) for name in index["layers"]}
-        return Sensitivity(
-            bits=tuple(index["bits"]),
-            layers=layers,
-            proxy=index.get("proxy", "aligned"),
-            dead_layers=list(index.get("dead_layers", [])),
-            other_layers=dict(index.get("other_layers", {})),
-            proxy_scale={int(b): float(s) for b, s in index.get("proxy_scale", {}).items()},
-            report=index.get("report", {}),
-            config=index.get("calibration_config", {}),
-            fingerprint=index.get("fingerprint", {}),
-            adapter_config=index.get("adapter"),
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The calibration run
-def _model_fingerprint(model) -> dict:
-    from qvla_quant.artifact import model_fingerprint  # artifact imports torch-heavy runtime modules: lazily
-
-    return dict(model_fingerprint(model))
-
-
-def _select_jobs(
-    proxies: dict[str, torch.Tensor], counts: dict[str, int], nq: int, n_top: int, n_sample: int, seed: int
-) -> tuple[dict[str, set[tuple[int, int]]], dict[str, set[tuple[int, int]]]]:
-    """Global top-`n_top` channels per bit by proxy (ties: layer order, row), and `n_sample` random (row, bit)
-    pairs over all channels; both as layer -> {(row, bit column)}."""
-    names = list(proxies)
-    top: dict[str, set] = {n: set() for n in names}
-    sample: dict[str, set] = {n: set() for n in names}
-    if not names:
-        return top, sample
-    if n_top > 0:
-        for q in range(nq):
-            values = torch.cat([proxies[n][:, q] for n in names])
-            order = torch.argsort(-values, stable=True)[:n_top]
-            offsets = torch.tensor([0] + [counts[n] for n in names]).cumsum(0)
-            for flat in order.tolist():
-                li = int(torch.searchsorted(offsets, flat, right=True)) - 1
-                top[names[li]].add((flat - int(offsets[li]), q))
-    total = sum(counts[n] for n in names) * nq
-    if n_sample > 0 and total > 0:
-        gen = torch.Generator().manual_seed(seed)
-        picks = torch.randperm(total, generator=gen)[: min(n_sample, total)].tolist()
-        offsets = [0]
-        for n in names:
-            offsets.append(offsets[-1] + counts[n] * nq)
-        for flat in picks:
-            li = next(i for i in range(len(names)) if offsets[i + 1] > flat)
-            local = flat - offsets[li]
-            sample[names[li]].add((local // nq, local % nq))
-    return top, sample
-
-
-def calibrate_sensitivity(
-    adapter: PolicyAdapter, batches: Iterable[Batch], config: CalibrationConfig, *, on_progress=None
-) -> Sensitivity:
-    """The whole calibration (see the module docstring); `qvla_quant.calibrate` is the public entry point.
-
-    on_progress(stage, done, total): called as the work advances, stage "proxy" (batches of every proxy group)
-    or "exact" (forward passes of every layer still to measure); it may raise to stop the run, which then resumes
-    from the store (`store_dir`) like any interrupted one."""
-    started = time.perf_counter()
-    batches = list(batches)
-    data = _prepare(adapter, batches, config.seed)
-    bits = config.bits
-    qbits = config.quantized_bits
-    qcols = [bits.index(b) for b in qbits]
-    all_layers = adapter.layers()
-    template = config.template
-    auto, others = [], {}
-    for info in all_layers:
-        rule, why = template.explain(info.name, info.role)
-        if rule == "auto":
-            auto.append(info)
-        else:  # recorded so that an allocation can fix them at some bits or tell that they were never measured
-            others[info.name] = {
-                "role": info.role, "kind": info.kind, "out_features": info.out_features,
-                "fan_in": info.fan_in, "rule": rule, "why": why,
-            }  # fmt: skip
-    if not auto:
-        raise ValueError("calibrate: no layer has rule 'auto' in the template; nothing to measure")
-    known_dead = set(adapter.known_dead_layers())
-
-    header = {
-        "format_version": SENSITIVITY_FORMAT_VERSION,
-        "complete": False,
-        "bits": list(bits),
-        "proxy": config.proxy,
-        "config": config.result_key(),
-        "fingerprint": _model_fingerprint(adapter.model),
-        "data": data_fingerprint(batches),
-        "adapter": adapter.config_dict(),
-        "other_layers": others,
-        "layers": SensitivityStore.layer_entries([info.name for info in auto]),
-        "times": {"proxy_s": 0.0, "exact_s": 0.0},
-    }
-    for info in auto:
-        header["layers"][info.name].update(
-            role=info.role, kind=info.kind, out_features=info.out_features, fan_in=info.fan_in,
-            dead=info.name in known_dead, proxy_done=False, exact_done=False,
-        )  # fmt: skip
-    store = SensitivityStore(config.store_dir) if config.store_dir else None
-    index = header
-    results = {
-        info.name: LayerSensitivity(info.name, info.role, info.kind, info.out_features, info.fan_in) for info in auto
-    }
-    if store is not None and store.exists():
-        index = store.read_index()
-        for key in ("bits", "config", "fingerprint", "data", "layers"):
-            old = index.get(key)
-            new = header.get(key)
-            if key == "layers":
-                old = {n: m["file"] for n, m in (old or {}).items()}
-                new = {n: m["file"] for n, m in new.items()}
-            if old != new:
-                raise ValueError(
-                    f"the sensitivity store {str(store.directory)!r} was written for a different {key} "
-                    f"({'model' if key == 'fingerprint' else 'calibration data' if key == 'data' else key}); "
-                    "resume only with the same policy, data and settings, or give a new store directory"
-                )
-        for name in results:
-            if index["layers"][name].get("proxy_done") or index["layers"][name].get("exact_done"):
-                results[name] = store.read_layer(index, name)
-    elif store is not None:
-        store.write_index(index)
-
-    def save_layer(name: str, **flags):
-        index["layers"][name].update(flags)
-        index["layers"][name]["dead"] = results[name].dead
-        if store is not None:
-            store.write_layer(index, results[name])
-            store.write_index(index)
-
-    # ---- stage 1: the proxy, in groups of layers bounded by weight count
-    error_cache: dict[str, torch.Tensor] = {}  # dW per layer, reused by the exact stage while it fits
-    use_proxy = config.method in ("two_stage", "proxy")
-    probes = index.get("probes", "none")
-    if use_proxy:
-        pending = [info for info in auto if not index["layers"][info.name].get("proxy_done")]
-        groups, current, size = [], [], 0
-        for info in pending:
-            if current and size + info.n_weights > config.proxy_group_weights:
-                groups.append(current)
-                current, size = [], 0
-            current.append(info)
-            size += info.n_weights
-        if current:
-            groups.append(current)
-        proxy_steps = {"done": 0, "total": len(groups) * len(data)}
-
-        def proxy_step():
-            proxy_steps["done"] += 1
-            if on_progress is not None:
-                on_progress("proxy", proxy_steps["done"], proxy_steps["total"])
-
-        for group in tqdm(groups, desc="proxy groups", disable=not config.progress or len(groups) < 2):
-            t0 = time.perf_counter()
-            if len(groups) > 1:
-                error_cache.clear()  # keep at most one group's quantization errors in memory
-            res = proxy_sensitivity(
-                adapter, data, group, qbits, config.weight,
-                max_exact_dims=config.max_exact_dims, n_probes=config.n_probes, seed=config.seed,
-                progress=config.progress, errors=error_cache, on_step=proxy_step,
-            )  # fmt: skip
-            probes = index["probes"] = res.probes
-            index["times"]["proxy_s"] += time.perf_counter() - t0
-            for info in group:
-                layer = results[info.name]
-                for key, table in (("proxy_gain", res.gain), ("proxy_aligned", res.aligned)):
-                    full = torch.zeros(info.out_features, len(bits), dtype=torch.float64)
-                    full[:, qcols] = table[info.name]
-                    setattr(layer, key, full)
-                layer.dead = layer.dead or info.name in res.dead
-                save_layer(info.name, proxy_done=True)
-    else:
-        # dead layers without a proxy: one gradient probe per batch (dead = dead on every batch)
-        pending = [info for info in auto if not index["layers"][info.name].get("exact_done")]
-        if pending:
-            dead_sets = [set(adapter.dead_layers(p.batch, seed=config.seed + i)) for i, p in enumerate(data)]
-            for info in pending:
-                results[info.name].dead = results[info.name].dead or all(info.name in d for d in dead_sets)
-
-    # ---- stage 2: exact passes
-    live = [info for info in auto if not results[info.name].dead]
-    counts = {info.name: info.out_features for info in live}
-    if config.method == "exact":
-        top = {info.name: {(r, q) for r in range(info.out_features) for q in range(len(qbits))} for info in live}
-        sample = {info.name: set() for info in live}
-    else:
-        ranking = {info.name: getattr(results[info.name], f"proxy_{config.proxy}")[:, qcols] for info in live}
-        n_top = math.ceil(config.exact_fraction * sum(counts.values())) if config.method == "two_stage" else 0
-        top, sample = _select_jobs(ranking, counts, len(qbits), n_top, config.rank_sample, config.seed)
-    measure = _whole_rows(top, sample, len(qbits))
-    references = _References(adapter)
-    prefixes = _Prefixes(adapter) if config.prefix_cache else None
-    todo = [info for info in auto if not index["layers"][info.name].get("exact_done")]
-    exact_steps = {"done": 0, "total": sum(
-        math.ceil(len(measure.get(i.name, set())) / config.channels_per_pass)
-        for i in todo if not results[i.name].dead
-    )}  # fmt: skip
-
-    def exact_step():
-        exact_steps["done"] += 1
-        if on_progress is not None:
-            on_progress("exact", exact_steps["done"], exact_steps["total"])
-
-    for info in tqdm(todo, desc="exact", unit="layer", disable=not config.progress):
-        layer = results[info.name]
-        exact = torch.full((info.out_features, len(bits)), float("nan"), dtype=torch.float64)
-        exact[:, bits.index(KEEP_BITS)] = 0.0
-        jobs = sorted(measure.get(info.name, set()))
-        if layer.dead:
-            exact[:, qcols] = 0.0  # dead: exactly zero, nothing to measure
-        elif jobs:
-            t0 = time.perf_counter()
-            values = exact_sensitivity(
-                adapter, data, info, [(r, qbits[q]) for r, q in jobs], qbits, config.weight,
-                channels_per_pass=config.channels_per_pass, references=references, progress=config.progress,
-                errors=error_cache.pop(info.name, None), on_step=exact_step, prefixes=prefixes,
-            )  # fmt: skip
-            index["times"]["exact_s"] += time.perf_counter() - t0
-            for (r, q), v in zip(jobs, values.tolist()):
-                exact[r, qcols[q]] = v
-        layer.exact = exact
-        save_layer(info.name, exact_done=True)
-
-    # ---- the report, the scale of the proxy, the result
-    dead = [info.name for info in auto if results[info.name].dead]
-    sens = Sensitivity(
-        bits=bits,
-        layers=results,
-        proxy=config.proxy,
-        dead_layers=dead,
-        other_layers=others,
-        config=config.to_dict(),
-        fingerprint=index["fingerprint"],
-        adapter_config=index["adapter"],
-    )
-    fit_on = "none"
-    if use_proxy:
-        # the random sample's rows; without one (rank_sample=0) only the top rows exist, and the fit is biased
-        fit_rows = {n: {r for r, _ in pairs} for n, pairs in sample.items()}
-        fit_on = "random sample" if any(fit_rows.values()) else "top (no random sample: biased)"
-        if not any(fit_rows.values()):
-            fit_rows = {n: {r for r, _ in pairs} for n, pairs in measure.items()}
-        sens.proxy_scale = _fit_proxy_scale(sens, qbits, fit_rows)
-    sens.report = _report(sens, sample, top, qbits, index["times"], probes, time.perf_counter() - started)
-    sens.report["n_exact_rows"] = sum(len({r for r, _ in v}) for v in measure.values())
-    sens.report["n_exact_jobs"] = sum(len(v) for v in measure.values())
-    sens.report["proxy_scale_fit"] = fit_on
-    sens.report["data_fingerprint"] = index["data"]
-    sens.report["n_samples"] = sum(p.size for p in data)
-    if store is not None:
-        store.write_all(sens)
-    return sens
-
-
-def _pairs(sens: Sensitivity, jobs: dict[str, set], qbits, key: str):
-    """(exact, proxy, bit) triples for measured jobs."""
-    out = []
-    for name, pairs in jobs.items():
-        layer = sens.layers[name]
-        table = getattr(layer, key)
-        for r, q in pairs:
-            col = sens.bit_index(qbits[q])
-            out.append((float(layer.exact[r, col]), float(table[r, col]), qbits[q]))
-    return out
-
-
-def _whole_rows(top: dict[str, set], sample: dict[str, set], nq: int) -> dict[str, set[tuple[int, int]]]:
-    """Every (row, bit column) of each row that `top` or `sample` picks at some bit: rows are measured whole."""
-    out = {}
-    for name in set(top) | set(sample):
-        rows = {r for r, _ in top.get(name, set()) | sample.get(name, set())}
-        out[name] = {(r, q) for r in rows for q in range(nq)}
-    return out
-
-
-def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None = None) -> dict[int, float]:
-    """Per bit: exp(median(log(exact / proxy))) over the channels of `rows` (layer -> row indices; None: every
-    channel) measured both ways (1.0 when none). Give it the random sample's rows: the proxy's top picks are
-    selected for a high proxy, so their exact/proxy ratio is biased low."""
-    scale = {}
-    for b in qbits:
-        col = sens.bit_index(b)
-        ratios = []
-        for name, layer in sens.layers.items():
-            if layer.dead or layer.exact is None:
-                continue
-            proxy = layer.proxy_aligned if sens.proxy == "aligned" else layer.proxy_gain
-            if proxy is None:
-                continue
-            e, p = layer.exact[:, col], proxy[:, col]
-            ok = torch.isfinite(e) & (e > 0) & (p > 0)
-            if rows is not None:
-                chosen = torch.zeros_like(ok)
-                chosen[torch.tensor(sorted(rows.get(name, ())), dtype=torch.long)] = True
-                ok &= chosen
-            ratios.append((e[ok] / p[ok]).log())
-        r = torch.cat(ratios) if ratios else torch.zeros(0)
-        scale[b] = float(r.median().exp()) if r.numel() else 1.0
-    return scale
-
-
-def _report(sens, sample, top, qbits, times, probes, elapsed) -> dict:
-    report = {
-        "method": sens.config.get("method"),
-        "proxy": sens.proxy,
-        "probes": probes,
-        "n_layers": len(sens.layers),
-        "n_channels": sens.total_channels(),
-        "dead_layers": list(sens.dead_layers),
-        "n_exact_top": sum(len(v) for v in top.values()),
-        "n_rank_sample": sum(len(v) for v in sample.values()),
-        "proxy_scale": {str(b): s for b, s in sens.proxy_scale.items()},
-        "time_s": {"proxy": round(times["proxy_s"], 3), "exact": round(times["exact_s"], 3),
-                   "total_this_run": round(elapsed, 3)},
-    }  # fmt: skip
-    if any(layer.proxy_gain is not None for layer in sens.layers.values()):
-        rank = {}
-        for key in ("gain", "aligned"):
-            triples = _pairs(sens, sample, qbits, f"proxy_{key}")
-            entry = {"all": spearman([t[0] for t in triples], [t[1] for t in triples]), "n": len(triples)}
-            for b in qbits:
-                sub = [t for t in triples if t[2] == b]
-                entry[str(b)] = spearman([t[0] for t in sub], [t[1] for t in sub])
-            rank[key] = entry
-        report["rank_correlation"] = rank
-        finite = {k: v["all"] for k, v in rank.items() if not math.isnan(v["all"])}
-        report["better_proxy"] = max(finite, key=finite.get) if finite else None
-    return report

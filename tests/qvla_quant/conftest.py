@@ -59,7 +59,7 @@ def tiny_pi0(tiny_pi0_dir):
 def tiny_calibration():
     """Small but complete settings: proxy (8 random projections) for all channels, exact for the top 1% per bit
     and 48 random (channel, bit) pairs; a 4-point clip search keeps the quantizer cheap."""
-    from qvla_quant.quantizer import WeightQuantConfig
+    from qvla_quant.config import WeightQuantConfig
 
     return dict(
         exact_fraction=0.01, rank_sample=48, channels_per_pass=16, max_exact_dims=8, n_probes=8,

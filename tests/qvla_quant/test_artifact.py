@@ -18,10 +18,10 @@ from qvla_quant.artifact import (
     read_plan,
     save_artifact,
 )
+from qvla_quant.config import ActivationQuantConfig, QuantConfig
 from qvla_quant.fingerprint import model_fingerprint
 from qvla_quant.packed import PackedLinear, predicted_weight_bytes
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import ActivationQuantConfig, QuantConfig
 from qvla_quant.transforms import quantize_model
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from qvla_quant.artifact import ARTIFACT_FILE, PLAN_FILE, artifact_summary, load_artifact, read_plan, save_artifact
 from qvla_quant.baselines import grouped_plan, linear_layers_spec, rtn_plans, uniform_plan
+from qvla_quant.config import QuantConfig, WeightQuantConfig
 from qvla_quant.packed import (
     PackedLinear,
     overhead_bits_per_weight,
@@ -24,9 +25,7 @@ from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import (
     GROUP_SIZES,
     ROW_BITS,
-    QuantConfig,
     RowChoice,
-    WeightQuantConfig,
     fake_quantize_rows,
     fake_quantize_weight,
     quantize_rows,

@@ -13,9 +13,10 @@ from torch import nn
 
 from qvla_quant import llm_baselines as lb
 from qvla_quant.adapters import GenericAdapter
+from qvla_quant.config import WeightQuantConfig
 from qvla_quant.llm_baselines import InputGroup
 from qvla_quant.packed import PackedLinear, unpack_codes
-from qvla_quant.quantizer import QUANTIZED_BITS, WeightQuantConfig, fake_quantize_rows, fake_quantize_weight
+from qvla_quant.quantizer import QUANTIZED_BITS, fake_quantize_rows, fake_quantize_weight
 from qvla_quant.transforms import packed_layers
 
 RTN = WeightQuantConfig(clip_search=False)

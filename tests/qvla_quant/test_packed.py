@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qvla_quant.packed as packed_mod
+from qvla_quant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.packed import (
     PackedLinear,
     overhead_bits_per_weight,
@@ -20,13 +21,7 @@ from qvla_quant.packed import (
     unpack_codes,
 )
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import (
-    ActivationQuantConfig,
-    QuantConfig,
-    WeightQuantConfig,
-    fake_quantize_activation,
-    fake_quantize_weight,
-)
+from qvla_quant.quantizer import fake_quantize_activation, fake_quantize_weight
 from qvla_quant.transforms import fake_quantize_model, quantize_model, set_dequantized_cache
 
 A16 = QuantConfig()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from qvla_quant.quantizer import WeightQuantConfig, dequantize_rows, fake_quantize_rows, quantize_rows
+from qvla_quant.config import WeightQuantConfig
+from qvla_quant.quantizer import dequantize_rows, fake_quantize_rows, quantize_rows
 
 NO_CLIP = WeightQuantConfig(clip_search=False)
 

@@ -4,16 +4,21 @@ report, the resumable store, hook hygiene, and the cumulative Eq. 5."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import qvla_quant
 import qvla_quant.sensitivity as S
 from qvla_quant import CalibrationConfig, GenericAdapter, Sensitivity, calibrate
 from qvla_quant.api import load_policy
-from qvla_quant.quantizer import WeightQuantConfig
+from qvla_quant.config import WeightQuantConfig
 from qvla_quant.sensitivity import (
     CalibrationError,
     brute_force_sensitivity,
@@ -171,6 +176,47 @@ def test_store_refuses_other_settings_or_data(tiny_sensitivity, tiny_pi0_dir, ti
     same = CalibrationConfig(store_dir=str(store), **tiny_calibration)
     with pytest.raises(ValueError, match="calibration data"):
         calibrate(adapter, tiny_batches[:1], same)
+
+
+def test_a_store_written_before_configs_carried_a_version_still_resumes(
+    tiny_sensitivity, tiny_pi0_dir, tiny_batches, tiny_calibration, tmp_path, monkeypatch
+):
+    sens, store = tiny_sensitivity
+    old = tmp_path / "old_store"
+    shutil.copytree(store, old)
+    index = json.loads((old / "index.json").read_text())
+
+    def strip_versions(d):
+        if isinstance(d, dict):
+            return {k: strip_versions(v) for k, v in d.items() if k != "version"}
+        return d
+
+    # the resume key is version-free, so it is the same before and after configs carried a version
+    assert "version" not in json.dumps(index["config"])
+    index = strip_versions(index)  # the whole index as qvla_quant wrote it before (the full config too)
+    (old / "index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(S, "proxy_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    again = calibrate(load_policy(tiny_pi0_dir), tiny_batches,
+                      CalibrationConfig(store_dir=str(old), **tiny_calibration))
+    for name in sens.layers:
+        assert torch.equal(again.values(name), sens.values(name))
+
+
+def test_the_result_types_do_not_load_the_calibration():
+    """`allocate` needs a Sensitivity, not the algorithm: qvla_quant.sensitivity_store must not import
+    qvla_quant.sensitivity (the package's __init__ is bypassed here, since it imports everything)."""
+    code = (
+        "import json, sys, types\n"
+        "pkg = types.ModuleType('qvla_quant')\n"
+        f"pkg.__path__ = [{str(Path(qvla_quant.__file__).parent)!r}]\n"
+        "sys.modules['qvla_quant'] = pkg\n"
+        "import qvla_quant.sensitivity_store\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('qvla_quant'))))\n"
+    )
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert "qvla_quant.sensitivity_store" in loaded and "qvla_quant.sensitivity" not in loaded
+    assert not any(m.startswith("qvla_quant.adapters") for m in loaded)
 
 
 def test_failed_calibration_leaves_no_hooks():

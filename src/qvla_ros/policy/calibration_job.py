@@ -186,7 +186,8 @@ def budget_range(policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 
     adapter: the policy's qvla_quant adapter if already loaded."""
     import torch
 
-    from qvla_quant.allocation import AllocationConfig, AllocationProblem, LayerMeta
+    from qvla_quant.allocation import AllocationProblem, LayerMeta
+    from qvla_quant.config import AllocationConfig
     from qvla_quant.plan import LayerPlan
     from qvla_quant.roles import PlanTemplate
     from qvla_ros.policy.quantize import policy_adapter
@@ -412,8 +413,10 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     emit({"event": "started", "out": str(out), "resumed": resumed, "stages_done_before": stages_before,
           "budget_range": [lo, hi], "episodes": len(episodes)})
 
-    from qvla_quant.allocation import AllocationConfig, BudgetError, allocate_plan
-    from qvla_quant.sensitivity import CalibrationConfig, calibrate_sensitivity
+    from qvla_quant.allocation import BudgetError, allocate_plan
+    from qvla_quant.config import AllocationConfig
+    from qvla_quant.config import CalibrationConfig
+    from qvla_quant.sensitivity import calibrate_sensitivity
     from qvla_ros.policy.quantize import write_quantized_policy
 
     # ---- reading
