@@ -69,9 +69,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from qvla_quant import AllocationConfig, CalibrationConfig, Pi0Adapter, allocate, calibrate  # noqa: E402
 from qvla_quant.adapters.base import is_quantizable  # noqa: E402
 from qvla_quant.adapters.pi0 import example_batch, random_pi0_config, tiny_pi0_config  # noqa: E402
-from qvla_quant.allocation import AllocationProblem, LayerMeta, greedy_allocate, solve  # noqa: E402
+from qvla_quant.allocation import AllocationProblem, greedy_allocate, solve  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
 from qvla_quant.config import QuantConfig, WeightQuantConfig  # noqa: E402
+from qvla_quant.layers import LayerDesc  # noqa: E402
 from qvla_quant.llm_baselines import gptq, module_wise, quantized_bits, run_baseline, smoothquant  # noqa: E402
 from qvla_quant.transforms import packed_layers, quantize_model  # noqa: E402
 
@@ -234,7 +235,7 @@ def run_rtn_groups(name: str, args) -> dict:
     print(f"\n=== {name} π0: uniform RTN, per-row vs group-wise scales (random weights, fixed inputs) ===", flush=True)
     adapter, _, evals = build(name)
     template = PlanTemplate()
-    spec = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in adapter.layers()
+    spec = [i for i in adapter.layers()
             if template.rule_for(i.name, i.role) == "auto"]  # fmt: skip
     fan_ins = sorted({s[4] for s in spec})
     reference = [adapter.predict(b) for b in evals]
@@ -278,7 +279,7 @@ def run_rtn_groups(name: str, args) -> dict:
 
 
 # ---- issue 11: the allocation solvers' time and gap to the lower bound (no policy evaluation)
-def synthetic_tables(n_channels: int, seed: int = 0) -> list[tuple[LayerMeta, torch.Tensor]]:
+def synthetic_tables(n_channels: int, seed: int = 0) -> list[tuple[LayerDesc, torch.Tensor]]:
     """Layers of 512..4096 rows with fan-in 512..4096 until n_channels rows; s like `random_tables` of the tests:
     a log-normal gain per row (sigma 2) and per layer, times an error 10x lower at 2 bits and 16x lower per 2 more
     bits, 30% log-normal noise, 0 at 16 bits."""
@@ -290,7 +291,7 @@ def synthetic_tables(n_channels: int, seed: int = 0) -> list[tuple[LayerMeta, to
         fan_in = (512, 1024, 2048, 4096)[int(torch.randint(0, 4, (1,), generator=g))]
         gain = torch.exp(2.0 * torch.randn(out, 1, generator=g, dtype=torch.float64) + torch.randn(1, generator=g))
         s = gain * decay * torch.exp(0.3 * torch.randn(out, 5, generator=g, dtype=torch.float64))
-        items.append((LayerMeta(f"layer{len(items):05d}", out_features=out, fan_in=fan_in), s))
+        items.append((LayerDesc(f"layer{len(items):05d}", "other", "linear", out, fan_in), s))
         total += out
     return items
 

@@ -72,6 +72,7 @@ import torch
 
 from qvla_quant.config import ActivationQuantConfig, AllocationConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.fingerprint import fingerprint_id
+from qvla_quant.layers import LayerDesc
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import KEEP_BITS, PRUNE_BITS
 from qvla_quant.roles import PlanTemplate
@@ -84,20 +85,11 @@ class BudgetError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
-class LayerMeta:
-    name: str
-    role: str = "other"
-    kind: str = "linear"
-    out_features: int = 0
-    fan_in: int = 0
-
-
-@dataclass
 class AllocationProblem:
     """The flattened problem: C channels of the allocated layers, their sensitivities at the candidate bits
     (ascending), guards, fixed layers, and the budget as an integer number of bits."""
 
-    layers: list[LayerMeta]
+    layers: list[LayerDesc]
     bits: tuple[int, ...]
     s: torch.Tensor  # [C, nb] float64
     layer_of: torch.Tensor  # [C] int64 index into layers
@@ -120,7 +112,7 @@ class AllocationProblem:
     @classmethod
     def from_tables(
         cls,
-        tables: dict[str, tuple[int, torch.Tensor]] | list[tuple[LayerMeta, torch.Tensor]],
+        tables: dict[str, tuple[int, torch.Tensor]] | list[tuple[LayerDesc, torch.Tensor]],
         bits: tuple[int, ...],
         budget: float,
         config: AllocationConfig | None = None,
@@ -128,14 +120,14 @@ class AllocationProblem:
         fixed: dict[str, LayerPlan] | None = None,
         dead_layers: set[str] | frozenset = frozenset(),
     ) -> AllocationProblem:
-        """tables: name -> (fan_in, s [out, len(bits)]) or [(LayerMeta, s)]; `bits` label the columns of s."""
+        """tables: name -> (fan_in, s [out, len(bits)]) or [(LayerDesc, s)]; `bits` label the columns of s."""
         config = config or AllocationConfig()
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
             raise BudgetError(f"budget must be a finite number of bits per weight, got {budget!r}")
         if budget <= 0:
             raise BudgetError(f"budget must be > 0 bits per weight, got {budget}")
         items = tables if isinstance(tables, list) else [
-            (LayerMeta(name, out_features=s.shape[0], fan_in=int(k)), s) for name, (k, s) in tables.items()
+            (LayerDesc(name, "other", "linear", s.shape[0], int(k)), s) for name, (k, s) in tables.items()
         ]  # fmt: skip
         missing = [b for b in config.bits if b not in bits]
         if missing:
@@ -203,10 +195,10 @@ class AllocationProblem:
         template = config.template or PlanTemplate.from_dict(sens.config.get("template", {}))
         items, fixed = [], {}
         metas = {
-            name: LayerMeta(name, l.role, l.kind, l.out_features, l.fan_in) for name, l in sens.layers.items()
+            name: layer.desc() for name, layer in sens.layers.items()
         }  # fmt: skip
         for name, d in sens.other_layers.items():
-            metas.setdefault(name, LayerMeta(name, d["role"], d["kind"], d["out_features"], d["fan_in"]))
+            metas.setdefault(name, LayerDesc.from_dict(name, d))
         for name, meta in metas.items():
             rule = template.rule_for(name, meta.role)
             if rule == "skip":

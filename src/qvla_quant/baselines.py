@@ -23,39 +23,20 @@ from collections.abc import Iterable
 from torch import nn
 
 from qvla_quant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
+from qvla_quant.layers import LayerDesc, layer_descs
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import GROUPED_BITS, QUANTIZED_BITS, check_granularity, check_group_size
 
-# (name, role, kind, out_features, fan_in): what a policy adapter reports for each quantizable layer
-LayerSpec = tuple[str, str, str, int, int]
 RTN_WEIGHT = WeightQuantConfig(clip_search=False)
 
 
-def _specs(layers_spec: Plan | Iterable[LayerPlan | LayerSpec]) -> list[LayerSpec]:
-    items = layers_spec.layers.values() if isinstance(layers_spec, Plan) else layers_spec
-    specs: list[LayerSpec] = []
-    for item in items:
-        if isinstance(item, LayerPlan):
-            specs.append((item.name, item.role, item.kind, item.out_features, item.fan_in))
-            continue
-        try:
-            name, role, kind, out, fan_in = item
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"layer spec {item!r} is not a LayerPlan or a (name, role, kind, out_features, fan_in) tuple"
-            ) from None
-        specs.append((str(name), str(role), str(kind), int(out), int(fan_in)))
-    names = [s[0] for s in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"layer spec names must be unique; repeated: {duplicates}")
-    if not specs:
-        raise ValueError("the layer spec is empty: no layer to quantize")
-    return specs
+def _descs(layers: Plan | Iterable[LayerDesc]) -> list[LayerDesc]:
+    """The layers of a template plan, or the given descriptions (LayerPlans, an adapter's LayerInfos, ...)."""
+    return layer_descs(layers.layers.values() if isinstance(layers, Plan) else layers)
 
 
 def uniform_plan(
-    layers_spec: Plan | Iterable[LayerPlan | LayerSpec],
+    layers_spec: Plan | Iterable[LayerDesc],
     bits: int,
     *,
     granularity: str = "row",
@@ -89,8 +70,9 @@ def uniform_plan(
         raise ValueError(f"activation_bits={activation_bits} contradicts quant.activation.bits={quant.activation.bits}")
     grouped = (lambda out: [True] * out) if group_size is not None else (lambda out: None)
     layers = {
-        name: LayerPlan(name, role, kind, out, fan_in, [bits] * out, granularity, group_size, grouped(out))
-        for name, role, kind, out, fan_in in _specs(layers_spec)
+        d.name: LayerPlan(d.name, d.role, d.kind, d.out_features, d.fan_in, [bits] * d.out_features, granularity,
+                          group_size, grouped(d.out_features))
+        for d in _descs(layers_spec)
     }
     kind = "channel" if granularity == "row" else "layer"
     info = {"baseline": f"{kind}-wise RTN", "granularity": granularity}
@@ -110,36 +92,36 @@ def uniform_plan(
     return plan
 
 
-def layerwise_plan(layers_spec: Plan | Iterable[LayerPlan | LayerSpec], bits: int, **kwargs) -> Plan:
+def layerwise_plan(layers_spec: Plan | Iterable[LayerDesc], bits: int, **kwargs) -> Plan:
     """Layer-wise RTN: `uniform_plan(..., granularity="tensor")` (one scale/zero per tensor)."""
     return uniform_plan(layers_spec, bits, granularity="tensor", **kwargs)
 
 
 def grouped_plan(
-    layers_spec: Plan | Iterable[LayerPlan | LayerSpec], bits: int, group_size: int = 128, **kwargs
+    layers_spec: Plan | Iterable[LayerDesc], bits: int, group_size: int = 128, **kwargs
 ) -> Plan:
     """Group-wise RTN: `uniform_plan(..., group_size=group_size)` (one scale/zero per g weights of every row)."""
     return uniform_plan(layers_spec, bits, group_size=group_size, **kwargs)
 
 
 def table3_plans(
-    layers_spec: Plan | Iterable[LayerPlan | LayerSpec], bits: Iterable[int] = (8, 4, 2), **kwargs
+    layers_spec: Plan | Iterable[LayerDesc], bits: Iterable[int] = (8, 4, 2), **kwargs
 ) -> dict[str, Plan]:
     """Per-channel and layer-wise RTN at each bit-width, keyed by the plan's method name."""
-    specs = layers_spec if isinstance(layers_spec, Plan) else _specs(layers_spec)
+    specs = layers_spec if isinstance(layers_spec, Plan) else _descs(layers_spec)
     plans = [uniform_plan(specs, b, granularity=g, **kwargs) for b in bits for g in ("row", "tensor")]
     return {p.method: p for p in plans}
 
 
 def rtn_plans(
-    layers_spec: Plan | Iterable[LayerPlan | LayerSpec],
+    layers_spec: Plan | Iterable[LayerDesc],
     bits: Iterable[int] = (8, 4, 3, 2),
     group_sizes: Iterable[int] = (128,),
     **kwargs,
 ) -> dict[str, Plan]:
     """Every RTN baseline at each bit-width: per-channel, layer-wise and, at 2, 3 and 4 bits, group-wise for each
     group size; keyed by the plan's method name (e.g. "rtn-channel-w3a16", "rtn-group128-w2a16")."""
-    specs = layers_spec if isinstance(layers_spec, Plan) else _specs(layers_spec)
+    specs = layers_spec if isinstance(layers_spec, Plan) else _descs(layers_spec)
     plans = dict(table3_plans(specs, bits, **kwargs))
     for b in bits:
         if b in GROUPED_BITS:
@@ -149,7 +131,7 @@ def rtn_plans(
     return plans
 
 
-def linear_layers_spec(model: nn.Module, role: str = "other") -> list[LayerSpec]:
+def linear_layers_spec(model: nn.Module, role: str = "other") -> list[LayerDesc]:
     """Every plain nn.Linear / nn.Conv2d of `model` as a layer spec with one role (tests and generic models;
     policy adapters report real roles and leave out what must stay in full precision)."""
     specs = []
@@ -161,5 +143,5 @@ def linear_layers_spec(model: nn.Module, role: str = "other") -> list[LayerSpec]
         for base, kind in ((nn.Linear, "linear"), (nn.Conv2d, "conv")):
             if isinstance(module, base) and type(module).forward is base.forward:
                 w = module.weight
-                specs.append((name, role, kind, w.shape[0], math.prod(w.shape[1:])))
+                specs.append(LayerDesc(name, role, kind, w.shape[0], math.prod(w.shape[1:])))
     return specs

@@ -69,9 +69,10 @@ from torch import nn
 from qvla_quant import quantizer as _quantizer
 from qvla_quant.adapters.base import PolicyAdapter, is_quantizable
 from qvla_quant.api import save
-from qvla_quant.baselines import RTN_WEIGHT, _specs, uniform_plan
+from qvla_quant.baselines import RTN_WEIGHT, uniform_plan
 from qvla_quant.config import ActivationQuantConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.fingerprint import fingerprint_id, model_fingerprint
+from qvla_quant.layers import layer_descs
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import BIT_CHOICES, fake_quantize_rows, quantize_rows
 from qvla_quant.roles import PlanTemplate
@@ -907,21 +908,21 @@ def smoothquant(adapter: PolicyAdapter, batches, bits: int = 8, *, alpha: float 
 def module_wise_plan(layers_spec, role_bits: dict[str, int] | None = None, *,
                      weight: WeightQuantConfig = RTN_WEIGHT) -> Plan:
     """One bit-width per role (default vision 4, language 8, action 8), per-row RTN; `layers_spec` as for
-    `baselines.uniform_plan` (a template Plan, LayerPlans or (name, role, kind, out, fan_in) tuples)."""
+    `baselines.uniform_plan` (a template Plan or layer descriptions: LayerPlans, an adapter's layers, ...)."""
 
     role_bits = dict(DEFAULT_MODULE_BITS if role_bits is None else role_bits)
     for role, b in role_bits.items():
         if isinstance(b, bool) or b not in BIT_CHOICES:
             raise ValueError(f"module_wise_plan: bits for role {role!r} must be one of {BIT_CHOICES}, got {b!r}")
-    specs = _specs(layers_spec)
-    missing = sorted({role for _, role, *_ in specs if role not in role_bits})
+    specs = layer_descs(layers_spec.layers.values() if isinstance(layers_spec, Plan) else layers_spec)
+    missing = sorted({d.role for d in specs if d.role not in role_bits})
     if missing:
         raise ValueError(f"module_wise_plan: no bit-width for role(s) {missing} (given: {sorted(role_bits)})")
-    layers = {name: LayerPlan(name, role, kind, out, fan_in, [role_bits[role]] * out)
-              for name, role, kind, out, fan_in in specs}
+    layers = {d.name: LayerPlan(d.name, d.role, d.kind, d.out_features, d.fan_in, [role_bits[d.role]] * d.out_features)
+              for d in specs}
     template = layers_spec if isinstance(layers_spec, Plan) else None
     activation = template.quant.activation if template else ActivationQuantConfig()
-    used = {r: role_bits[r] for r in sorted({role for _, role, *_ in specs})}
+    used = {r: role_bits[r] for r in sorted({d.role for d in specs})}
     plan = Plan(layers=layers, quant=QuantConfig(weight=weight, activation=activation),
                 model_fingerprint=template.model_fingerprint if template else "",
                 method="module-" + "-".join(f"{r}{b}" for r, b in used.items()),
@@ -936,7 +937,7 @@ def module_wise(adapter: PolicyAdapter, role_bits: dict[str, int] | None = None,
     """`module_wise_plan` over the template's layers of `adapter` (no calibration needed)."""
     new = _copy_adapter(adapter, False)
     planned = planned_layers(new, template, 16)
-    specs = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in new.layers() if i.name in planned]
+    specs = [i for i in new.layers() if i.name in planned]
     plan = module_wise_plan(specs, role_bits, weight=weight)
     for name, (_, b) in planned.items():  # a template's fixed bits win over the role's
         if b != 16 or (template and template.rule_for(name, plan.layers[name].role) == 16):
@@ -953,7 +954,7 @@ def rtn(adapter: PolicyAdapter, bits: int = 4, *, template: PlanTemplate | None 
     bits = _check_bits("rtn", bits, quantized_bits())
     new = _copy_adapter(adapter, False)
     planned = planned_layers(new, template, bits)
-    specs = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in new.layers() if i.name in planned]
+    specs = [i for i in new.layers() if i.name in planned]
     quant = QuantConfig(weight=weight, activation=ActivationQuantConfig(activation_bits))
     plan = uniform_plan(specs, bits, quant=quant)
     for name, (_, b) in planned.items():  # fixed bits of the template

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qvla_quant.config import QuantConfig
+from qvla_quant.layers import LayerDesc
 from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS, RowChoice, check_granularity, check_grouped, row_plan_bits
 
 PLAN_FORMAT_VERSION = 2  # what plans with 3/6-bit or grouped rows are written as (others: 1, see the docstring)
@@ -33,7 +34,7 @@ PLAN_READ_VERSIONS: tuple[int, ...] = (1, 2)
 
 
 @dataclass
-class LayerPlan:
+class LayerPlan(LayerDesc):
     """Bits for every output row of one layer.
 
     name: the module's qualified name in the policy; role: vision / projector / language / action / other;
@@ -44,11 +45,6 @@ class LayerPlan:
     when no row is grouped (given flags that are all False are normalized to that).
     """
 
-    name: str
-    role: str
-    kind: str
-    out_features: int
-    fan_in: int
     bits: list[int]
     granularity: str = "row"
     group_size: int | None = None
@@ -71,10 +67,6 @@ class LayerPlan:
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         self.grouped = None if flags is None else [bool(f) for f in flags.tolist()]
-
-    @property
-    def n_weights(self) -> int:
-        return self.out_features * self.fan_in
 
     @property
     def total_bits(self) -> int:

@@ -121,10 +121,7 @@ def _split_by_template(layers: Sequence[LayerInfo], template: PlanTemplate) -> t
         if rule == "auto":
             auto.append(info)
         else:
-            others[info.name] = {
-                "role": info.role, "kind": info.kind, "out_features": info.out_features,
-                "fan_in": info.fan_in, "rule": rule, "why": why,
-            }  # fmt: skip
+            others[info.name] = {**info.desc_dict(), "rule": rule, "why": why}
     if not auto:
         raise ValueError("calibrate: no layer has rule 'auto' in the template; nothing to measure")
     return auto, others

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from qvla_quant.config import CalibrationConfig
+from qvla_quant.layers import LayerDesc
 from qvla_quant.quantizer import KEEP_BITS
 
 SENSITIVITY_FORMAT_VERSION = 2  # 2: whole rows exact, proxy scale fitted on the random sample
@@ -38,30 +39,19 @@ TABLES = ("proxy_gain", "proxy_aligned", "exact")  # a layer's tables, as named 
 
 
 @dataclass
-class LayerSensitivity:
+class LayerSensitivity(LayerDesc):
     """Measurements of one layer; every tensor is [out_features, len(bits)] float64, column of 16 bits = 0.
 
     exact: NaN where not measured. proxy_gain / proxy_aligned: None when the proxy did not run.
     """
 
-    name: str
-    role: str
-    kind: str
-    out_features: int
-    fan_in: int
     proxy_gain: torch.Tensor | None = None
     proxy_aligned: torch.Tensor | None = None
     exact: torch.Tensor | None = None
     dead: bool = False
 
     def meta(self) -> dict:
-        return {
-            "role": self.role,
-            "kind": self.kind,
-            "out_features": self.out_features,
-            "fan_in": self.fan_in,
-            "dead": self.dead,
-        }
+        return {**self.desc_dict(), "dead": self.dead}
 
 
 @dataclass

@@ -16,12 +16,12 @@ import torch
 from qvla_quant import AllocationConfig, BudgetError, PlanTemplate, allocate
 from qvla_quant.allocation import (
     AllocationProblem,
-    LayerMeta,
     dual_bound,
     greedy_allocate,
     lagrangian_allocate,
     solve,
 )
+from qvla_quant.layers import LayerDesc
 from qvla_quant.plan import Plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,7 +204,7 @@ def small_instance(seed: int) -> AllocationProblem:
             s = torch.sort(torch.rand(n, 5, generator=g, dtype=torch.float64), dim=1, descending=True).values
         if uniform() < 0.15:
             s[0] = 0.0
-        items.append((LayerMeta(f"l{li}", out_features=n, fan_in=randint(1, 13)), s))
+        items.append((LayerDesc(f"l{li}", "other", "linear", n, randint(1, 13)), s))
     config = {"max_pruned_fraction": [1.0, 0.5, 0.34, 0.0][randint(0, 4)]}
     if uniform() < 0.25:
         config["prune_threshold"] = float(torch.cat([s[:, 0] for _, s in items]).median())

@@ -7,16 +7,17 @@ import torch
 from torch import nn
 
 from qvla_quant.baselines import layerwise_plan, linear_layers_spec, table3_plans, uniform_plan
+from qvla_quant.layers import LayerDesc
 from qvla_quant.packed import PackedLinear
 from qvla_quant.plan import LayerPlan, Plan
 from qvla_quant.quantizer import fake_quantize_weight
 from qvla_quant.transforms import fake_quantize_model, quantize_model
 
 SPEC = [
-    ("vision.patch", "vision", "conv", 16, 48),
-    ("lm.q", "language", "linear", 64, 32),
-    ("lm.down", "language", "linear", 32, 128),
-    ("head", "action", "linear", 7, 33),
+    LayerDesc("vision.patch", "vision", "conv", 16, 48),
+    LayerDesc("lm.q", "language", "linear", 64, 32),
+    LayerDesc("lm.down", "language", "linear", 32, 128),
+    LayerDesc("head", "action", "linear", 7, 33),
 ]
 
 
@@ -39,11 +40,11 @@ def test_uniform_plan_inputs():
     assert from_template.model_fingerprint == "abc" and from_template.quant.activation.bits == 8
     assert from_template.method == "rtn-channel-w2a8"
     from_layers = layerwise_plan(list(template.layers.values()), 4)
-    assert from_layers.method == "rtn-layer-w4a16" and list(from_layers.layers) == [s[0] for s in SPEC]
+    assert from_layers.method == "rtn-layer-w4a16" and list(from_layers.layers) == [s.name for s in SPEC]
     assert set(table3_plans(SPEC)) == {f"rtn-{g}-w{b}a16" for g in ("channel", "layer") for b in (8, 4, 2)}
     with pytest.raises(ValueError, match="bits must be one of"):
         uniform_plan(SPEC, 5)
-    with pytest.raises(ValueError, match="not a LayerPlan or a"):
+    with pytest.raises(ValueError, match="expected layer descriptions"):
         uniform_plan([("a", "b")], 4)
     with pytest.raises(ValueError, match="repeated: \\['lm.q'\\]"):
         uniform_plan([*SPEC, SPEC[1]], 4)
@@ -68,8 +69,8 @@ def uneven_rows_weight() -> torch.Tensor:
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 def test_layerwise_error_not_below_per_row_error(bits):
     w = uneven_rows_weight()
-    row_plan = uniform_plan([("w", "language", "linear", 24, 40)], bits)
-    tensor_plan = layerwise_plan([("w", "language", "linear", 24, 40)], bits)
+    row_plan = uniform_plan([LayerDesc("w", "language", "linear", 24, 40)], bits)
+    tensor_plan = layerwise_plan([LayerDesc("w", "language", "linear", 24, 40)], bits)
     cfg = row_plan.quant.weight
     d_row = fake_quantize_weight(w, row_plan.layers["w"].bits, cfg) - w
     d_tensor = fake_quantize_weight(w, tensor_plan.layers["w"].bits, cfg, granularity="tensor") - w
@@ -85,7 +86,7 @@ def test_layerwise_is_a_real_packed_model():
     with torch.no_grad():
         model[0].weight.copy_(uneven_rows_weight())
     spec = linear_layers_spec(model, role="language")
-    assert spec == [("0", "language", "linear", 24, 40), ("2", "language", "linear", 8, 24)]
+    assert spec == [LayerDesc("0", "language", "linear", 24, 40), LayerDesc("2", "language", "linear", 8, 24)]
     x = torch.randn(6, 40)
     errors = {}
     for granularity in ("row", "tensor"):
@@ -109,4 +110,6 @@ def test_linear_layers_spec_skips_attention_out_proj():
     model.attn = nn.MultiheadAttention(8, 2)
     model.fc = nn.Linear(8, 4)
     model.patch = nn.Conv2d(3, 8, 2, stride=2)
-    assert linear_layers_spec(model) == [("fc", "other", "linear", 4, 8), ("patch", "other", "conv", 8, 12)]
+    assert linear_layers_spec(model) == [
+        LayerDesc("fc", "other", "linear", 4, 8), LayerDesc("patch", "other", "conv", 8, 12)
+    ]

@@ -14,6 +14,7 @@ from torch import nn
 from qvla_quant.artifact import ARTIFACT_FILE, PLAN_FILE, artifact_summary, load_artifact, read_plan, save_artifact
 from qvla_quant.baselines import grouped_plan, linear_layers_spec, rtn_plans, uniform_plan
 from qvla_quant.config import QuantConfig, WeightQuantConfig
+from qvla_quant.layers import LayerDesc
 from qvla_quant.packed import (
     PackedLinear,
     overhead_bits_per_weight,
@@ -271,7 +272,7 @@ def test_plan_average_and_stored_bits_count_the_groups():
 
 
 def test_uniform_w3_and_grouped_rtn_plans():
-    spec = [("a", "language", "linear", 8, 300), ("b", "vision", "conv", 5, 48)]
+    spec = [LayerDesc("a", "language", "linear", 8, 300), LayerDesc("b", "vision", "conv", 5, 48)]
     w3 = uniform_plan(spec, 3)
     assert w3.average_bits() == 3 == w3.budget and w3.method == "rtn-channel-w3a16"
     g2 = grouped_plan(spec, 2, 64)
@@ -379,7 +380,7 @@ def test_rtn_w3_and_grouped_artifacts_load_through_qvla_quant_load(tiny_pi0, tin
     from qvla_quant.transforms import packed_layers
 
     template = PlanTemplate()
-    spec = [(i.name, i.role, i.kind, i.out_features, i.fan_in) for i in tiny_pi0.layers()
+    spec = [i for i in tiny_pi0.layers()
             if template.rule_for(i.name, i.role) == "auto"]  # fmt: skip
     noise = tiny_pi0.make_noise(2, 0)
     for plan in (uniform_plan(spec, 3), grouped_plan(spec, 2, 64), grouped_plan(spec, 4, 128)):

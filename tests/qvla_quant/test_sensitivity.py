@@ -4,8 +4,8 @@ report, the resumable store, hook hygiene, and the cumulative Eq. 5."""
 from __future__ import annotations
 
 import json
-import shutil
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path

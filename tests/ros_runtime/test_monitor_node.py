@@ -34,7 +34,7 @@ def tiny_rtn_w4(tiny_policies, tmp_path_factory):
 
     src = tiny_policies[0]
     _, adapter = policy_adapter(src)
-    plan = uniform_plan([(x.name, x.role, x.kind, x.out_features, x.fan_in) for x in adapter.layers()], 4)
+    plan = uniform_plan(adapter.layers(), 4)
     return write_quantized_policy(src, plan, tmp_path_factory.mktemp("rtn") / "tiny_a_w4")
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qvla_quant.layers import LayerDesc
 from qvla_quant.roles import ROLES, NameRules
 
 # What the packed runtime can replace: plain nn.Linear / nn.Conv2d (a subclass with its own forward computes
@@ -38,21 +39,11 @@ def is_quantizable(module: nn.Module) -> bool:
 Batch = dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One quantizable layer seen as rows: `out_features` output channels of `fan_in` weights each (a conv filter
-    [in/groups, *kernel] is one row)."""
+@dataclass
+class LayerInfo(LayerDesc):
+    """One quantizable layer of a live policy: its description (`qvla_quant.layers.LayerDesc`) and its module."""
 
-    name: str
-    role: str
-    kind: str  # "linear" | "conv"
-    out_features: int
-    fan_in: int
     module: nn.Module = field(repr=False, compare=False)
-
-    @property
-    def n_weights(self) -> int:
-        return self.out_features * self.fan_in
 
 
 def layer_kind(module: nn.Module) -> str:

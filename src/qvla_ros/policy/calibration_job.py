@@ -186,7 +186,7 @@ def budget_range(policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 
     adapter: the policy's qvla_quant adapter if already loaded."""
     import torch
 
-    from qvla_quant.allocation import AllocationProblem, LayerMeta
+    from qvla_quant.allocation import AllocationProblem
     from qvla_quant.config import AllocationConfig
     from qvla_quant.plan import LayerPlan
     from qvla_quant.roles import PlanTemplate
@@ -202,7 +202,7 @@ def budget_range(policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 
         if rule == "skip":
             continue
         if rule == "auto":
-            meta = LayerMeta(info.name, info.role, info.kind, info.out_features, info.fan_in)
+            meta = info.desc()
             items.append((meta, torch.ones(info.out_features, len(bits), dtype=torch.float64)))
         else:
             fixed[info.name] = LayerPlan(info.name, info.role, info.kind, info.out_features, info.fan_in,
@@ -414,8 +414,7 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
           "budget_range": [lo, hi], "episodes": len(episodes)})
 
     from qvla_quant.allocation import BudgetError, allocate_plan
-    from qvla_quant.config import AllocationConfig
-    from qvla_quant.config import CalibrationConfig
+    from qvla_quant.config import AllocationConfig, CalibrationConfig
     from qvla_quant.sensitivity import calibrate_sensitivity
     from qvla_ros.policy.quantize import write_quantized_policy
 
