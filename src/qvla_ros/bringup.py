@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qvla_ros.control.adapters import ADAPTERS
+from qvla_ros.control.arm_outputs import ARM_OUTPUTS
 from qvla_ros.control.params import PARAMS_FILE
 
 PACKAGE = "qvla_ros"
@@ -74,7 +74,7 @@ LAUNCH_ARGUMENTS = (
               "policy node)"),
     LaunchArg("device", "cpu", "torch device for inference: cpu, cuda or cuda:N"),
     LaunchArg("adapter", "joint_state", "arm command interface: joint_state, forward_command (ros2_control), "
-              "joint_trajectory or y1 (IMETA vendor driver)", ADAPTERS),
+              "joint_trajectory or y1 (IMETA vendor driver)", ARM_OUTPUTS),
     LaunchArg("params_file", "", "parameter file (default: the package's config/bimanual.yaml)"),
     LaunchArg("sim_backend", "mujoco", "sim:=true only: mujoco (physics + rendering) or kinematic (no physics, "
               "synthetic images; for timing tests)", ("mujoco", "kinematic")),

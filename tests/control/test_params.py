@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qvla_ros.control.adapters import make_adapter
+from qvla_ros.control.arm_outputs import make_arm_output
 from qvla_ros.control.params import (
     CALIBRATION_NODE,
     MONITOR_NODE,
@@ -49,9 +49,9 @@ def test_names_and_topics_agree_with_topics_yaml():
     assert v["arms.state_topics"] == [a.state.topic for a in topics.arms]
     assert v["instruction.topic"] == topics.instruction.topic
     assert SIM_RIG_NODE.defaults(PARAMS)["episode.success_topic"] == topics.success.topic
-    # the default adapter's default topics are the rig's command topics
-    adapter = make_adapter(v["output.adapter"], v["arms.names"], v["arms.joint_names"], v["output.topics"])
-    assert [o.topic for o in adapter.outputs] == [a.command.topic for a in topics.arms]
+    # the default arm output's default topics are the rig's command topics
+    output = make_arm_output(v["output.adapter"], v["arms.names"], v["arms.joint_names"], v["output.topics"])
+    assert [o.topic for o in output.arm_topics] == [a.command.topic for a in topics.arms]
 
 
 @pytest.mark.parametrize("name,value,match", [

@@ -16,7 +16,7 @@ from qvla_ros.control.worker import (
     read_frame,
     write_frame,
 )
-from qvla_ros.policy.types import ActionChunk, Observation
+from qvla_ros.policy.types import Observation, PredictedChunk
 
 JOINTS = [f"{a}_{j}" for a in ("left", "right") for j in (*[f"joint{i}" for i in range(1, 7)], "gripper")]
 CAMS = ["top", "left_wrist", "right_wrist"]
@@ -61,7 +61,7 @@ class StubBackend:
         if self.fail:
             raise RuntimeError("boom")
         time.sleep(0.01)
-        return ActionChunk(np.full((4, 14), o.stamp), 1 / 30, o.stamp, 0.01, self.info.model_id)
+        return PredictedChunk(np.full((4, 14), o.stamp), 1 / 30, o.stamp, 0.01, self.info.model_id)
 
     def close(self):
         self.closed = True

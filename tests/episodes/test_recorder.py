@@ -259,7 +259,7 @@ def test_terminal_keys_on_a_pseudo_terminal_restore_the_terminal():
 
 # ---------------------------------------------------------------------------- the scripted teleoperators
 def test_teleop_for_each_rig():
-    from qvla_ros.control.kinematic_rig import KinematicRig
+    from qvla_ros.sim.kinematic_rig import KinematicRig
     from qvla_ros.sim.teleop import SweepTeleop, make_teleop
 
     rig = KinematicRig(camera_names=())

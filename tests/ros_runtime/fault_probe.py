@@ -106,7 +106,7 @@ class Injector(Probe):
         for k, arm in enumerate(self.arm_names):
             msg = JointState()
             msg.header.stamp = now.to_msg()
-            joints = list(self.adapter.output(arm).joints)
+            joints = list(self.arm_output.arm_topic(arm).joints)
             q = [float(x) for x in self.pose[7 * k: 7 * k + 7]]
             if f.get("arm") == arm:
                 faulty = True

@@ -34,7 +34,8 @@ from std_msgs.msg import Bool
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from qvla_msgs.msg import ActionChunk  # noqa: E402
 from qvla_msgs.srv import ReloadPolicy  # noqa: E402
-from qvla_ros.control.adapters import import_message_type, make_adapter  # noqa: E402
+from qvla_ros.control.arm_outputs import make_arm_output  # noqa: E402
+from qvla_ros.control.messages import import_message_type  # noqa: E402
 from qvla_ros.control.params import POLICY_NODE  # noqa: E402
 from qvla_ros.control.safety import load_arm_description  # noqa: E402
 
@@ -46,11 +47,11 @@ SIM = "/qvla/sim_rig"
 
 
 class Probe(Node):
-    def __init__(self, adapter_name: str, profile: str):
+    def __init__(self, output_name: str, profile: str):
         super().__init__("qvla_probe")
         d = POLICY_NODE.defaults()
         self.joints = d["arms.joint_names"]
-        self.adapter = make_adapter(adapter_name, d["arms.names"], self.joints, time_from_start=1 / 30)
+        self.arm_output = make_arm_output(output_name, d["arms.names"], self.joints, time_from_start=1 / 30)
         self.desc = load_arm_description(REPO / "config" / "y1_arms.yaml", profile, self.joints)
         self.lock = threading.Lock()
         # (receipt of the left arm's message: one per control tick, 14-dim command with the right arm's latest,
@@ -61,8 +62,8 @@ class Probe(Node):
         self.diag: list[tuple[float, dict]] = []  # (receipt, {status name: (level, message, values)})
         self.chunks: list[tuple[float, str]] = []
         self.frames: dict[str, list[float]] = {}
-        msg_type = import_message_type(self.adapter.msg_type)
-        for o in self.adapter.outputs:
+        msg_type = import_message_type(self.arm_output.msg_type)
+        for o in self.arm_output.arm_topics:
             self.create_subscription(msg_type, o.topic, lambda m, a=o.arm: self._on_cmd(a, m), RELIABLE)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, RELIABLE)
         self.create_subscription(ActionChunk, f"{POLICY}/action_chunk", self._on_chunk, RELIABLE)
@@ -77,7 +78,7 @@ class Probe(Node):
     def _on_cmd(self, arm, msg):
         t = time.monotonic()
         try:
-            q7 = self.adapter.parse(msg, arm)
+            q7 = self.arm_output.parse(msg, arm)
             self._check_form(arm, msg)
         except Exception as e:
             self.malformed.append(f"{arm}: {e}")
@@ -92,9 +93,9 @@ class Probe(Node):
                 self.samples.append((t, None if right is None else np.concatenate([q7, right]), stamp))
 
     def _check_form(self, arm, msg):
-        """Fields a consumer of each adapter relies on."""
-        o = self.adapter.output(arm)
-        name = self.adapter.name
+        """Fields a consumer of each arm output relies on."""
+        o = self.arm_output.arm_topic(arm)
+        name = self.arm_output.name
         if name == "joint_state":
             assert list(msg.name) == list(o.joints), f"names {list(msg.name)}"
             assert len(msg.position) == 7 and msg.header.stamp.sec > 0, "position/stamp"

@@ -24,7 +24,7 @@ from std_msgs.msg import String
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from qvla_msgs.srv import EpisodeControl  # noqa: E402
-from qvla_ros.control.adapters import import_message_type  # noqa: E402
+from qvla_ros.control.messages import import_message_type  # noqa: E402
 from qvla_ros.episodes.topics import load_topic_config  # noqa: E402
 
 RECORDER = "/qvla/recorder"

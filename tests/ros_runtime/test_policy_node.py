@@ -93,8 +93,8 @@ def test_reload_under_load_leaves_no_gap(rig, ros_env, spawn, tiny_policies, req
 
 
 @pytest.mark.parametrize("adapter", ["forward_command", "joint_trajectory"])
-def test_output_adapters_are_well_formed_and_drive_the_rig(adapter, rig, ros_env, spawn, tiny_policies):
-    # the sim rig subscribes through the same adapter: commands that arrive and parse there move its arms
+def test_arm_outputs_are_well_formed_and_drive_the_rig(adapter, rig, ros_env, spawn, tiny_policies):
+    # the sim rig subscribes through the same arm output: commands that arrive and parse there move its arms
     r = kinematic(rig, tiny_policies[0], adapter=adapter)
     out = probe(spawn, ros_env, r, "stream", "--seconds", "2", "--adapter", adapter)
     assert not out["malformed"] and out["count"] >= 50, out
@@ -102,7 +102,7 @@ def test_output_adapters_are_well_formed_and_drive_the_rig(adapter, rig, ros_env
     assert out["node"]["adapter"] == adapter
 
 
-def test_y1_adapter_is_refused_with_a_clear_message(ros_env, tiny_policies):
+def test_y1_output_is_refused_with_a_clear_message(ros_env, tiny_policies):
     cmd = [sys.executable, "-m", "qvla_ros.nodes.policy_node", "--ros-args", "-p", "output.adapter:=y1",
            "-p", f"policy.path:={tiny_policies[0]}"]
     out = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=60)

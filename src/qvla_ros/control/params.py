@@ -1,6 +1,6 @@
 """Parameter schemas of the policy, sim rig and monitor nodes: declared once, typed, described, validated
 (in the spirit of generate_parameter_library's YAML schemas). Defaults live in config/bimanual.yaml, a standard
-ROS 2 parameter file: a `/**` block shared by every qvla node (topics, names, the output adapter) and one block per
+ROS 2 parameter file: a `/**` block shared by every qvla node (topics, names, the arm output) and one block per
 node. The nodes declare every parameter from these specs with its type, description and range; the launch-free
 runner and the tests validate the same file without ROS.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from qvla_ros.control.adapters import ADAPTERS
+from qvla_ros.control.arm_outputs import ARM_OUTPUTS
 from qvla_ros.control.scheduler import BLENDING_MODES
 
 PARAMS_FILE = "bimanual.yaml"
@@ -218,7 +218,7 @@ _SHARED = (
     ParamSpec("output.adapter", "string", "arm command interface: joint_state (sensor_msgs/JointState per arm), "
               "forward_command (std_msgs/Float64MultiArray for a ros2_control forward_command_controller), "
               "joint_trajectory (trajectory_msgs/JointTrajectory), y1 (the IMETA vendor driver's "
-              "y1_msg/ArmJointPositionControl; needs y1_msg)", choices=ADAPTERS),
+              "y1_msg/ArmJointPositionControl; needs y1_msg)", choices=ARM_OUTPUTS),
     ParamSpec("output.topics", "string_array", "command topic per arm (same order as arms.names); '' takes the "
               "adapter's default", length=2),
 )

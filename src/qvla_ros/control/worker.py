@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qvla_ros.policy.types import ActionChunk, Observation
+from qvla_ros.policy.types import Observation, PredictedChunk
 
 _HEADER = struct.Struct("<I")  # little-endian uint32: length of the JSON header that follows
 _MAX_HEADER = 1 << 20
@@ -142,7 +142,7 @@ class ThreadBackend:
         runtime = _load_runtime(path, device, warmup, torch_threads)
         return cls(runtime, _info_of(runtime, path, time.perf_counter() - t))
 
-    def predict(self, obs: Observation) -> ActionChunk:
+    def predict(self, obs: Observation) -> PredictedChunk:
         return self.runtime.predict(obs)
 
     @property
@@ -193,7 +193,7 @@ class ProcessBackend:
         info = PolicyInfo(**{**header["info"], "load_seconds": time.perf_counter() - t})
         return cls(proc, info, predict_timeout)
 
-    def predict(self, obs: Observation) -> ActionChunk:
+    def predict(self, obs: Observation) -> PredictedChunk:
         with self._lock:
             if not self.alive:
                 raise WorkerError(f"the inference process exited (rc={self.proc.returncode})")
@@ -205,9 +205,9 @@ class ProcessBackend:
                 raise WorkerError(f"the inference process died ({e}; rc={self.proc.poll()})") from e
         if not reply.get("ok"):
             raise WorkerError(reply.get("error", "predict failed"))
-        return ActionChunk(actions=out["actions"], step_period=float(reply["step_period"]),
-                           stamp=float(reply["stamp"]), latency=float(reply["latency"]),
-                           model_id=str(reply["model_id"]), timing=dict(reply.get("timing", {})))
+        return PredictedChunk(actions=out["actions"], step_period=float(reply["step_period"]),
+                              stamp=float(reply["stamp"]), latency=float(reply["latency"]),
+                              model_id=str(reply["model_id"]), timing=dict(reply.get("timing", {})))
 
     @property
     def alive(self) -> bool:
@@ -272,7 +272,7 @@ class InferenceWorker:
     """
 
     def __init__(self, mode: str, path: str, *, get_observation: Callable[[], tuple[Observation, object] | None],
-                 on_chunk: Callable[[ActionChunk, object], None], on_error: Callable[[str, object], None],
+                 on_chunk: Callable[[PredictedChunk, object], None], on_error: Callable[[str, object], None],
                  on_loaded: Callable[[PolicyInfo], None] = lambda info: None,
                  check: Callable[[PolicyInfo], str] = lambda info: "", device: str = "cpu", warmup: bool = True,
                  nice: int = 0, torch_threads: int = 0, min_interval: float = 0.0, poll_interval: float = 0.004,
@@ -283,7 +283,6 @@ class InferenceWorker:
         self.path = path
         self._factory = backend_factory or BACKENDS[mode].load
         self._opts = {"device": device, "warmup": warmup, "torch_threads": torch_threads, "nice": nice}
-        self._nice = nice
         self._get_observation = get_observation
         self._on_chunk = on_chunk
         self._on_error = on_error

@@ -7,7 +7,8 @@
     recorder_node     teleoperated demonstrations -> one rosbag2/MCAP episode each, from the raw messages
     calibration_node  the Calibrate action: recordings -> sensitivities -> allocation -> artifact -> reload
 
-The decisions (sync, blending, safety, adapters, parameter validation) live in qvla_ros.control, without rclpy.
+The decisions (sync, blending, safety, arm outputs, parameter validation, the policy node's control loop) live in
+qvla_ros.control, without rclpy.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ The logic (matching, Eq. 4/5, thresholds, fallback timer, kinematics, markers) i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -39,7 +38,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from qvla_msgs.msg import ActionChunk, ActionDeviation
 from qvla_msgs.srv import ReloadPolicy
-from qvla_ros.control.adapters import AdapterError, JointStateAdapter, import_message_type, make_adapter
+from qvla_ros.control.arm_outputs import ArmOutputError, JointStateParser, make_arm_output
 from qvla_ros.control.deviation import (
     ERROR,
     OK,
@@ -57,6 +56,7 @@ from qvla_ros.control.deviation import (
     stamp_ns,
 )
 from qvla_ros.control.images import ImageFormatError, compressed_to_rgb, image_to_rgb
+from qvla_ros.control.messages import MessageError, import_message_type
 from qvla_ros.control.params import MONITOR_NODE, ParameterError
 from qvla_ros.control.timing import LatencyStats
 from qvla_ros.control.worker import InferenceWorker, PolicyInfo
@@ -64,9 +64,6 @@ from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin, to_se
 from qvla_ros.policy.types import Observation
 
 NODE_NAME = "monitor"
-# qvla_ros.policy.runtime.ARTIFACT_MARKER and processor.PROCESSOR_FILE (not imported: they pull in torch, and the
-# start-up check should answer at once)
-ARTIFACT_MARKER, PROCESSOR_FILE = "artifact.json", "processor.json"
 LEVEL = {OK: DiagnosticStatus.OK, WARN: DiagnosticStatus.WARN, ERROR: DiagnosticStatus.ERROR}  # int -> the msg's byte
 
 
@@ -79,16 +76,16 @@ def check_reference_path(path: str) -> None:
     p = Path(path)
     if not p.is_dir():
         raise ParameterError(f"parameter {name}: {path} does not exist (or is not a directory)")
-    if (p / ARTIFACT_MARKER).is_file():
-        source = ""
-        try:
-            source = json.loads((p / ARTIFACT_MARKER).read_text()).get("extra", {}).get("policy_source", "")
-        except (OSError, ValueError):
-            pass
+    # imported here: qvla_quant and the processor import torch (~2 s), which only this start-up check needs
+    from qvla_quant.files import CONFIG_FILE, TENSORS_FILE, is_artifact, recorded_source
+    from qvla_ros.policy.processor import PROCESSOR_FILE
+
+    if is_artifact(p):
+        source = recorded_source(p)
         raise ParameterError(f"parameter {name}: {path} is a quantized qvla_quant artifact, not a full-precision "
                              "policy; the reference must be the float policy"
                              + (f" (this artifact was made from {source})" if source else ""))
-    missing = [f for f in (PROCESSOR_FILE, "config.json", "model.safetensors") if not (p / f).is_file()]
+    missing = [f for f in (PROCESSOR_FILE, CONFIG_FILE, TENSORS_FILE) if not (p / f).is_file()]
     if missing:
         raise ParameterError(f"parameter {name}: {path} is not a policy directory (no {', '.join(missing)})")
 
@@ -104,8 +101,8 @@ class MonitorNode(Node):
         self.joint_names = list(c["arms.joint_names"])
         self.arm_names = list(c["arms.names"])
         self.camera_names = list(c["cameras.names"])
-        self.adapter = make_adapter(c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"])
-        self.state_parser = JointStateAdapter(self.arm_names, self.joint_names)
+        self.arm_output = make_arm_output(c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"])
+        self.state_parser = JointStateParser(self.arm_names, self.joint_names)
         self.logic = DeviationMonitor(self.joint_names, self.arm_names, self.camera_names,
                                       frame_buffer=c["monitor.frame_buffer"], queue_depth=c["monitor.queue_depth"],
                                       match_timeout=c["monitor.match_timeout"])
@@ -152,8 +149,8 @@ class MonitorNode(Node):
             self.create_subscription(msg_type, topic, lambda m, n=name: self._on_camera(n, m), qos(c["cameras.qos"]))
         for arm, topic in zip(self.arm_names, c["arms.state_topics"]):
             self.create_subscription(JointState, topic, lambda m, a=arm: self._on_state(a, m), qos("sensor_data"))
-        cmd_type = import_message_type(self.adapter.msg_type)
-        for o in self.adapter.outputs:
+        cmd_type = import_message_type(self.arm_output.msg_type)
+        for o in self.arm_output.arm_topics:
             self.create_subscription(cmd_type, o.topic, lambda m, a=o.arm: self._on_command(a, m), qos("reliable"))
         self.create_subscription(ActionChunk, c["monitor.chunk_topic"], self._on_chunk, qos("reliable", depth=20))
         self.deviation_pub = self.create_publisher(ActionDeviation, "~/deviation", qos("reliable"))
@@ -188,14 +185,14 @@ class MonitorNode(Node):
     def _on_state(self, arm: str, msg: JointState) -> None:
         try:
             q = self.state_parser.parse(msg, arm)
-        except AdapterError:
+        except MessageError:
             return
         self.tracking.add_state(arm, to_seconds(msg.header.stamp) or self.now(), q)
 
     def _on_command(self, arm: str, msg) -> None:
         try:
-            q = self.adapter.parse(msg, arm)
-        except AdapterError:
+            q = self.arm_output.parse(msg, arm)
+        except MessageError:
             return
         h = getattr(msg, "header", None)
         self.tracking.add_command(arm, (to_seconds(h.stamp) if h is not None else 0.0) or self.now(), q)
@@ -398,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             node = MonitorNode()
-        except (ParameterError, AdapterError, FileNotFoundError) as e:
+        except (ParameterError, ArmOutputError, MessageError, FileNotFoundError) as e:
             return fail(NODE_NAME, e)
         executor = SingleThreadedExecutor()
         executor.add_node(node)

@@ -38,7 +38,7 @@ from rclpy.node import Node
 from std_msgs.msg import String
 
 from qvla_msgs.srv import EpisodeControl
-from qvla_ros.control.adapters import AdapterError, import_message_type
+from qvla_ros.control.messages import MessageError, import_message_type
 from qvla_ros.control.params import RECORDER_NODE, ParameterError
 from qvla_ros.episodes.recorder import DatasetRecorder, RecorderError, SequenceTracker
 from qvla_ros.episodes.topics import TopicConfigError, load_topic_config
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             node = RecorderNode()
-        except (ParameterError, RecorderError, TopicConfigError, AdapterError, OSError) as e:
+        except (ParameterError, RecorderError, TopicConfigError, MessageError, OSError) as e:
             return fail(NODE_NAME, e)
         control = Control(node)
         control_executor = SingleThreadedExecutor()

@@ -5,7 +5,7 @@
                 instruction.topic (std_msgs/String, latched: the task's instruction),
                 episode.success_topic (std_msgs/Bool, latched: false at START, true once the task succeeded),
                 /diagnostics (physics/render timing, commands received)
-    subscribes  the command topics of output.adapter (the same adapter types the policy node publishes; the
+    subscribes  the command topics of output.adapter (the same arm output the policy node publishes through; the
                 per-arm messages of one control tick are applied together)
     services    episode.service (qvla_msgs/EpisodeControl): START resets the scene (seed = sim.seed + number of
                 earlier STARTs, or the START's instruction as the task text), STOP / DISCARD report the outcome in
@@ -37,8 +37,9 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, String
 
 from qvla_msgs.srv import EpisodeControl
-from qvla_ros.control.adapters import AdapterError, fill, import_message_type, make_adapter
+from qvla_ros.control.arm_outputs import ArmOutputError, make_arm_output
 from qvla_ros.control.images import rgb_to_image_fields
+from qvla_ros.control.messages import MessageError, fill, import_message_type
 from qvla_ros.control.params import SIM_RIG_NODE, ParameterError
 from qvla_ros.control.timing import RateMonitor
 from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin
@@ -64,7 +65,7 @@ class SimRigNode(Node):
         self.arm_names = list(c["arms.names"])
         self.joint_names = list(c["arms.joint_names"])
         self.camera_names = list(c["cameras.names"])
-        self.adapter = make_adapter(c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"])
+        self.arm_output = make_arm_output(c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"])
         self.rig = self._make_rig()
         self.lock = threading.Lock()  # the rig is not thread-safe: physics, rendering, commands, resets
         self.frame_ids = _frame_ids()
@@ -84,8 +85,8 @@ class SimRigNode(Node):
         self.instruction_pub = self.create_publisher(String, c["instruction.topic"], qos("transient_local"))
         self.success_pub = self.create_publisher(Bool, c["episode.success_topic"], qos("transient_local"))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos("reliable"))
-        cmd_type = import_message_type(self.adapter.msg_type)
-        for o in self.adapter.outputs:
+        cmd_type = import_message_type(self.arm_output.msg_type)
+        for o in self.arm_output.arm_topics:
             self.create_subscription(cmd_type, o.topic, lambda m, a=o.arm: self._on_command(a, m), qos("reliable"))
         self.create_service(EpisodeControl, c["episode.service"], self._on_episode)
         self.add_on_set_parameters_callback(guard_dynamic(SIM_RIG_NODE, self.cfg))
@@ -102,7 +103,7 @@ class SimRigNode(Node):
             except ValueError as e:  # no scripted teleoperator for this task
                 raise ParameterError(f"parameter sim.teleop: {e}") from None
             self.teleop_pubs = {o.topic: self.create_publisher(cmd_type, o.topic, qos("reliable"))
-                                for o in self.adapter.outputs}
+                                for o in self.arm_output.arm_topics}
             self.teleop_type = cmd_type
             self.create_timer(1.0 / c["sim.command_hz"], self._teleop_tick)
         self.create_timer(1.0, self._diagnostics)
@@ -116,7 +117,7 @@ class SimRigNode(Node):
         self.get_logger().info(
             f"{c['sim.backend']} rig, task {c['sim.task']}, cameras {', '.join(self.camera_names)} "
             f"{c['sim.image_width']}x{c['sim.image_height']} @ {c['sim.camera_rate_hz']:.0f} Hz, "
-            f"commands via {self.adapter.name} on {', '.join(o.topic for o in self.adapter.outputs)}"
+            f"commands via {self.arm_output.name} on {', '.join(o.topic for o in self.arm_output.arm_topics)}"
         )
 
     def _make_rig(self):
@@ -125,7 +126,7 @@ class SimRigNode(Node):
                   camera_names=tuple(self.camera_names), control_hz=c["sim.control_hz"],
                   command_hz=c["sim.command_hz"], seed=c["sim.seed"])
         if c["sim.backend"] == "kinematic":
-            from qvla_ros.control.kinematic_rig import KinematicRig
+            from qvla_ros.sim.kinematic_rig import KinematicRig
 
             return KinematicRig(**kw)
         from qvla_ros.sim.rig import SimRig
@@ -162,8 +163,8 @@ class SimRigNode(Node):
     # ---------------------------------------------------------------- commands in
     def _on_command(self, arm: str, msg) -> None:
         try:
-            q7 = self.adapter.parse(msg, arm)
-        except AdapterError as e:
+            q7 = self.arm_output.parse(msg, arm)
+        except MessageError as e:
             self.bad_commands += 1
             self.get_logger().error(f"ignored a command: {e}", throttle_duration_sec=2.0)
             return
@@ -217,7 +218,7 @@ class SimRigNode(Node):
         with self.lock:
             q = np.asarray(self.teleop.act(self.rig, self.rig.time), dtype=np.float64)
         now = self.get_clock().now().nanoseconds * 1e-9
-        for topic, fields in self.adapter.build(q, now):
+        for topic, fields in self.arm_output.build(q, now):
             self.teleop_pubs[topic].publish(fill(self.teleop_type(), fields))
 
     def _camera_loop(self) -> None:
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             node = SimRigNode()
-        except (ParameterError, AdapterError, FileNotFoundError) as e:
+        except (ParameterError, ArmOutputError, MessageError, FileNotFoundError) as e:
             return fail(NODE_NAME, e)
         except Exception as e:  # the rig's own errors (no GL backend, unknown task) say what to do
             if type(e).__name__ in ("RigError",):

@@ -1,7 +1,7 @@
 """The policy runtime: load a π0 policy (full precision or a qvla_quant artifact) and predict action chunks.
 
     runtime = PolicyRuntime.load("models/sim_transfer_cube_w4", device="cpu")
-    chunk = runtime.predict(observation)        # ActionChunk: [horizon, 14] absolute joint targets
+    chunk = runtime.predict(observation)        # PredictedChunk: [horizon, 14] absolute joint targets
 
 `predict` is deterministic: flow matching starts from one fixed noise tensor drawn from `noise_seed` at load
 time (the same noise the quantizer's sensitivity analysis uses), so the same observation always gives the same
@@ -24,7 +24,7 @@ from qvla_quant.files import is_artifact
 from qvla_quant.transforms import set_dequantized_cache
 from qvla_ros.policy.model import check_model_matches_processor, load_pi0_model
 from qvla_ros.policy.processor import Pi0Processor, PolicyFormatError
-from qvla_ros.policy.types import ActionChunk, Observation
+from qvla_ros.policy.types import Observation, PredictedChunk
 
 
 def is_quantized_artifact(path: str | Path) -> bool:
@@ -114,7 +114,7 @@ class PolicyRuntime:
         noise = self.noise.to(self.device, self._dtype).expand(b, -1, -1).contiguous()
         return self.model.sample_actions(**batch, noise=noise, num_steps=self.num_steps)
 
-    def predict(self, obs: Observation) -> ActionChunk:
+    def predict(self, obs: Observation) -> PredictedChunk:
         t0 = time.perf_counter()
         with self._lock:
             batch = self.model_inputs([obs])
@@ -127,7 +127,7 @@ class PolicyRuntime:
         if not np.isfinite(actions).all():
             raise FloatingPointError(f"policy {self.model_id} produced non-finite actions")
         t3 = time.perf_counter()
-        return ActionChunk(
+        return PredictedChunk(
             actions=actions, step_period=self.step_period, stamp=obs.stamp, latency=t3 - t0,
             model_id=self.model_id, timing={"preprocess": t1 - t0, "model": t2 - t1, "postprocess": t3 - t2},
         )

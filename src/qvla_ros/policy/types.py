@@ -1,7 +1,7 @@
 """What a policy sees and returns on the robot side, independent of ROS and of the model family.
 
 The policy node turns synchronized ROS messages into an `Observation`, hands it to a `PolicyRuntime`
-(qvla_ros.policy.runtime) off the control loop, and plays out the returned `ActionChunk` at 30 Hz.
+(qvla_ros.policy.runtime) off the control loop, and plays out the returned `PredictedChunk` at 30 Hz.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class Observation:
 
 
 @dataclass
-class ActionChunk:
+class PredictedChunk:
     """A chunk of future joint-position targets predicted from one observation.
 
     actions: float64 [horizon, n_joints] absolute targets in `joint_names` order, row k meant for time

@@ -1,4 +1,5 @@
-"""The simulated two-arm rig (MuJoCo ALOHA scene), its scripted teleoperator, and demo recording. No ROS.
+"""The simulated two-arm rig (MuJoCo ALOHA scene), its kinematic stand-in without physics (kinematic_rig), its
+scripted teleoperator, and demo recording. No ROS.
 
 MuJoCo chooses its OpenGL backend when `mujoco` is first imported. Every module of this package imports this
 file first, so a headless default (EGL) is set here, before that, when MUJOCO_GL is unset and there is no
