@@ -27,24 +27,14 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import Reader
 
+from qvla_ros.episodes.errors import EpisodeChecksumError, EpisodeError
+from qvla_ros.episodes.repair import scan_mcap
 from qvla_ros.episodes.topics import ARM_JOINTS, TopicConfig, load_topic_config
 from qvla_ros.episodes.writer import CUSTOM_DATA_KEY, MCAP_MAGIC, typestore
 
 SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 REPAIR_HINT = "recover the complete part with `qvla-episodes repair {path}` (writes a new episode next to it)"
 DAMAGE_HINT = "recover the intact chunks with `qvla-episodes repair {path}` (writes a new episode next to it)"
-
-
-class EpisodeError(Exception):
-    """An episode cannot be read; the message names the file, the problem, and what to do."""
-
-
-class EpisodeChecksumError(EpisodeError):
-    """An episode's bytes changed after they were written (a CRC mismatch); `chunks` are the damaged ones."""
-
-    def __init__(self, message: str, chunks: list | None = None):
-        super().__init__(message)
-        self.chunks = list(chunks or [])
 
 
 @dataclass
@@ -164,8 +154,6 @@ def _damage_error(bag: Path, scan) -> EpisodeError | None:
 
 def _corrupt(bag: Path, err: Exception) -> EpisodeError:
     """rosbags could not read the bag: find out why, independently of rosbags, and say so."""
-    from qvla_ros.episodes.repair import scan_mcap  # repair imports this module
-
     for f in _mcap_files(bag):
         try:
             scan = scan_mcap(f, keep_messages=False)
@@ -185,8 +173,6 @@ def check_integrity(path: str | Path) -> str:
     """Check every CRC of an episode's MCAP file(s): raises EpisodeError (EpisodeChecksumError for a CRC
     mismatch); returns 'ok' when every chunk and section CRC matches, 'none' when the file carries no CRCs
     (written before qvla wrote them), or 'partial' when only some parts carry one."""
-    from qvla_ros.episodes.repair import scan_mcap
-
     bag = _bag_dir(Path(path))
     files = _mcap_files(bag)
     if not files:

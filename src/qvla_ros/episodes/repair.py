@@ -21,7 +21,7 @@ from mcap.data_stream import ReadDataStream
 from mcap.records import Channel, Chunk, DataEnd, Footer, Message, MessageIndex, Schema
 from mcap.stream_reader import CRCValidationError, breakup_chunk
 
-from qvla_ros.episodes.reader import EpisodeError
+from qvla_ros.episodes.errors import EpisodeError
 from qvla_ros.episodes.writer import CUSTOM_DATA_KEY, MCAP_MAGIC, open_bag, typestore
 
 _OP_FOOTER, _OP_SCHEMA, _OP_CHANNEL, _OP_MESSAGE, _OP_CHUNK, _OP_MESSAGE_INDEX, _OP_DATA_END = (
