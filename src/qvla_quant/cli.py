@@ -245,7 +245,7 @@ def cmd_apply(args) -> int:
     _check_policy_path(args)
     plan = _read_plan_file(args.plan)
     adapter = _load_policy(args)
-    dtype = adapter.dtype if hasattr(adapter, "dtype") else torch.float32
+    dtype = adapter.dtype
     quantize(adapter, plan, check_source=not args.ignore_source)
     path = save(args.out, adapter, plan)
     summary = artifact_summary(path)

@@ -529,8 +529,7 @@ def _prepare(adapter: PolicyAdapter, batches: Iterable[Batch], seed: int) -> lis
     for i, batch in enumerate(batches):
         if not isinstance(batch, dict):
             raise ValueError(f"calibration batch {i} is a {type(batch).__name__}, expected a dict of tensors")
-        if hasattr(adapter, "check_batch"):
-            adapter.check_batch(batch)
+        adapter.check_batch(batch)
         batch = adapter.to_device(batch)
         size = adapter.batch_size(batch)
         out.append(_Prepared(batch, adapter.make_noise(size, seed + i), size))

@@ -177,6 +177,20 @@ class PolicyAdapter(abc.ABC):
             return p.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The policy's float dtype (what its inputs and noise are cast to): its first floating parameter's."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def check_batch(self, batch: Batch) -> None:
+        """Raise ValueError naming what is wrong with a model-input batch (an adapter that knows its inputs checks
+        them here; the default only asks for a dict)."""
+        if not isinstance(batch, dict):
+            raise ValueError(f"a model-input batch must be a dict of tensors, got {type(batch).__name__}")
+
     def to_device(self, batch: Batch) -> Batch:
         device = self.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

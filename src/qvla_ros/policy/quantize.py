@@ -73,11 +73,14 @@ def policy_adapter(policy_dir):
 
 
 def calibrate_policy(policy_dir, episode_paths, *, calibration=None, samples_per_episode: int = 4,
-                     batch_size: int = 8, seed: int = 0, store_dir=None):
-    """Action-space sensitivities of a policy on samples of the episodes. Returns (Sensitivity, info dict)."""
+                     batch_size: int = 8, seed: int = 0, store_dir=None, loaded=None):
+    """Action-space sensitivities of a policy on samples of the episodes. Returns (Sensitivity, info dict).
+
+    loaded: (processor, adapter) of `policy_dir` already in memory (`policy_adapter`), so a caller that goes on
+    to quantize loads the float model once; calibration leaves its weights as they were."""
     from qvla_quant import CalibrationConfig, calibrate
 
-    processor, adapter = policy_adapter(policy_dir)
+    processor, adapter = loaded or policy_adapter(policy_dir)
     t0 = time.time()
     data = calibration_batches(episode_paths, processor, samples_per_episode, batch_size, seed)
     cfg = calibration or CalibrationConfig(store_dir=None if store_dir is None else str(store_dir), seed=seed)
@@ -87,15 +90,18 @@ def calibrate_policy(policy_dir, episode_paths, *, calibration=None, samples_per
     return sensitivity, info
 
 
-def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, plots_of=None) -> Path:
+def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, plots_of=None,
+                           adapter=None) -> Path:
     """Pack the policy with `plan` and write an artifact that PolicyRuntime loads (+ the processor files).
 
     plots_of: a Sensitivity to plot beside the plan's bit allocation (sensitivity map), or None.
+    adapter: the float policy of `policy_dir` already loaded (it is quantized in place), else it is loaded here.
     """
     from qvla_quant import quantize, save
 
     policy_dir, out = Path(policy_dir), Path(out)
-    _, adapter = policy_adapter(policy_dir)
+    if adapter is None:
+        _, adapter = policy_adapter(policy_dir)
     quantize(adapter, plan)
     path = save(out, adapter, plan, extra={"policy_source": str(policy_dir), **(extra or {})})
     for name in (PROCESSOR_FILE, TOKENIZER_FILE):
@@ -119,12 +125,14 @@ def quantize_policy(policy_dir, episode_paths, out, budget: float, *, calibratio
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    loaded = policy_adapter(policy_dir)  # the float model, loaded once for calibration and packing
     sensitivity, info = calibrate_policy(policy_dir, episode_paths, calibration=calibration,
                                          samples_per_episode=samples_per_episode, batch_size=batch_size, seed=seed,
-                                         store_dir=out / "sensitivity")
+                                         store_dir=out / "sensitivity", loaded=loaded)
     t1 = time.time()
     plan = allocate(sensitivity, budget, allocation or AllocationConfig())
-    path = write_quantized_policy(policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity)
+    path = write_quantized_policy(policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity,
+                                  adapter=loaded[1])
     from qvla_quant.artifact import artifact_summary
 
     stored = artifact_summary(path)  # the per-row overhead beside the plan's average bits
