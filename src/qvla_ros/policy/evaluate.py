@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qvla_ros.policy.episode_cache import EpisodeCache
 from qvla_ros.policy.processor import one_line
 from qvla_ros.policy.runtime import PolicyRuntime
 from qvla_ros.policy.types import Observation
@@ -114,18 +115,30 @@ def run_episode(rig, policy: PolicyRuntime, seed: int, *, steps: int = 240, repl
 
 def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_cube", reference=None,
              steps: int = 240, replan_every: int = 10, image_size=(240, 320), progress: bool = True,
-             policy_name: str = "", reference_name: str | None = None, blending: str = "latest") -> EvalReport:
+             policy_name: str = "", reference_name: str | None = None, blending: str = "latest",
+             cache: EpisodeCache | None = None) -> EvalReport:
+    """Closed-loop episodes of `policy` on `seeds`, in order.
+
+    cache: episodes already in it are taken from it, each new one is added as soon as it ends, so a stopped
+    evaluation continues where it was (the caller keys the cache by everything that determines an episode).
+    """
     from tqdm import tqdm
 
     from qvla_ros.sim.rig import SimRig
 
     t0 = time.time()
     results = []
+    todo = seeds if cache is None else cache.missing(seeds)
     with SimRig(task=task, image_size=image_size, camera_names=tuple(policy.camera_names)) as rig:
         bar = tqdm(seeds, desc="eval", unit="ep", disable=not progress)
         for seed in bar:
-            results.append(run_episode(rig, policy, seed, steps=steps, replan_every=replan_every,
-                                       reference=reference, blending=blending))
+            if seed not in todo:
+                results.append(EpisodeResult(**cache.get(seed)))
+            else:
+                results.append(run_episode(rig, policy, seed, steps=steps, replan_every=replan_every,
+                                           reference=reference, blending=blending))
+                if cache is not None:
+                    cache.add(asdict(results[-1]))
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
     if reference is not None and not reference_name:
         reference_name = reference.model_id
