@@ -59,6 +59,17 @@ if ! stamp_ok deps "$deps_hash"; then
     stamp_set deps "$deps_hash"
 fi
 
+# ---------------------------------------------------------------- 2b. Triton for the kernels' interpreter tests
+# In a directory of its own, never on the venv's path (see requirements/triton-interpreter.txt for why).
+triton_hash="$(inputs_hash requirements/triton-interpreter.txt)-$PYV"
+if ! stamp_ok triton "$triton_hash"; then
+    say "installing triton for the kernel interpreter tests into $VENV/triton-interpreter (~15 s)"
+    rm -rf "$VENV/triton-interpreter"
+    "${PIP[@]}" install --quiet --no-deps --target "$VENV/triton-interpreter" -r requirements/triton-interpreter.txt \
+        || die "triton did not install (needed only by tests/qvla_quant/test_kernels_triton.py)"
+    stamp_set triton "$triton_hash"
+fi
+
 # ---------------------------------------------------------------- 3. fixes the ROS wheels need
 # (a) The wheels' exported CMake files name the wheel builder's Python/numpy include dirs
 #     (/opt/python/cpXY-cpXY/...): point them at this venv's. Safe to re-run: it only touches files that still

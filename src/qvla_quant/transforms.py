@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvla_quant import kernels
 from qvla_quant.fingerprint import model_fingerprint
 from qvla_quant.packed import SOURCE_FINGERPRINT_ATTR, PackedLinear
 from qvla_quant.plan import LayerPlan, Plan
@@ -202,3 +203,17 @@ def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) 
 def packed_layers(model: nn.Module) -> Iterable[tuple[str, PackedLinear]]:
     """(name, PackedLinear) for every packed layer of `model`."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PackedLinear)]
+
+
+def set_kernels(model: torch.nn.Module, mode: str | None) -> int:
+    """Set the `kernels` override of every PackedLinear in `model` (None: back to $QVLA_KERNELS / auto); returns
+    the number of layers set."""
+    if mode is not None:
+        kernels.kernel_mode(mode)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.kernels = mode
+            m.clear_kernel_layout()
+            n += 1
+    return n

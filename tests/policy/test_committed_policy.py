@@ -61,3 +61,23 @@ def test_committed_artifact_is_a_real_packed_model():
         assert {"processor.json", "tokenizer.json", "config.json", "model.safetensors"} <= set(
             p.name for p in d.iterdir())
         assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) < 25 * 2**20
+
+
+@pytest.mark.sim
+def test_committed_artifact_through_the_default_kernels_acts_like_the_reference_path():
+    """What a robot runs by default (`QVLA_KERNELS` unset: the CPU fast path where the CPU has fast bf16, the
+    Triton kernels on CUDA) against the exact reference path, on a real scene. Each layer's fast path is within
+    ~5e-3 of its output's largest magnitude (tests/qvla_quant/test_kernels_cpu.py); through 10 denoising steps and
+    ~80 layers the chunk must stay well inside the 3% bar above that separates the artifact from a re-drawn noise:
+    1% of the largest action."""
+    from qvla_quant.transforms import set_kernels
+
+    obs = sim_observation()
+    q = PolicyRuntime.load(W4, warmup=False)
+    set_kernels(q.model, "reference")
+    ref = q.predict(obs).actions
+    set_kernels(q.model, "auto")
+    fast = q.predict(obs).actions
+    assert np.isfinite(fast).all()
+    assert np.abs(fast - ref).max() < 0.01 * np.abs(ref).max()
+
