@@ -56,14 +56,14 @@ def _edges() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
 
-        def visit(node, in_function):
+        def visit(node, in_function, module=name):
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.If) and _is_type_checking(child):
                     continue
                 nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    (inner if in_function else top)[name].update(_targets(child, name, modules))
-                visit(child, nested)
+                    (inner if in_function else top)[module].update(_targets(child, module, modules))
+                visit(child, nested, module)
 
         visit(tree, False)
     return top, inner
