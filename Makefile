@@ -25,7 +25,8 @@ calibration-demo: setup
 	@$(PY) -m qvla_ros.calibration_demo
 
 lint: setup
-	@$(VENV)/bin/ruff check src tests bench
+	@$(VENV)/bin/ruff check src tests bench launch
+	@$(VENV)/bin/ruff format --check src tests bench launch
 
 clean:
 	rm -rf build install log .pytest_cache .ruff_cache

@@ -51,19 +51,40 @@ def main() -> int:
     if args.record:
         demos = Path(tmp.name) / "demos"
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "qvla_ros.sim.cli", "record-demos", "--out", str(demos), "-n",
-                        str(args.record), "--seed0", "2000"], check=True, env={**os.environ,
-                                                                             "PYTHONPATH": str(ROOT / "src")})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qvla_ros.sim.cli",
+                "record-demos",
+                "--out",
+                str(demos),
+                "-n",
+                str(args.record),
+                "--seed0",
+                "2000",
+            ],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )
         print(f"recorded {args.record} demos in {time.monotonic() - t0:.0f} s", flush=True)
         episodes.append(str(demos))
     if not episodes:
         print("bench_calibration: error: give --episodes DIR or --record N", file=sys.stderr)
         return 2
     out = args.out or str(Path(tmp.name) / "artifact")
-    spec = JobSpec(policy=args.policy, recordings=episodes, out=out, budget=args.budget, solver=args.solver,
-                   samples_per_episode=args.samples_per_episode, validation_episodes=args.validation_episodes,
-                   validation_samples_per_episode=args.validation_samples, exact_fraction=args.exact_fraction,
-                   rank_sample=args.rank_sample)
+    spec = JobSpec(
+        policy=args.policy,
+        recordings=episodes,
+        out=out,
+        budget=args.budget,
+        solver=args.solver,
+        samples_per_episode=args.samples_per_episode,
+        validation_episodes=args.validation_episodes,
+        validation_samples_per_episode=args.validation_samples,
+        exact_fraction=args.exact_fraction,
+        rank_sample=args.rank_sample,
+    )
     t0 = time.monotonic()
     last = {}
 
@@ -75,21 +96,41 @@ def main() -> int:
     result = run_job(spec, emit)
     total = time.monotonic() - t0
     times = result["stage_times_s"]
-    print(f"\ncalibration of {Path(args.policy).name} on {result['calibration_samples']} samples from "
-          f"{len(result['calibration_episodes'])} episode(s), {result['validation']['samples']} held-out samples; "
-          f"budget {args.budget:g}, {args.solver}, exact_fraction {args.exact_fraction}, rank_sample "
-          f"{args.rank_sample}, {args.threads} torch thread(s)")
+    print(
+        f"\ncalibration of {Path(args.policy).name} on {result['calibration_samples']} samples from "
+        f"{len(result['calibration_episodes'])} episode(s), {result['validation']['samples']} held-out samples; "
+        f"budget {args.budget:g}, {args.solver}, exact_fraction {args.exact_fraction}, rank_sample "
+        f"{args.rank_sample}, {args.threads} torch thread(s)"
+    )
     print(f"{'stage':<12} {'seconds':>8} {'share':>6}")
     for s in STAGES:
         if s in times:
             print(f"{s:<12} {times[s]:>8.1f} {100 * times[s] / total:>5.1f}%")
     print(f"{'total':<12} {total:>8.1f}")
-    print(f"-> {result['average_bits']:.3f} bits/weight ({result['average_bits_with_overhead']:.3f} with scale/zero), "
-          f"pruned {100 * result['pruned_fraction']:.1f}%; {result['validation_text']}")
+    print(
+        f"-> {result['average_bits']:.3f} bits/weight ({result['average_bits_with_overhead']:.3f} with scale/zero), "
+        f"pruned {100 * result['pruned_fraction']:.1f}%; {result['validation_text']}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"stage_times_s": times, "total_s": total, "result": {
-            k: result[k] for k in ("average_bits", "average_bits_with_overhead", "pruned_fraction", "action_mse",
-                                   "calibration_samples")}}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "stage_times_s": times,
+                    "total_s": total,
+                    "result": {
+                        k: result[k]
+                        for k in (
+                            "average_bits",
+                            "average_bits_with_overhead",
+                            "pruned_fraction",
+                            "action_mse",
+                            "calibration_samples",
+                        )
+                    },
+                },
+                indent=1,
+            )
+        )
     tmp.cleanup()
     return 0
 

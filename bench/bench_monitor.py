@@ -94,21 +94,35 @@ def main() -> int:
     seeds = parse_seeds(args.seeds)
     t0 = time.time()
     rtn = make_rtn(policy, qvla, args.rtn_bits, work / f"rtn_w{args.rtn_bits}")
-    print(f"bench_monitor: reference {policy.name}; QVLA {qvla.name} ({average_bits(qvla):.2f} avg bits) vs uniform "
-          f"per-channel RTN W{args.rtn_bits} ({average_bits(rtn):.2f} avg bits, made in {time.time() - t0:.0f} s); "
-          f"seeds {args.seeds}, {args.steps} ticks, a prediction every {args.replan_every}; torch "
-          f"{torch.__version__}, {args.threads} thread(s)", flush=True)
+    print(
+        f"bench_monitor: reference {policy.name}; QVLA {qvla.name} ({average_bits(qvla):.2f} avg bits) vs uniform "
+        f"per-channel RTN W{args.rtn_bits} ({average_bits(rtn):.2f} avg bits, made in {time.time() - t0:.0f} s); "
+        f"seeds {args.seeds}, {args.steps} ticks, a prediction every {args.replan_every}; torch "
+        f"{torch.__version__}, {args.threads} thread(s)",
+        flush=True,
+    )
     reference = PolicyRuntime.load(policy)
     methods = {f"QVLA W{average_bits(qvla):g}": qvla, f"RTN W{args.rtn_bits}": rtn}
     results = {}
     for name, path in methods.items():
         t = time.time()
         runtime = PolicyRuntime.load(path, cache_dequantized=True)  # same outputs, float speed on this CPU
-        report = evaluate(runtime, seeds, reference=reference, steps=args.steps, replan_every=args.replan_every,
-                          progress=False, policy_name=path.name, reference_name=policy.name)
+        report = evaluate(
+            runtime,
+            seeds,
+            reference=reference,
+            steps=args.steps,
+            replan_every=args.replan_every,
+            progress=False,
+            policy_name=path.name,
+            reference_name=policy.name,
+        )
         results[name] = report
-        print(f"{name}: {time.time() - t:.0f} s; mean cumulative deviation "
-              f"{report.summary()['mean_cumulative_deviation']:.3f}", flush=True)
+        print(
+            f"{name}: {time.time() - t:.0f} s; mean cumulative deviation "
+            f"{report.summary()['mean_cumulative_deviation']:.3f}",
+            flush=True,
+        )
 
     period = args.replan_every / 30.0
     curves = {n: [e.deviation_curve for e in r.episodes] for n, r in results.items()}
@@ -119,24 +133,37 @@ def main() -> int:
     for i, s in enumerate(seeds):
         eps = [results[n].episodes[i] for n in names]
         ratio = eps[1].cumulative_deviation / max(eps[0].cumulative_deviation, 1e-12)
-        print(f"| {s} | " + " | ".join(f"{e.cumulative_deviation:.3f} ({'yes' if e.success else 'no'})" for e in eps)
-              + f" | {ratio:.2f} |")
+        print(
+            f"| {s} | "
+            + " | ".join(f"{e.cumulative_deviation:.3f} ({'yes' if e.success else 'no'})" for e in eps)
+            + f" | {ratio:.2f} |"
+        )
     means = [float(np.mean([e.cumulative_deviation for e in results[n].episodes])) for n in names]
     stds = [float(np.std([e.cumulative_deviation for e in results[n].episodes])) for n in names]
-    print("| mean ± std | " + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(means, stds))
-          + f" | {means[1] / max(means[0], 1e-12):.2f} |")
+    print(
+        "| mean ± std | "
+        + " | ".join(f"{m:.3f} ± {sd:.3f}" for m, sd in zip(means, stds))
+        + f" | {means[1] / max(means[0], 1e-12):.2f} |"
+    )
     n = min(len(c) for runs in curves.values() for c in runs)
     marks = sorted({max(1, n // 4), max(1, n // 2), max(1, 3 * n // 4), n})
-    print("\nmean cumulative deviation at episode time (s): "
-          + ", ".join(f"{k * period:.1f}" for k in marks))
+    print("\nmean cumulative deviation at episode time (s): " + ", ".join(f"{k * period:.1f}" for k in marks))
     for name in names:
         mean = np.mean([c[:n] for c in curves[name]], axis=0)
         print(f"  {name:<10} " + "  ".join(f"{mean[k - 1]:7.3f}" for k in marks))
     plot(curves, period, out, f"cumulative deviation from FP along each policy's rollout, seeds {args.seeds}")
     js = Path(args.json) if args.json else work / "fig3_curves.json"
-    js.write_text(json.dumps({"seeds": seeds, "period_s": period, "curves": curves,
-                              "episodes": {n: [e.__dict__ for e in r.episodes] for n, r in results.items()}},
-                             indent=1))
+    js.write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "period_s": period,
+                "curves": curves,
+                "episodes": {n: [e.__dict__ for e in r.episodes] for n, r in results.items()},
+            },
+            indent=1,
+        )
+    )
     print(f"\nfigure: {out}\ncurves: {js}\nwall time {time.time() - t0:.0f} s")
     return 0
 

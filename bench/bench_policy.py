@@ -69,13 +69,14 @@ BASELINE_NAMES = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "smoothquant": "Sm
 
 
 def parse_baselines(text: str) -> list[tuple[str, int | None, int | None]]:
-    """"awq:4,gptq:4g64,module" -> [(method, bits, group_size)]."""
+    """ "awq:4,gptq:4g64,module" -> [(method, bits, group_size)]."""
     out = []
     for item in [x.strip() for x in text.split(",") if x.strip()]:
         method, _, spec = item.partition(":")
         if method not in BASELINE_NAMES:
-            raise SystemExit(f"bench_policy: unknown baseline {method!r} in --baselines "
-                             f"(known: {sorted(BASELINE_NAMES)})")
+            raise SystemExit(
+                f"bench_policy: unknown baseline {method!r} in --baselines (known: {sorted(BASELINE_NAMES)})"
+            )
         bits, _, group = spec.partition("g")
         try:
             out.append((method, int(bits) if bits else None, int(group) if group else None))
@@ -84,8 +85,7 @@ def parse_baselines(text: str) -> list[tuple[str, int | None, int | None]]:
     return out
 
 
-def write_baseline_policy(policy: Path, method: str, bits, group_size, calib_eps, samples_per_episode: int,
-                          out: Path):
+def write_baseline_policy(policy: Path, method: str, bits, group_size, calib_eps, samples_per_episode: int, out: Path):
     """A baseline artifact of the policy (+ its processor files, so that PolicyRuntime loads it); returns its plan."""
     import shutil
 
@@ -107,7 +107,7 @@ def teacher_forced_mse(fp: PolicyRuntime, q: PolicyRuntime, observations, batch_
     """Mean squared action error (joint units) of q vs fp on recorded observations, same fixed noise."""
     errs = []
     for i in range(0, len(observations), batch_size):
-        obs = observations[i:i + batch_size]
+        obs = observations[i : i + batch_size]
         a = fp.processor.actions_from_model(fp.sample_model_actions(fp.model_inputs(obs)))
         b = q.processor.actions_from_model(q.sample_model_actions(q.model_inputs(obs)))
         errs.append(((a - b) ** 2).reshape(len(obs), -1).mean(1))
@@ -132,8 +132,9 @@ def row_identity(policy: Path, artifact: Path, seeds_settings: dict) -> dict:
     return {"weights": weights, **seeds_settings}
 
 
-def evaluate_artifact(policy: Path, artifact: Path, name: str, seeds: list[int], mse_obs, threads: int,
-                      work: Path, **eval_kwargs) -> dict:
+def evaluate_artifact(
+    policy: Path, artifact: Path, name: str, seeds: list[int], mse_obs, threads: int, work: Path, **eval_kwargs
+) -> dict:
     """Success per seed, Eq. 5 deviation and teacher-forced MSE of one artifact (or the FP policy) vs the FP policy;
     episodes and the MSE come from the caches under `work` when there."""
     torch.set_num_threads(threads)
@@ -155,14 +156,20 @@ def evaluate_artifact(policy: Path, artifact: Path, name: str, seeds: list[int],
             mse_file.parent.mkdir(parents=True, exist_ok=True)
             mse_file.write_text(json.dumps({"mse": mse, "samples": len(mse_obs)}))
     cached = len(cache.episodes(seeds))
-    report = evaluate(q, seeds, reference=reference, progress=False, policy_name=artifact.name, cache=cache,
-                      **eval_kwargs)
+    report = evaluate(
+        q, seeds, reference=reference, progress=False, policy_name=artifact.name, cache=cache, **eval_kwargs
+    )
     s = report.summary()
-    return {"success": report.success_rate, "successes": s["successes"],
-            "outcomes": {str(e.seed): bool(e.success) for e in report.episodes},
-            "cum_dev": s["mean_cumulative_deviation"] if reference is not None else 0.0,
-            "mse": mse, "eval_s": time.time() - t0, "episodes_from_cache": cached,
-            "weight_bytes": q.quantization_status()["weight_bytes"]}
+    return {
+        "success": report.success_rate,
+        "successes": s["successes"],
+        "outcomes": {str(e.seed): bool(e.success) for e in report.episodes},
+        "cum_dev": s["mean_cumulative_deviation"] if reference is not None else 0.0,
+        "mse": mse,
+        "eval_s": time.time() - t0,
+        "episodes_from_cache": cached,
+        "weight_bytes": q.quantization_status()["weight_bytes"],
+    }
 
 
 def rtn_partner(row: dict, rows: list[dict]) -> dict | None:
@@ -249,12 +256,19 @@ def main() -> int:
     p.add_argument("--rtn", default="8,4,3,2", help="uniform per-channel RTN bit-widths")
     p.add_argument("--layerwise", default="8,4", help="uniform layer-wise RTN bit-widths (one scale per tensor)")
     p.add_argument("--baselines", default="", help="LLM-derived baselines, e.g. awq:4,gptq:4,smoothquant:8,module")
-    p.add_argument("--quantize-all", action="store_true",
-                   help="also quantize the projector and action head (the paper keeps them in 16 bits: default)")
+    p.add_argument(
+        "--quantize-all",
+        action="store_true",
+        help="also quantize the projector and action head (the paper keeps them in 16 bits: default)",
+    )
     p.add_argument("--calib-episodes", type=int, default=16)
     p.add_argument("--samples-per-episode", type=int, default=4)
-    p.add_argument("--exact-fraction", type=float, default=0.05,
-                   help="fraction of channel-bits whose sensitivity is re-measured exactly (the slow part)")
+    p.add_argument(
+        "--exact-fraction",
+        type=float,
+        default=0.05,
+        help="fraction of channel-bits whose sensitivity is re-measured exactly (the slow part)",
+    )
     p.add_argument("--mse-samples-per-episode", type=int, default=16)
     p.add_argument("--work", default="runs/bench_policy", help="artifacts and the resumable caches")
     p.add_argument("--threads", type=int, default=2)
@@ -277,22 +291,35 @@ def main() -> int:
     mse_obs = [o for _, _, o in episode_observations(val_eps, args.mse_samples_per_episode, 30, seed=1)]
     eval_kwargs = {"replan_every": args.replan_every, "blending": args.blending}
     if args.eval_artifact:
-        print(json.dumps(evaluate_artifact(policy, Path(args.eval_artifact), args.eval_name, seeds, mse_obs,
-                                           args.threads, work, **eval_kwargs)))
+        print(
+            json.dumps(
+                evaluate_artifact(
+                    policy, Path(args.eval_artifact), args.eval_name, seeds, mse_obs, args.threads, work, **eval_kwargs
+                )
+            )
+        )
         return 0
-    print(f"bench_policy: {policy}; {len(seeds)} closed-loop episodes per row (seeds {args.seeds}, paired); "
-          f"calibration on {len(calib_eps)} training episodes x {args.samples_per_episode} samples (exact fraction "
-          f"{args.exact_fraction}); action MSE on {len(mse_obs)} held-out samples of {len(val_eps)} validation "
-          f"episodes; chunks: replan every {args.replan_every} ticks, blending {args.blending}; torch "
-          f"{torch.__version__}, {args.jobs} evaluation processes x 1 thread; caches in {work}", flush=True)
+    print(
+        f"bench_policy: {policy}; {len(seeds)} closed-loop episodes per row (seeds {args.seeds}, paired); "
+        f"calibration on {len(calib_eps)} training episodes x {args.samples_per_episode} samples (exact fraction "
+        f"{args.exact_fraction}); action MSE on {len(mse_obs)} held-out samples of {len(val_eps)} validation "
+        f"episodes; chunks: replan every {args.replan_every} ticks, blending {args.blending}; torch "
+        f"{torch.__version__}, {args.jobs} evaluation processes x 1 thread; caches in {work}",
+        flush=True,
+    )
 
     t0 = time.time()
-    template = PlanTemplate(roles={**DEFAULT_ROLE_RULES, "projector": "auto", "action_head": "auto"}) \
-        if args.quantize_all else PlanTemplate()
-    calibration = CalibrationConfig(exact_fraction=args.exact_fraction, store_dir=str(work / "sensitivity"),
-                                    template=template)
-    sens, info = calibrate_policy(policy, calib_eps, samples_per_episode=args.samples_per_episode,
-                                  calibration=calibration)
+    template = (
+        PlanTemplate(roles={**DEFAULT_ROLE_RULES, "projector": "auto", "action_head": "auto"})
+        if args.quantize_all
+        else PlanTemplate()
+    )
+    calibration = CalibrationConfig(
+        exact_fraction=args.exact_fraction, store_dir=str(work / "sensitivity"), template=template
+    )
+    sens, info = calibrate_policy(
+        policy, calib_eps, samples_per_episode=args.samples_per_episode, calibration=calibration
+    )
     calib_s = time.time() - t0
     print(f"calibration: {calib_s:.0f} s ({info['samples']} samples)", flush=True)
 
@@ -319,8 +346,9 @@ def main() -> int:
             plan = read_plan(out)
         else:
             plan = write_baseline_policy(policy, method, bits, group_size, calib_eps, args.samples_per_episode, out)
-        label = BASELINE_NAMES[method] + (f" W{bits}" if bits else " v4/l8/a8") + (f" g{group_size}" if group_size
-                                                                                 else "")
+        label = (
+            BASELINE_NAMES[method] + (f" W{bits}" if bits else " v4/l8/a8") + (f" g{group_size}" if group_size else "")
+        )
         label += "A8" if plan.quant.activation.bits == 8 else ""
         print(f"{label}: {plan.method}, {plan.average_bits():.2f} bits, {time.time() - t1:.0f} s", flush=True)
         artifacts.append((label, round(plan.average_bits()), plan, out))
@@ -328,14 +356,26 @@ def main() -> int:
     def run_one(item):
         # a process per artifact: each has its own MuJoCo context and torch threads, and the 2 cores are used
         name, budget, plan, out = item
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--eval-artifact", str(out), "--eval-name", name,
-               "--threads", "1"]
+        cmd = [
+            sys.executable,
+            __file__,
+            *sys.argv[1:],
+            "--eval-artifact",
+            str(out),
+            "--eval-name",
+            name,
+            "--threads",
+            "1",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"evaluating {out} failed:\n{done.stderr[-3000:]}")
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: success {r['successes']}/{len(seeds)}, MSE {r['mse']:.3g} ({r['eval_s']:.0f} s, "
-              f"{r['episodes_from_cache']} episodes from the cache)", flush=True)
+        print(
+            f"{name}: success {r['successes']}/{len(seeds)}, MSE {r['mse']:.3g} ({r['eval_s']:.0f} s, "
+            f"{r['episodes_from_cache']} episodes from the cache)",
+            flush=True,
+        )
         bits, pruned = (32.0, 0.0) if plan is None else (plan.average_bits(), plan.pruned_fraction())
         # the per-row overhead (scales, zero points, row index) in bits per weight, beside the plan's average
         overhead = 0.0 if plan is None else artifact_summary(out)["overhead_bits_per_weight"]
@@ -347,17 +387,23 @@ def main() -> int:
 
     n = len(seeds)
     print()
-    print(f"| method | avg bits | +overhead | weights (KiB) | pruned | success ({n} seeds) | 95% CI "
-          f"| p vs FP (+won/-lost) | p vs RTN same bits | cum. deviation (Eq. 5) | action MSE vs FP |")
+    print(
+        f"| method | avg bits | +overhead | weights (KiB) | pruned | success ({n} seeds) | 95% CI "
+        f"| p vs FP (+won/-lost) | p vs RTN same bits | cum. deviation (Eq. 5) | action MSE vs FP |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['avg_bits']:.2f} | +{r['overhead_bits']:.2f} | {r['weight_bytes'] / 1024:.0f} "
-              f"| {r['pruned']:.1%} | {r['successes']}/{n} = {r['success']:.0%} "
-              f"| {r['ci'][0]:.0%}-{r['ci'][1]:.0%} | {_p(r.get('vs_fp'))} | {_p(r.get('vs_rtn'))} "
-              f"| {r['cum_dev']:.3f} | {r['mse']:.3g} |")
-    print(f"\ncalibration (two-stage sensitivity, {info['samples']} samples): {calib_s:.0f} s; weights = all "
-          "parameters as stored (quantized layers packed, the rest fp32); p: exact two-sided McNemar on the seeds "
-          "where the two rows differ (+won/-lost by this row)")
+        print(
+            f"| {r['method']} | {r['avg_bits']:.2f} | +{r['overhead_bits']:.2f} | {r['weight_bytes'] / 1024:.0f} "
+            f"| {r['pruned']:.1%} | {r['successes']}/{n} = {r['success']:.0%} "
+            f"| {r['ci'][0]:.0%}-{r['ci'][1]:.0%} | {_p(r.get('vs_fp'))} | {_p(r.get('vs_rtn'))} "
+            f"| {r['cum_dev']:.3f} | {r['mse']:.3g} |"
+        )
+    print(
+        f"\ncalibration (two-stage sensitivity, {info['samples']} samples): {calib_s:.0f} s; weights = all "
+        "parameters as stored (quantized layers packed, the rest fp32); p: exact two-sided McNemar on the seeds "
+        "where the two rows differ (+won/-lost by this row)"
+    )
     plot = Path(args.plot) if args.plot else work / "success_vs_bits.png"
     plot_success(rows, plot, n)
     print(f"plot: {plot}")

@@ -53,7 +53,7 @@ def publish(args) -> int:
             img[..., 1] = (yy * 180 // h + 3 * k).astype(np.uint8)
             img[..., 2] = 90
             cx, cy = int(w * (0.3 + 0.4 * k / 30)), int(h * 0.5)
-            img[max(0, cy - 40):cy + 40, max(0, cx - 40):cx + 40] = (200, 30, 30)
+            img[max(0, cy - 40) : cy + 40, max(0, cx - 40) : cx + 40] = (200, 30, 30)
             noise = rng.integers(-4, 5, size=img.shape)
             frames[cam.name].append(np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8).reshape(-1))
     cams = [(cam, node.create_publisher(Image, cam.topic, sensor)) for cam in cfg.cameras]
@@ -126,17 +126,44 @@ def main() -> int:
 
     need = args.minutes * 60 * 3 * 30 * args.width * args.height * 3 * 1.05 + 2e9  # uncompressed, plus the margin
     if free_bytes(dataset) < need:
-        print(f"bench_recorder: error: {free_bytes(dataset) / 1e9:.1f} GB free where {dataset} goes, {need / 1e9:.1f} "
-              "GB needed: pass --dataset on a bigger disk or fewer --minutes", file=sys.stderr)
+        print(
+            f"bench_recorder: error: {free_bytes(dataset) / 1e9:.1f} GB free where {dataset} goes, {need / 1e9:.1f} "
+            "GB needed: pass --dataset on a bigger disk or fewer --minutes",
+            file=sys.stderr,
+        )
         return 2
-    pub = subprocess.Popen([sys.executable, __file__, "--publish", "--width", str(args.width), "--height",
-                            str(args.height)], env=env, stdout=subprocess.PIPE, text=True)
-    rec = subprocess.Popen([sys.executable, "-m", "qvla_ros.nodes.recorder_node", "--ros-args", "-r", "__ns:=/qvla",
-                            "-p", f"recorder.dataset:={dataset}", "-p", "recorder.keyboard:=false",
-                            "-p", f"recorder.compress:={'true' if args.compress == 'on' else 'false'}",
-                            "-p", f"recorder.fsync:={'true' if args.fsync == 'on' else 'false'}",
-                            "-p", "recorder.min_free_gb:=1.0", "-p", "recorder.status_period:=0.0"],
-                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pub = subprocess.Popen(
+        [sys.executable, __file__, "--publish", "--width", str(args.width), "--height", str(args.height)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    rec = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qvla_ros.nodes.recorder_node",
+            "--ros-args",
+            "-r",
+            "__ns:=/qvla",
+            "-p",
+            f"recorder.dataset:={dataset}",
+            "-p",
+            "recorder.keyboard:=false",
+            "-p",
+            f"recorder.compress:={'true' if args.compress == 'on' else 'false'}",
+            "-p",
+            f"recorder.fsync:={'true' if args.fsync == 'on' else 'false'}",
+            "-p",
+            "recorder.min_free_gb:=1.0",
+            "-p",
+            "recorder.status_period:=0.0",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import rclpy
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
@@ -146,8 +173,12 @@ def main() -> int:
     rclpy.init()
     node = rclpy.create_node("bench_recorder")
     status = []
-    node.create_subscription(String, "/qvla/recorder/status", lambda m: status.append(json.loads(m.data)),
-                             QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+    node.create_subscription(
+        String,
+        "/qvla/recorder/status",
+        lambda m: status.append(json.loads(m.data)),
+        QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE),
+    )
     client = node.create_client(EpisodeControl, "/qvla/recorder/episode")
 
     def call(command):
@@ -165,8 +196,11 @@ def main() -> int:
         cpu0 = {n: cpu_seconds(p.pid) for n, p in (("recorder", rec), ("publisher", pub))}
         t0 = time.monotonic()
         call(EpisodeControl.Request.START)
-        print(f"recording {args.minutes:g} min of 3 x {args.width}x{args.height} rgb8 @ 30 Hz (+ states 50 Hz, "
-              f"commands 30 Hz), compress {args.compress}, fsync {args.fsync} ...", flush=True)
+        print(
+            f"recording {args.minutes:g} min of 3 x {args.width}x{args.height} rgb8 @ 30 Hz (+ states 50 Hz, "
+            f"commands 30 Hz), compress {args.compress}, fsync {args.fsync} ...",
+            flush=True,
+        )
         end = t0 + args.minutes * 60
         while time.monotonic() < end:
             rclpy.spin_once(node, timeout_sec=0.5)
@@ -194,25 +228,44 @@ def main() -> int:
     dur = stop["duration_s"]
     rows = []
     for topic, v in sorted(meta["topics"].items()):
-        rows.append((topic, v["messages"], v["rate_hz"], v["bytes"] / dur / 1e6, v["drops"]["queue"],
-                     v["drops"]["sequence_gaps"], v["drops"]["middleware_lost"]))
+        rows.append(
+            (
+                topic,
+                v["messages"],
+                v["rate_hz"],
+                v["bytes"] / dur / 1e6,
+                v["drops"]["queue"],
+                v["drops"]["sequence_gaps"],
+                v["drops"]["middleware_lost"],
+            )
+        )
     print(f"\n{'topic':<42} {'messages':>9} {'rate Hz':>8} {'MB/s':>7} {'queue':>6} {'seq gap':>8} {'lost':>5}")
     for r in rows:
         print(f"{r[0]:<42} {r[1]:>9} {r[2]:>8.2f} {r[3]:>7.2f} {r[4]:>6} {r[5]:>8} {r[6]:>5}")
     total_msgs = sum(r[1] for r in rows)
     payload = sum(v["bytes"] for v in meta["topics"].values())
     summary = {
-        "minutes": dur / 60, "image": f"{args.width}x{args.height}", "compress": args.compress, "fsync": args.fsync,
-        "messages": total_msgs, "messages_per_s": total_msgs / dur, "payload_mb_per_s": payload / dur / 1e6,
-        "disk_mb_per_s": stop["file_bytes"] / dur / 1e6, "file_mb": stop["file_bytes"] / 1e6,
-        "compression_ratio": payload / max(1, stop["file_bytes"]), "dropped": stop["dropped"],
-        "recorder_cpu_percent": 100 * cpu["recorder"] / wall, "publisher_cpu_percent": 100 * cpu["publisher"] / wall,
+        "minutes": dur / 60,
+        "image": f"{args.width}x{args.height}",
+        "compress": args.compress,
+        "fsync": args.fsync,
+        "messages": total_msgs,
+        "messages_per_s": total_msgs / dur,
+        "payload_mb_per_s": payload / dur / 1e6,
+        "disk_mb_per_s": stop["file_bytes"] / dur / 1e6,
+        "file_mb": stop["file_bytes"] / 1e6,
+        "compression_ratio": payload / max(1, stop["file_bytes"]),
+        "dropped": stop["dropped"],
+        "recorder_cpu_percent": 100 * cpu["recorder"] / wall,
+        "publisher_cpu_percent": 100 * cpu["publisher"] / wall,
     }
-    print(f"\ntotal: {summary['messages_per_s']:.1f} messages/s, {summary['payload_mb_per_s']:.1f} MB/s payload, "
-          f"{summary['disk_mb_per_s']:.1f} MB/s to disk ({summary['file_mb']:.0f} MB, compression "
-          f"{summary['compression_ratio']:.2f}x), drops {summary['dropped']} over {summary['minutes']:.2f} min; "
-          f"CPU: recorder {summary['recorder_cpu_percent']:.0f}% of a core, publisher "
-          f"{summary['publisher_cpu_percent']:.0f}%")
+    print(
+        f"\ntotal: {summary['messages_per_s']:.1f} messages/s, {summary['payload_mb_per_s']:.1f} MB/s payload, "
+        f"{summary['disk_mb_per_s']:.1f} MB/s to disk ({summary['file_mb']:.0f} MB, compression "
+        f"{summary['compression_ratio']:.2f}x), drops {summary['dropped']} over {summary['minutes']:.2f} min; "
+        f"CPU: recorder {summary['recorder_cpu_percent']:.0f}% of a core, publisher "
+        f"{summary['publisher_cpu_percent']:.0f}%"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "topics": rows}, indent=1))
     tmp.cleanup()

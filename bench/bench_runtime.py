@@ -64,8 +64,9 @@ class Watcher:
         self.times: list[float] = []
         self.diag: dict[str, dict[str, str]] = {}
         q = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        self.node.create_subscription(JointState, "/qvla/master_arm_left/joint_states",
-                                      lambda m: self.times.append(time.monotonic()), q)
+        self.node.create_subscription(
+            JointState, "/qvla/master_arm_left/joint_states", lambda m: self.times.append(time.monotonic()), q
+        )
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, q)
         self.ex = SingleThreadedExecutor()
         self.ex.add_node(self.node)
@@ -75,8 +76,11 @@ class Watcher:
     def _on_diag(self, msg):
         for s in msg.status:
             if s.name.startswith("/qvla/policy_node: "):
-                self.diag[s.name.split(": ", 1)[1]] = {"level": int.from_bytes(s.level, "little") if isinstance(
-                    s.level, bytes) else int(s.level), "message": s.message, **{kv.key: kv.value for kv in s.values}}
+                self.diag[s.name.split(": ", 1)[1]] = {
+                    "level": int.from_bytes(s.level, "little") if isinstance(s.level, bytes) else int(s.level),
+                    "message": s.message,
+                    **{kv.key: kv.value for kv in s.values},
+                }
 
     def streaming(self) -> bool:
         c = self.diag.get("commands")
@@ -120,14 +124,19 @@ def run_one(args, worker: str, policy: Path, log_dir: Path) -> dict:
     return {
         "worker": worker,
         "rate_hz": (len(times) - 1) / (times[-1] - times[0]),
-        "p50": float(np.percentile(periods, 50)), "p99": float(np.percentile(periods, 99)),
-        "max": float(periods.max()), "err_p99": float(np.percentile(np.abs(periods - 1000 / 30), 99)),
+        "p50": float(np.percentile(periods, 50)),
+        "p99": float(np.percentile(periods, 99)),
+        "max": float(periods.max()),
+        "err_p99": float(np.percentile(np.abs(periods - 1000 / 30), 99)),
         "c2c_p50": float(inf.get("camera_to_command_p50_ms", "nan")),
         "c2c_p99": float(inf.get("camera_to_command_p99_ms", "nan")),
-        "inf_p50": float(inf.get("latency_p50_ms", "nan")), "inf_p99": float(inf.get("latency_p99_ms", "nan")),
-        "node_p99": float(cmd.get("period_p99_ms", "nan")), "node_max": float(cmd.get("period_max_ms", "nan")),
+        "inf_p50": float(inf.get("latency_p50_ms", "nan")),
+        "inf_p99": float(inf.get("latency_p99_ms", "nan")),
+        "node_p99": float(cmd.get("period_p99_ms", "nan")),
+        "node_max": float(cmd.get("period_max_ms", "nan")),
         "sched": cmd.get("scheduling", "?"),
-        "cpu": 100.0 * (c1 - c0) / (t1 - t0), "held": int(cmd.get("held_ticks", 0)) - held0,
+        "cpu": 100.0 * (c1 - c0) / (t1 - t0),
+        "held": int(cmd.get("held_ticks", 0)) - held0,
         "predictions": int(inf.get("predictions", 0)) - pred0,
     }
 
@@ -164,21 +173,29 @@ def main() -> int:
     finally:
         rclpy.try_shutdown()
     load = os.getloadavg()
-    print(f"\nqvla runtime bench: {args.policy} π0 policy ({policy.name}), {args.sim} rig, {args.seconds:.0f} s per "
-          f"row, {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
-    print("command period measured at a subscriber in another process; node p99/max: the node's own tick periods "
-          "(last 10 s); latencies and CPU from the policy node (CPU = node + inference worker, % of one core)\n")
-    head = (f"{'worker':<8} {'cmd Hz':>7} {'period p50':>10} {'p99':>7} {'max':>7} {'|err| p99':>9} "
-            f"{'node p99':>8} {'max':>6} "
-            f"{'cam->cmd p50':>12} {'p99':>7} {'infer p50':>9} {'p99':>7} {'CPU %':>6} {'chunks':>6} {'held':>5}")
+    print(
+        f"\nqvla runtime bench: {args.policy} π0 policy ({policy.name}), {args.sim} rig, {args.seconds:.0f} s per "
+        f"row, {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
+    print(
+        "command period measured at a subscriber in another process; node p99/max: the node's own tick periods "
+        "(last 10 s); latencies and CPU from the policy node (CPU = node + inference worker, % of one core)\n"
+    )
+    head = (
+        f"{'worker':<8} {'cmd Hz':>7} {'period p50':>10} {'p99':>7} {'max':>7} {'|err| p99':>9} "
+        f"{'node p99':>8} {'max':>6} "
+        f"{'cam->cmd p50':>12} {'p99':>7} {'infer p50':>9} {'p99':>7} {'CPU %':>6} {'chunks':>6} {'held':>5}"
+    )
     # chunks: inferences during the window (about); held: control ticks the safety filter held (about)
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['worker']:<8} {r['rate_hz']:7.2f} {r['p50']:8.1f}ms {r['p99']:5.1f}ms {r['max']:5.1f}ms "
-              f"{r['err_p99']:7.1f}ms {r['node_p99']:6.1f}ms {r['node_max']:4.0f}ms {r['c2c_p50']:10.0f}ms "
-              f"{r['c2c_p99']:5.0f}ms {r['inf_p50']:7.0f}ms "
-              f"{r['inf_p99']:5.0f}ms {r['cpu']:6.0f} {r['predictions']:>6} {r['held']:>5}")
+        print(
+            f"{r['worker']:<8} {r['rate_hz']:7.2f} {r['p50']:8.1f}ms {r['p99']:5.1f}ms {r['max']:5.1f}ms "
+            f"{r['err_p99']:7.1f}ms {r['node_p99']:6.1f}ms {r['node_max']:4.0f}ms {r['c2c_p50']:10.0f}ms "
+            f"{r['c2c_p99']:5.0f}ms {r['inf_p50']:7.0f}ms "
+            f"{r['inf_p99']:5.0f}ms {r['cpu']:6.0f} {r['predictions']:>6} {r['held']:>5}"
+        )
     print("\ncontrol thread scheduling: " + ", ".join(f"{r['worker']} worker: {r['sched']}" for r in rows))
     print(f"node logs: {tmp}")
     return 0

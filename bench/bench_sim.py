@@ -35,8 +35,9 @@ def time_rig(size: tuple[int, int], cameras: tuple[str, ...]) -> dict:
     rig = SimRig(image_size=size, camera_names=cameras)
     rig.reset(seed=0)
     rig.observe()  # creates the GL context outside the measurement
-    run_expert_episode(rig, 0, TransferCubeExpert(), render=False,
-                       on_physics=(lambda r: r.observe()) if cameras else None)
+    run_expert_episode(
+        rig, 0, TransferCubeExpert(), render=False, on_physics=(lambda r: r.observe()) if cameras else None
+    )
     t = rig.timing()
     rig.close()
     step, render = t.step_ms, t.render_ms
@@ -75,8 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--gym-aloha", action="store_true", help="also time the stock gym-aloha wrapper's step")
     args = p.parse_args(argv)
 
-    print(f"# bench_sim  ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, python {platform.python_version()})")
+    print(
+        f"# bench_sim  ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}, python {platform.python_version()})"
+    )
     print()
     print("## step + render per control tick (50 Hz physics = 10 x 2 ms substeps; cameras rendered every tick)")
     print()
@@ -85,8 +88,10 @@ def main(argv=None) -> int:
     rows = [time_rig((240, 320), ())] + [time_rig(s, DEFAULT_CAMERAS) for s in args.sizes]
     for r in rows:
         render = "-" if r["render"][0] == 0 else f"{r['render'][0]:.2f} / {r['render'][1]:.2f}"
-        print(f"| {r['config']} | {r['step'][0]:.2f} / {r['step'][1]:.2f} | {render} | {r['tick']:.2f} | "
-              f"{r['load']:.2f} |")
+        print(
+            f"| {r['config']} | {r['step'][0]:.2f} / {r['step'][1]:.2f} | {render} | {r['tick']:.2f} | "
+            f"{r['load']:.2f} |"
+        )
     if args.gym_aloha:
         g = time_gym_aloha()
         print(f"| {g['config']} | - | - | {g['tick']:.1f} | {g['load']:.2f} |")

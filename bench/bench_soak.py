@@ -92,8 +92,12 @@ def scene_frames(names: list[str], count: int) -> tuple[list[dict[str, np.ndarra
         g = np.random.default_rng(0)
         sets = [{n: g.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8) for n in names} for _ in range(count)]
         pose = np.array([0.0, -0.96, 1.16, 0.0, -0.3, 0.0, 0.5] * 2)
-        return sets, pose, "pick up the red cube with the right arm and hand it over to the left arm", (
-            f"random noise (the scene did not render: {e})")
+        return (
+            sets,
+            pose,
+            "pick up the red cube with the right arm and hand it over to the left arm",
+            (f"random noise (the scene did not render: {e})"),
+        )
 
 
 def run_publisher(args) -> int:
@@ -155,8 +159,8 @@ def run_publisher(args) -> int:
         for i, pub in enumerate(state_pubs):
             msg = JointState()
             msg.header.stamp = stamp
-            msg.name = joints[i * 7:(i + 1) * 7]
-            msg.position = pose[i * 7:(i + 1) * 7].tolist()
+            msg.name = joints[i * 7 : (i + 1) * 7]
+            msg.position = pose[i * 7 : (i + 1) * 7].tolist()
             msg.velocity = [0.0] * 7
             pub.publish(msg)
         k += 1
@@ -170,9 +174,20 @@ def run_publisher(args) -> int:
         if delay > 0:
             stop.wait(delay)
     periods = np.diff(np.array(tick_times)) * 1e3 if len(tick_times) > 1 else np.zeros(1)
-    print(json.dumps({"event": "done", "sent": sent, "sent_before_subscriber": before_match,
-                      "behind_ticks": behind_ticks, "ticks": k, "tick_p99_ms": float(np.percentile(periods, 99)),
-                      "tick_max_ms": float(periods.max())}), flush=True)
+    print(
+        json.dumps(
+            {
+                "event": "done",
+                "sent": sent,
+                "sent_before_subscriber": before_match,
+                "behind_ticks": behind_ticks,
+                "ticks": k,
+                "tick_p99_ms": float(np.percentile(periods, 99)),
+                "tick_max_ms": float(periods.max()),
+            }
+        ),
+        flush=True,
+    )
     ex.shutdown()
     node.destroy_node()
     rclpy.try_shutdown()
@@ -228,8 +243,11 @@ class Watcher:
         for s in msg.status:
             if s.name.startswith("/qvla/policy_node: "):
                 level = int.from_bytes(s.level, "little") if isinstance(s.level, bytes) else int(s.level)
-                entry[s.name.split(": ", 1)[1]] = {"level": level, "message": s.message,
-                                                   **{kv.key: kv.value for kv in s.values}}
+                entry[s.name.split(": ", 1)[1]] = {
+                    "level": level,
+                    "message": s.message,
+                    **{kv.key: kv.value for kv in s.values},
+                }
         if entry:
             with self.lock:
                 self.diags.append((t, entry))
@@ -294,10 +312,20 @@ class MemorySampler:
             pids = sorted({r[1] for r in w})
             slope = float(np.polyfit((t - t[0]) / 60.0, m, 1)[0]) if len(w) >= 3 else float("nan")
             cpu = [(r[0], r[3]) for r in w if r[3] is not None and r[1] == w[-1][1]]
-            cpu_pct = (100.0 * (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
-                       if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0] else float("nan"))
-            out[name] = {"pids": pids, "start": float(m[0]), "end": float(m[-1]), "growth": float(m[-1] - m[0]),
-                         "max": float(m.max()), "slope": slope, "cpu": cpu_pct}
+            cpu_pct = (
+                100.0 * (cpu[-1][1] - cpu[0][1]) / (cpu[-1][0] - cpu[0][0])
+                if len(cpu) >= 2 and cpu[-1][0] > cpu[0][0]
+                else float("nan")
+            )
+            out[name] = {
+                "pids": pids,
+                "start": float(m[0]),
+                "end": float(m[-1]),
+                "growth": float(m[-1] - m[0]),
+                "max": float(m.max()),
+                "slope": slope,
+                "cpu": cpu_pct,
+            }
         return out
 
 
@@ -320,10 +348,16 @@ def run_soak(args) -> int:
     pub_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "src"), pub_env.get("PYTHONPATH", "")) if p)
     pub_env.update(PYTHONUNBUFFERED="1", LP_NUM_THREADS="1", OMP_NUM_THREADS="1")
     pub_err = open(log_dir / "publisher.log", "w")
-    pub = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--role", "publisher",
-                            "--frame-sets", str(args.frame_sets)], env=pub_env, stdout=subprocess.PIPE,
-                           stderr=pub_err, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-                           preexec_fn=_die_with_parent)
+    pub = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--role", "publisher", "--frame-sets", str(args.frame_sets)],
+        env=pub_env,
+        stdout=subprocess.PIPE,
+        stderr=pub_err,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
     pub_lines: list[dict] = []
 
     def read_pub():
@@ -358,10 +392,14 @@ def run_soak(args) -> int:
             time.sleep(0.2)
         if not w.streaming():
             last = w.latest("commands").get("message", "no diagnostics")
-            raise RuntimeError(f"no unheld command stream within {args.startup_timeout:.0f} s (last: {last}; "
-                               f"logs: {log_dir})")
-        print(f"streaming; settling {args.settle:.0f} s, then soaking {args.minutes:g} min ...", file=sys.stderr,
-              flush=True)
+            raise RuntimeError(
+                f"no unheld command stream within {args.startup_timeout:.0f} s (last: {last}; logs: {log_dir})"
+            )
+        print(
+            f"streaming; settling {args.settle:.0f} s, then soaking {args.minutes:g} min ...",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(args.settle)
         sampler.sample()
         t0 = time.monotonic()
@@ -372,8 +410,10 @@ def run_soak(args) -> int:
         deadline = t0 + args.minutes * 60.0
         while time.monotonic() < deadline:
             if runner.exited() or pub.poll() is not None:
-                raise RuntimeError(f"a process exited during the soak (node: {runner.exited()}, publisher: "
-                                   f"{pub.poll()}; logs: {log_dir})")
+                raise RuntimeError(
+                    f"a process exited during the soak (node: {runner.exited()}, publisher: "
+                    f"{pub.poll()}; logs: {log_dir})"
+                )
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         sampler.sample()
         t1 = time.monotonic()
@@ -419,10 +459,12 @@ def run_soak(args) -> int:
             "node_max": max(node_max) if node_max else float("nan"),
             "held": int(cmd.get("held_ticks", 0)) - held0,
             "chunks": int(inf.get("predictions", 0)) - pred0,
-            "inf_p50": float(inf.get("latency_p50_ms", "nan")), "inf_p99": float(inf.get("latency_p99_ms", "nan")),
+            "inf_p50": float(inf.get("latency_p50_ms", "nan")),
+            "inf_p99": float(inf.get("latency_p99_ms", "nan")),
             "restarts": inf.get("restarts", "?"),
             "cameras": {n: final.get(f"camera {n}", {}) for n in _camera_names()},
-            "publisher": done, "images": ready.get("images", "?"),
+            "publisher": done,
+            "images": ready.get("images", "?"),
             "memory": sampler.summary(t0 - 0.5, t1 + 0.5),
         }
     finally:
@@ -450,51 +492,72 @@ def _camera_names() -> list[str]:
 
 def print_report(args, policy: Path, r: dict, window: float, log_dir: Path) -> None:
     load = os.getloadavg()
-    print(f"\nqvla soak: 3 cameras {WIDTH}x{HEIGHT} rgb8 at {RATE_HZ:.0f} Hz + arm states -> policy node "
-          f"({policy.name}, {args.worker} worker, {args.device}); window {window / 60:.2f} min; "
-          f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(
+        f"\nqvla soak: 3 cameras {WIDTH}x{HEIGHT} rgb8 at {RATE_HZ:.0f} Hz + arm states -> policy node "
+        f"({policy.name}, {args.worker} worker, {args.device}); window {window / 60:.2f} min; "
+        f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
     print(f"images: {r['images']}; logs: {log_dir}\n")
-    print("commands (left arm, at a subscriber in another process, over the window; node: the worst of its own "
-          "10 s p99/max reports)")
-    head = (f"{'cmd Hz':>7} {'count':>6} {'period p50':>10} {'p99':>7} {'max':>7} {'node p99':>8} {'node max':>8} "
-            f"{'held':>5} {'chunks':>6} {'infer p50':>9} {'p99':>6} {'restarts':>8}")
+    print(
+        "commands (left arm, at a subscriber in another process, over the window; node: the worst of its own "
+        "10 s p99/max reports)"
+    )
+    head = (
+        f"{'cmd Hz':>7} {'count':>6} {'period p50':>10} {'p99':>7} {'max':>7} {'node p99':>8} {'node max':>8} "
+        f"{'held':>5} {'chunks':>6} {'infer p50':>9} {'p99':>6} {'restarts':>8}"
+    )
     print(head)
     print("-" * len(head))
-    print(f"{r['rate_hz']:7.2f} {r['count']:6d} {r['p50']:8.1f}ms {r['p99']:5.1f}ms {r['max']:5.1f}ms "
-          f"{r['node_p99']:6.1f}ms {r['node_max']:6.1f}ms {r['held']:5d} {r['chunks']:6d} {r['inf_p50']:7.0f}ms "
-          f"{r['inf_p99']:4.0f}ms {r['restarts']:>8}")
+    print(
+        f"{r['rate_hz']:7.2f} {r['count']:6d} {r['p50']:8.1f}ms {r['p99']:5.1f}ms {r['max']:5.1f}ms "
+        f"{r['node_p99']:6.1f}ms {r['node_max']:6.1f}ms {r['held']:5d} {r['chunks']:6d} {r['inf_p50']:7.0f}ms "
+        f"{r['inf_p99']:4.0f}ms {r['restarts']:>8}"
+    )
     print("held: control ticks the safety filter held during the window; chunks: inferences")
     for message, n in sorted(r["holds"].items(), key=lambda x: -x[1]):
         print(f"  held at {n} of the node's 1 Hz diagnostics: {message[:200]}")
 
     pub = r["publisher"]
-    print("\ncameras (whole run: from the publisher's first frame with a subscriber to its last; node: its "
-          "/diagnostics after the publisher stopped)")
-    head = (f"{'camera':<12} {'published':>9} {'node frames':>11} {'lost':>6} {'node dropped':>12} "
-            f"{'out of order':>12} {'node Hz':>7}")
+    print(
+        "\ncameras (whole run: from the publisher's first frame with a subscriber to its last; node: its "
+        "/diagnostics after the publisher stopped)"
+    )
+    head = (
+        f"{'camera':<12} {'published':>9} {'node frames':>11} {'lost':>6} {'node dropped':>12} "
+        f"{'out of order':>12} {'node Hz':>7}"
+    )
     print(head)
     print("-" * len(head))
     for name, c in r["cameras"].items():
         sent = int(pub.get("sent", {}).get(name, 0))
         frames = int(c.get("frames", 0))
-        print(f"{name:<12} {sent:9d} {frames:11d} {sent - frames:6d} {c.get('dropped', '?'):>12} "
-              f"{c.get('out_of_order', '?'):>12} {float(c.get('rate_hz', 'nan')):7.2f}")
-    print(f"publisher: {pub.get('ticks', '?')} ticks, {pub.get('behind_ticks', '?')} skipped for falling behind "
-          f"30 Hz, tick period p99 {pub.get('tick_p99_ms', float('nan')):.1f} ms, max "
-          f"{pub.get('tick_max_ms', float('nan')):.1f} ms; frames before the node subscribed: "
-          f"{pub.get('sent_before_subscriber', {})}")
+        print(
+            f"{name:<12} {sent:9d} {frames:11d} {sent - frames:6d} {c.get('dropped', '?'):>12} "
+            f"{c.get('out_of_order', '?'):>12} {float(c.get('rate_hz', 'nan')):7.2f}"
+        )
+    print(
+        f"publisher: {pub.get('ticks', '?')} ticks, {pub.get('behind_ticks', '?')} skipped for falling behind "
+        f"30 Hz, tick period p99 {pub.get('tick_p99_ms', float('nan')):.1f} ms, max "
+        f"{pub.get('tick_max_ms', float('nan')):.1f} ms; frames before the node subscribed: "
+        f"{pub.get('sent_before_subscriber', {})}"
+    )
     print("lost: published - received by the node; node dropped: the node's estimate from gaps in header stamps")
 
-    print("\nmemory (VmRSS from /proc/PID/status, sampled every "
-          f"{args.sample_every:g} s over the window; slope: least-squares fit)")
-    head = (f"{'process':<22} {'pid':>8} {'RSS start':>10} {'end':>9} {'growth':>9} {'max':>9} {'slope':>11} "
-            f"{'CPU %':>6}")
+    print(
+        "\nmemory (VmRSS from /proc/PID/status, sampled every "
+        f"{args.sample_every:g} s over the window; slope: least-squares fit)"
+    )
+    head = (
+        f"{'process':<22} {'pid':>8} {'RSS start':>10} {'end':>9} {'growth':>9} {'max':>9} {'slope':>11} {'CPU %':>6}"
+    )
     print(head)
     print("-" * len(head))
     for name, m in r["memory"].items():
         pid = ",".join(str(p) for p in m["pids"])
-        print(f"{name:<22} {pid:>8} {m['start']:8.1f}MB {m['end']:7.1f}MB {m['growth']:+7.1f}MB {m['max']:7.1f}MB "
-              f"{m['slope']:+6.2f}MB/min {m['cpu']:6.0f}")
+        print(
+            f"{name:<22} {pid:>8} {m['start']:8.1f}MB {m['end']:7.1f}MB {m['growth']:+7.1f}MB {m['max']:7.1f}MB "
+            f"{m['slope']:+6.2f}MB/min {m['cpu']:6.0f}"
+        )
 
 
 def main() -> int:
@@ -507,8 +570,9 @@ def main() -> int:
     ap.add_argument("--sample-every", type=float, default=2.0, help="RSS sampling period, s")
     ap.add_argument("--frame-sets", type=int, default=4, help="scene renders the publisher cycles through")
     ap.add_argument("--startup-timeout", type=float, default=180.0)
-    ap.add_argument("--domain-id", type=int, default=226,
-                    help="ROS_DOMAIN_ID (default outside the 20-219 the tests pick from)")
+    ap.add_argument(
+        "--domain-id", type=int, default=226, help="ROS_DOMAIN_ID (default outside the 20-219 the tests pick from)"
+    )
     ap.add_argument("--role", default="soak", choices=("soak", "publisher"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.role == "publisher":

@@ -44,7 +44,8 @@ def pytest_collection_modifyitems(config, items):
     skips = {}
     if not ros_available():
         skips["ros"] = pytest.mark.skip(
-            reason="rclpy or qvla_msgs not importable: run `make setup` (or source your ROS 2 install)")
+            reason="rclpy or qvla_msgs not importable: run `make setup` (or source your ROS 2 install)"
+        )
     if any("gpu" in item.keywords for item in items) and not cuda_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
     for item in items:

@@ -31,7 +31,9 @@ ROS_FREE = ("qvla_quant", "qvla_ros.sim", "qvla_ros.episodes", "qvla_ros.policy"
 
 @pytest.mark.parametrize("package", ROS_FREE)
 def test_imports_without_rclpy(package):
-    code = NO_ROS_PRELUDE + f"""
+    code = (
+        NO_ROS_PRELUDE
+        + f"""
 import importlib, pkgutil
 pkg = importlib.import_module({package!r})
 names = [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
@@ -42,9 +44,9 @@ config_path("topics.yaml")
 assert not any(m.split(".")[0] in ROS for m in sys.modules), sorted(m for m in sys.modules if m.startswith("rcl"))
 print(len(names))
 """
+    )
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "MUJOCO_GL": "egl"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) >= 2  # the package's modules were really walked
 

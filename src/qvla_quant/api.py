@@ -108,8 +108,10 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, device="cpu
             "policy; load it with qvla_quant.artifact.load_artifact(path, skeleton)"
         )
     if not isinstance(adapter_config, dict) or "adapter" not in adapter_config:
-        raise ArtifactError(f"{path / ARTIFACT_FILE}: 'extra.adapter_config' has no adapter name; the file is "
-                            "corrupt: re-save the artifact")
+        raise ArtifactError(
+            f"{path / ARTIFACT_FILE}: 'extra.adapter_config' has no adapter name; the file is "
+            "corrupt: re-save the artifact"
+        )
     adapter = adapter_class(adapter_config["adapter"]).from_config(adapter_config, model=model, **adapter_kwargs)
     load_artifact(path, adapter.model, device=device)
     return adapter

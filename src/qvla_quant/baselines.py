@@ -70,8 +70,17 @@ def uniform_plan(
         raise ValueError(f"activation_bits={activation_bits} contradicts quant.activation.bits={quant.activation.bits}")
     grouped = (lambda out: [True] * out) if group_size is not None else (lambda out: None)
     layers = {
-        d.name: LayerPlan(d.name, d.role, d.kind, d.out_features, d.fan_in, [bits] * d.out_features, granularity,
-                          group_size, grouped(d.out_features))
+        d.name: LayerPlan(
+            d.name,
+            d.role,
+            d.kind,
+            d.out_features,
+            d.fan_in,
+            [bits] * d.out_features,
+            granularity,
+            group_size,
+            grouped(d.out_features),
+        )
         for d in _descs(layers_spec)
     }
     kind = "channel" if granularity == "row" else "layer"
@@ -97,16 +106,12 @@ def layerwise_plan(layers_spec: Plan | Iterable[LayerDesc], bits: int, **kwargs)
     return uniform_plan(layers_spec, bits, granularity="tensor", **kwargs)
 
 
-def grouped_plan(
-    layers_spec: Plan | Iterable[LayerDesc], bits: int, group_size: int = 128, **kwargs
-) -> Plan:
+def grouped_plan(layers_spec: Plan | Iterable[LayerDesc], bits: int, group_size: int = 128, **kwargs) -> Plan:
     """Group-wise RTN: `uniform_plan(..., group_size=group_size)` (one scale/zero per g weights of every row)."""
     return uniform_plan(layers_spec, bits, group_size=group_size, **kwargs)
 
 
-def table3_plans(
-    layers_spec: Plan | Iterable[LayerDesc], bits: Iterable[int] = (8, 4, 2), **kwargs
-) -> dict[str, Plan]:
+def table3_plans(layers_spec: Plan | Iterable[LayerDesc], bits: Iterable[int] = (8, 4, 2), **kwargs) -> dict[str, Plan]:
     """Per-channel and layer-wise RTN at each bit-width, keyed by the plan's method name."""
     specs = layers_spec if isinstance(layers_spec, Plan) else _descs(layers_spec)
     plans = [uniform_plan(specs, b, granularity=g, **kwargs) for b in bits for g in ("row", "tensor")]

@@ -158,8 +158,14 @@ def _header_shape(header: dict, name: str) -> list[int] | None:
     return header[matches[0]][1] if len(matches) == 1 else None
 
 
-def load_pretrained_strict(model_cls, directory: str | os.PathLike, *, config=None,
-                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_pretrained_strict(
+    model_cls,
+    directory: str | os.PathLike,
+    *,
+    config=None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
     """`model_cls.from_pretrained(directory)` from local safetensors only, refusing any missing, unexpected or
     mismatched tensor (CheckpointError naming the file, the tensors and their expected shapes)."""
     directory = Path(directory)
@@ -169,8 +175,13 @@ def load_pretrained_strict(model_cls, directory: str | os.PathLike, *, config=No
     try:
         with _quiet_transformers():
             model, info = model_cls.from_pretrained(
-                str(directory), local_files_only=True, dtype=dtype, use_safetensors=True, output_loading_info=True,
-                ignore_mismatched_sizes=True, **kwargs,  # mismatches are reported below, with both shapes
+                str(directory),
+                local_files_only=True,
+                dtype=dtype,
+                use_safetensors=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,  # mismatches are reported below, with both shapes
             )
     except Exception as e:  # transformers raises OSError/ValueError/RuntimeError/KeyError for damaged files
         raise CheckpointError(
@@ -181,8 +192,10 @@ def load_pretrained_strict(model_cls, directory: str | os.PathLike, *, config=No
     problems = []
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        problems.append(f"{len(missing)} tensors missing: " + _listed(
-            [f"{k} {_shape(expected[k].shape)}" if k in expected else k for k in missing]))
+        problems.append(
+            f"{len(missing)} tensors missing: "
+            + _listed([f"{k} {_shape(expected[k].shape)}" if k in expected else k for k in missing])
+        )
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         described = []
@@ -192,17 +205,24 @@ def load_pretrained_strict(model_cls, directory: str | os.PathLike, *, config=No
         problems.append(f"{len(unexpected)} unexpected tensors: " + _listed(described))
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
     if mismatched:
-        problems.append(f"{len(mismatched)} tensors of the wrong shape: " + _listed(
-            [f"{m[0]} is {_shape(m[1])}, expected {_shape(m[2])}" for m in mismatched]))
+        problems.append(
+            f"{len(mismatched)} tensors of the wrong shape: "
+            + _listed([f"{m[0]} is {_shape(m[1])}, expected {_shape(m[2])}" for m in mismatched])
+        )
     if info.get("error_msgs"):
         problems.append("errors: " + "; ".join(" ".join(str(e).split()) for e in info["error_msgs"][:LIST_LIMIT]))
     if expected and all(t.is_floating_point() for t in expected.values()):
         # transformers casts every stored tensor to `dtype`: an integer or bool tensor would be silently converted
-        wrong = [f"{k} is {_torch_dtype_name(dt)}" for k, (dt, _) in header.items()
-                 if not getattr(torch, _torch_dtype_name(dt), torch.float32).is_floating_point]
+        wrong = [
+            f"{k} is {_torch_dtype_name(dt)}"
+            for k, (dt, _) in header.items()
+            if not getattr(torch, _torch_dtype_name(dt), torch.float32).is_floating_point
+        ]
         if wrong:
-            problems.append(f"{len(wrong)} tensors of a non-floating dtype where the model has floating-point "
-                            "weights: " + _listed(wrong))
+            problems.append(
+                f"{len(wrong)} tensors of a non-floating dtype where the model has floating-point "
+                "weights: " + _listed(wrong)
+            )
     if problems:
         raise CheckpointError(
             f"{path} does not hold the weights of the {model_cls.__name__} described by {directory / 'config.json'}: "

@@ -24,8 +24,6 @@ LEGACY_FINGERPRINT_ALGORITHM = "sha256-first-last-4KiB"
 FINGERPRINT_SAMPLE_BYTES = 4096  # per tensor, from each end (legacy algorithm)
 
 
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -147,8 +147,10 @@ class InputGroup:
         if (self.producer is None) != (self.producer_kind is None):
             raise ValueError(f"InputGroup {self.consumers}: give both producer and producer_kind, or neither")
         if self.producer_kind is not None and self.producer_kind not in PRODUCER_KINDS:
-            raise ValueError(f"InputGroup {self.consumers}: producer_kind must be one of {PRODUCER_KINDS}, "
-                             f"got {self.producer_kind!r}")
+            raise ValueError(
+                f"InputGroup {self.consumers}: producer_kind must be one of {PRODUCER_KINDS}, "
+                f"got {self.producer_kind!r}"
+            )
 
     @property
     def foldable(self) -> bool:
@@ -206,8 +208,11 @@ def transformer_input_groups(model: nn.Module, *, shared_value_prefixes: Sequenc
             continue
         if _sub(m, "input_layernorm") is not None and _sub(m, "post_attention_layernorm") is not None:
             norm1, norm2 = "input_layernorm", "post_attention_layernorm"
-            out_name, mlp_in, mid = "self_attn.o_proj", ["mlp.gate_proj", "mlp.up_proj"], ("mlp.up_proj",
-                                                                                          "mlp.down_proj")
+            out_name, mlp_in, mid = (
+                "self_attn.o_proj",
+                ["mlp.gate_proj", "mlp.up_proj"],
+                ("mlp.up_proj", "mlp.down_proj"),
+            )
         elif _sub(m, "layer_norm1") is not None and _sub(m, "layer_norm2") is not None:
             norm1, norm2 = "layer_norm1", "layer_norm2"
             out_name, mlp_in, mid = "self_attn.out_proj", ["mlp.fc1"], None
@@ -227,19 +232,32 @@ def transformer_input_groups(model: nn.Module, *, shared_value_prefixes: Sequenc
         v, o = _sub(m, "self_attn.v_proj"), _sub(m, out_name)
         if linears(["self_attn.v_proj", out_name]):
             if any(name == s.rstrip(".") or name.startswith(s) for s in shared_value_prefixes):
-                groups.append(InputGroup((p + out_name,), reason="its attention mixes these values with another "
-                                         "model's (π0: the action expert reads the language model's KV cache), so "
-                                         "v_proj cannot be rescaled alone"))
+                groups.append(
+                    InputGroup(
+                        (p + out_name,),
+                        reason="its attention mixes these values with another "
+                        "model's (π0: the action expert reads the language model's KV cache), so "
+                        "v_proj cannot be rescaled alone",
+                    )
+                )
             elif v.out_features != o.in_features:
-                groups.append(InputGroup((p + out_name,), reason="grouped-query attention: v_proj's outputs are "
-                                         "shared by several heads of its input"))
+                groups.append(
+                    InputGroup(
+                        (p + out_name,),
+                        reason="grouped-query attention: v_proj's outputs are shared by several heads of its input",
+                    )
+                )
             else:
                 groups.append(InputGroup((p + out_name,), p + "self_attn.v_proj", "linear"))
         if mid is not None and linears(list(mid)):
             groups.append(InputGroup((p + mid[1],), p + mid[0], "linear"))
         elif _sub(m, "mlp.fc2") is not None:
-            groups.append(InputGroup((p + "mlp.fc2",), reason="its input is act(fc1(x)) with a GELU, which does not "
-                                     "commute with a per-channel scale"))
+            groups.append(
+                InputGroup(
+                    (p + "mlp.fc2",),
+                    reason="its input is act(fc1(x)) with a GELU, which does not commute with a per-channel scale",
+                )
+            )
     return groups
 
 
@@ -248,8 +266,10 @@ def pi0_input_groups(model: nn.Module) -> list[InputGroup]:
     RMSNorms in π0; an adaptive norm would fail `_norm_kind` and keep s = 1), plus post_layernorm -> projector and
     the expert's final norm -> action_out_proj."""
     groups = transformer_input_groups(model, shared_value_prefixes=("model.vlm.language_model.", "model.dit."))
-    for norm, reader in (("model.vlm.vision_tower.post_layernorm", "model.vlm.multi_modal_projector.linear"),
-                         ("model.dit.norm", "action_out_proj")):
+    for norm, reader in (
+        ("model.vlm.vision_tower.post_layernorm", "model.vlm.multi_modal_projector.linear"),
+        ("model.dit.norm", "action_out_proj"),
+    ):
         if _sub(model, norm) is not None and isinstance(_sub(model, reader), nn.Linear):
             kind, why = _norm_kind(model.get_submodule(norm))
             groups.append(InputGroup((reader,), norm, kind) if kind else InputGroup((reader,), reason=why))
@@ -279,8 +299,10 @@ def input_groups(adapter: PolicyAdapter, given: Iterable[InputGroup] | None = No
             if module is None or not is_quantizable(module):
                 raise ValueError(f"input group {g.consumers}: {c!r} is not a quantizable layer of the model")
             if g.foldable and not isinstance(module, nn.Linear):
-                raise ValueError(f"input group {g.consumers}: {c!r} is a {type(module).__name__}; only nn.Linear "
-                                 "readers can take a folded input scale")
+                raise ValueError(
+                    f"input group {g.consumers}: {c!r} is a {type(module).__name__}; only nn.Linear "
+                    "readers can take a folded input scale"
+                )
             seen[c] = i
         if g.foldable:
             producer = _sub(model, g.producer)
@@ -290,8 +312,9 @@ def input_groups(adapter: PolicyAdapter, given: Iterable[InputGroup] | None = No
             if any(model.get_submodule(c).in_features != width for c in g.consumers):
                 raise ValueError(f"input group {g.consumers}: its layers do not read inputs of one width")
             if g.producer_kind == "linear" and not (isinstance(producer, nn.Linear) and producer.out_features == width):
-                raise ValueError(f"input group {g.consumers}: producer {g.producer!r} must be an nn.Linear with "
-                                 f"{width} outputs")
+                raise ValueError(
+                    f"input group {g.consumers}: producer {g.producer!r} must be an nn.Linear with {width} outputs"
+                )
             if g.producer_kind != "linear" and getattr(producer, "weight", None) is None:
                 raise ValueError(f"input group {g.consumers}: producer {g.producer!r} has no weight to fold into")
     groups += [InputGroup((name,), reason=NO_PRODUCER) for name in layers if name not in seen]
@@ -345,12 +368,15 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as rows [N, fan_in] in fp32: a Linear's tokens, or a Conv2d's patches (`F.unfold`)."""
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros" or module.padding == "same":
-            raise NotImplementedError(f"patch rows of a conv with groups={module.groups}, padding={module.padding!r}, "
-                                      f"padding_mode={module.padding_mode!r}")
+            raise NotImplementedError(
+                f"patch rows of a conv with groups={module.groups}, padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}"
+            )
         padding = 0 if module.padding == "valid" else module.padding
         xb = x.unsqueeze(0) if x.dim() == 3 else x
-        cols = F.unfold(xb.float(), module.kernel_size, dilation=module.dilation, padding=padding,
-                        stride=module.stride)  # [B, K, L]
+        cols = F.unfold(
+            xb.float(), module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )  # [B, K, L]
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.detach().reshape(-1, x.shape[-1]).float()
 
@@ -391,7 +417,7 @@ def execution_order(adapter: PolicyAdapter, batch, names: Iterable[str]) -> list
         return fn
 
     run_calibration(adapter, [batch], {n: tap(n) for n in names})
-    return sorted(names, key=lambda n: (first.get(n, len(first) + names.index(n))))
+    return sorted(names, key=lambda n: first.get(n, len(first) + names.index(n)))
 
 
 @dataclass
@@ -475,10 +501,17 @@ def _plan(adapter, planned, *, method, quant, budget, info, group_size=None, gro
             extra = {}
             if info_.name in grouped_layers:
                 extra = {"group_size": group_size, "grouped": [True] * info_.out_features}
-            layers[info_.name] = LayerPlan(info_.name, role, info_.kind, info_.out_features, info_.fan_in,
-                                           [b] * info_.out_features, **extra)
-    plan = Plan(layers=layers, quant=quant, budget=budget, method=method, info=info,
-                model_fingerprint=fingerprint_id(model_fingerprint(adapter.model)))
+            layers[info_.name] = LayerPlan(
+                info_.name, role, info_.kind, info_.out_features, info_.fan_in, [b] * info_.out_features, **extra
+            )
+    plan = Plan(
+        layers=layers,
+        quant=quant,
+        budget=budget,
+        method=method,
+        info=info,
+        model_fingerprint=fingerprint_id(model_fingerprint(adapter.model)),
+    )
     return plan
 
 
@@ -529,9 +562,11 @@ def check_fold(adapter_before: PolicyAdapter, adapter_after: PolicyAdapter, batc
         a1 = adapter_after.actions(batch, noise).float()
     rel = float((a1 - a0).abs().max() / a0.abs().max().clamp_min(1e-12))
     if not rel <= FOLD_TOLERANCE:
-        raise ValueError(f"{what}: folding the input scales changed the float policy's actions by {rel:.2e} "
-                           f"(relative; expected fp rounding only): an input group's producer is not what it "
-                           "seems; pass input_groups=... explicitly")
+        raise ValueError(
+            f"{what}: folding the input scales changed the float policy's actions by {rel:.2e} "
+            f"(relative; expected fp rounding only): an input group's producer is not what it "
+            "seems; pass input_groups=... explicitly"
+        )
     return rel
 
 
@@ -539,8 +574,13 @@ def check_fold(adapter_before: PolicyAdapter, adapter_after: PolicyAdapter, batc
 # AWQ
 
 
-def awq_objective(weights: Sequence[torch.Tensor], bits: Sequence[int], hessian: torch.Tensor, s: torch.Tensor,
-                  config: WeightQuantConfig | None = None) -> float:
+def awq_objective(
+    weights: Sequence[torch.Tensor],
+    bits: Sequence[int],
+    hessian: torch.Tensor,
+    s: torch.Tensor,
+    config: WeightQuantConfig | None = None,
+) -> float:
     """sum_c ||Q(W_c diag(s)) diag(s)^-1 x - W_c x||^2 averaged over calibration rows x, as sum dW H dW^T with
     H = X^T X / N (fp64)."""
     total = 0.0
@@ -574,9 +614,18 @@ def awq_search(weights, bits, hessian, mean_abs, *, grid: int = AWQ_GRID, config
     return best[1], best[2], losses
 
 
-def awq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTemplate | None = None,
-        grid: int = AWQ_GRID, weight: WeightQuantConfig = RTN_WEIGHT, groups: Iterable[InputGroup] | None = None,
-        max_stat_bytes: int = 256 << 20, inplace: bool = False) -> BaselineResult:
+def awq(
+    adapter: PolicyAdapter,
+    batches,
+    bits: int = 4,
+    *,
+    template: PlanTemplate | None = None,
+    grid: int = AWQ_GRID,
+    weight: WeightQuantConfig = RTN_WEIGHT,
+    groups: Iterable[InputGroup] | None = None,
+    max_stat_bytes: int = 256 << 20,
+    inplace: bool = False,
+) -> BaselineResult:
     """AWQ W{bits}A16: per input group, the alpha of the grid that minimizes the group's output error; 1/s folded
     into the producer, s into the weights; rows quantized per row by `weight` (default plain min-max RTN).
 
@@ -614,21 +663,40 @@ def awq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTemplat
                     layer_info[c] = {"s": 1, "reason": "never called on the calibration samples"}
                 continue
             weights = [model.get_submodule(c).weight for c in quantized]
-            alpha, s, losses = awq_search(weights, [planned[c][1] for c in quantized], st.hessian(), st.mean_abs(),
-                                          grid=grid, config=weight)
+            alpha, s, losses = awq_search(
+                weights, [planned[c][1] for c in quantized], st.hessian(), st.mean_abs(), grid=grid, config=weight
+            )
             fold_input_scale(model, g, s)
             rtn_loss = losses[0][1]
             best_loss = min(v for _, v in losses)
-            group_info.append({"layers": list(g.consumers), "producer": g.producer, "kind": g.producer_kind,
-                               "alpha": alpha, "objective": best_loss, "objective_rtn": rtn_loss,
-                               "s_range": [float(s.min()), float(s.max())]})
+            group_info.append(
+                {
+                    "layers": list(g.consumers),
+                    "producer": g.producer,
+                    "kind": g.producer_kind,
+                    "alpha": alpha,
+                    "objective": best_loss,
+                    "objective_rtn": rtn_loss,
+                    "s_range": [float(s.min()), float(s.max())],
+                }
+            )
             for c in quantized:
                 layer_info[c] = {"alpha": alpha, "producer": g.producer}
     fold = check_fold(original, new, adapter.to_device(batches[0]), "awq")
-    info = {"baseline": "AWQ", "method": "awq", "bits": bits, "activation_bits": 16, "alpha_grid": grid,
-            "weight_quantizer": weight.to_dict(), "calibration_samples": _samples(new, batches),
-            "calibrated_on": source, "fold_check_rel": fold, "groups": group_info, "layers": layer_info,
-            "time_s": time.perf_counter() - t0}
+    info = {
+        "baseline": "AWQ",
+        "method": "awq",
+        "bits": bits,
+        "activation_bits": 16,
+        "alpha_grid": grid,
+        "weight_quantizer": weight.to_dict(),
+        "calibration_samples": _samples(new, batches),
+        "calibrated_on": source,
+        "fold_check_rel": fold,
+        "groups": group_info,
+        "layers": layer_info,
+        "time_s": time.perf_counter() - t0,
+    }
     quant = QuantConfig(weight=weight, activation=ActivationQuantConfig(16))
     plan = _plan(new, planned, method=f"awq-w{bits}a16", quant=quant, budget=float(bits), info=info)
     return BaselineResult(plan, new, {})
@@ -659,9 +727,17 @@ def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
     raise ValueError(f"GPTQ: the Hessian is not positive definite even with damping {damp:g}")
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, config: WeightQuantConfig | None = None,
-                  block_size: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP, act_order: bool = False,
-                  group_size: int | None = None) -> GPTQLayer:
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    *,
+    config: WeightQuantConfig | None = None,
+    block_size: int = GPTQ_BLOCK,
+    damp: float = GPTQ_DAMP,
+    act_order: bool = False,
+    group_size: int | None = None,
+) -> GPTQLayer:
     """GPTQ of one weight [R, K] (rows; a conv's filters flattened) with H = X^T X / N of its input rows.
 
     Per-row: scale/zero from the original rows (`quantize_rows`: min-max, or `config`'s clip search). Grouped
@@ -707,15 +783,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, con
         for i in range(i2 - i1):
             j = i1 + i
             if group_size is not None and j % group_size == 0:
-                _, sg, zg = quantize_rows(w1[:, i:i + group_size], bits, config)
+                _, sg, zg = quantize_rows(w1[:, i : i + group_size], bits, config)
                 scale[:, j // group_size], zero[:, j // group_size] = sg, zg.float()
                 s, z = sg.float()[:, None], zg.float()[:, None]
-            col = w1[:, i:i + 1]
+            col = w1[:, i : i + 1]
             q = torch.clamp(torch.round(col / s) + z, 0, qmax)
             codes[:, j] = q[:, 0]
             err = (col - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= err @ u1[i:i + 1, i:]
-            err1[:, i:i + 1] = err
+            w1[:, i:] -= err @ u1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     inv = torch.argsort(perm)
     codes = codes[:, inv].to(torch.uint8)
@@ -732,19 +808,32 @@ def _check_group(bits: int, group_size: int) -> None:
     grouped_bits = tuple(getattr(_quantizer, "GROUPED_BITS", ()))
     sizes = tuple(getattr(_quantizer, "GROUP_SIZES", ()))
     if not grouped_bits:
-        raise NotImplementedError("gptq: grouped scales need a packed format with group-wise scales; this "
-                                  "qvla_quant stores one scale/zero per row: use group_size=None")
+        raise NotImplementedError(
+            "gptq: grouped scales need a packed format with group-wise scales; this "
+            "qvla_quant stores one scale/zero per row: use group_size=None"
+        )
     if bits not in grouped_bits:
         raise ValueError(f"gptq: group-wise scales are for rows at {grouped_bits} bits, not {bits}")
     if group_size not in sizes:
         raise ValueError(f"gptq: group_size must be one of {sizes}, got {group_size!r}")
 
 
-def gptq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTemplate | None = None,
-         weight: WeightQuantConfig = RTN_WEIGHT, block_size: int = GPTQ_BLOCK, damp: float = GPTQ_DAMP,
-         act_order: bool = False, group_size: int | None = None, sequential: bool = True,
-         groups: Iterable[InputGroup] | None = None, max_stat_bytes: int = 256 << 20,
-         inplace: bool = False) -> BaselineResult:
+def gptq(
+    adapter: PolicyAdapter,
+    batches,
+    bits: int = 4,
+    *,
+    template: PlanTemplate | None = None,
+    weight: WeightQuantConfig = RTN_WEIGHT,
+    block_size: int = GPTQ_BLOCK,
+    damp: float = GPTQ_DAMP,
+    act_order: bool = False,
+    group_size: int | None = None,
+    sequential: bool = True,
+    groups: Iterable[InputGroup] | None = None,
+    max_stat_bytes: int = 256 << 20,
+    inplace: bool = False,
+) -> BaselineResult:
     """GPTQ W{bits}A16, per-row scale/zero or grouped (`group_size`, one scale/zero per g columns). Layers reading
     one input share its H; sequential: groups in the order the policy calls them, each measured with the earlier
     ones already quantized (one pass per group); otherwise groups are measured together in runs of
@@ -773,8 +862,12 @@ def gptq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTempla
             continue
         module = model.get_submodule(quantized[0])
         try:
-            layer_input_rows(module, torch.zeros(1, module.in_channels, *module.kernel_size)
-                             if isinstance(module, nn.Conv2d) else torch.zeros(1, module.in_features))
+            layer_input_rows(
+                module,
+                torch.zeros(1, module.in_channels, *module.kernel_size)
+                if isinstance(module, nn.Conv2d)
+                else torch.zeros(1, module.in_features),
+            )
         except NotImplementedError as e:
             for c in quantized:
                 layer_info[c] = {"gptq": False, "reason": f"RTN instead: {e} is not supported"}
@@ -799,35 +892,69 @@ def gptq(adapter: PolicyAdapter, batches, bits: int = 4, *, template: PlanTempla
             for c in quantized:
                 module, b = model.get_submodule(c), planned[c][1]
                 gs = group_size if group_size is not None and b in _quantizer.GROUPED_BITS else None
-                res = gptq_quantize(module.weight, h, b, config=weight, block_size=block_size, damp=damp,
-                                    act_order=act_order, group_size=gs)
+                res = gptq_quantize(
+                    module.weight,
+                    h,
+                    b,
+                    config=weight,
+                    block_size=block_size,
+                    damp=damp,
+                    act_order=act_order,
+                    group_size=gs,
+                )
                 with torch.no_grad():
                     module.weight.copy_(res.weight.reshape(module.weight.shape).to(module.weight.dtype))
                     stored = module.weight.detach().reshape(res.codes.shape).float()
                 if not torch.equal(_codes_with(stored, b, res.scale, res.zero, gs), res.codes):
-                    raise ValueError(f"gptq: {c}: GPTQ's weights do not survive rounding to {module.weight.dtype} "
-                                     f"at {b} bits; quantize an fp32 copy of the policy")
+                    raise ValueError(
+                        f"gptq: {c}: GPTQ's weights do not survive rounding to {module.weight.dtype} "
+                        f"at {b} bits; quantize an fp32 copy of the policy"
+                    )
                 qparams[c] = (res.scale, res.zero)
                 if gs is not None:
                     grouped_layers.add(c)
-                layer_info[c] = {"gptq": True, "damp": res.damp, "calibration_rows": st.n,
-                                 **({"group_size": gs} if gs else {})}
+                layer_info[c] = {
+                    "gptq": True,
+                    "damp": res.damp,
+                    "calibration_rows": st.n,
+                    **({"group_size": gs} if gs else {}),
+                }
             del h
         del stats
-    info = {"baseline": "GPTQ", "method": "gptq", "bits": bits, "activation_bits": 16,
-            "granularity": "row" if group_size is None else f"group of {group_size} columns",
-            "block_size": block_size, "damp": damp, "act_order": act_order, "sequential": sequential,
-            "weight_quantizer": weight.to_dict(), "calibration_samples": _samples(new, batches),
-            "calibrated_on": source, "layers": layer_info, "time_s": time.perf_counter() - t0}
+    info = {
+        "baseline": "GPTQ",
+        "method": "gptq",
+        "bits": bits,
+        "activation_bits": 16,
+        "granularity": "row" if group_size is None else f"group of {group_size} columns",
+        "block_size": block_size,
+        "damp": damp,
+        "act_order": act_order,
+        "sequential": sequential,
+        "weight_quantizer": weight.to_dict(),
+        "calibration_samples": _samples(new, batches),
+        "calibrated_on": source,
+        "layers": layer_info,
+        "time_s": time.perf_counter() - t0,
+    }
     quant = QuantConfig(weight=weight, activation=ActivationQuantConfig(16))
     suffix = "" if group_size is None else f"g{group_size}"
-    plan = _plan(new, planned, method=f"gptq-w{bits}{suffix}a16", quant=quant, budget=float(bits), info=info,
-                 group_size=group_size, grouped_layers=grouped_layers)
+    plan = _plan(
+        new,
+        planned,
+        method=f"gptq-w{bits}{suffix}a16",
+        quant=quant,
+        budget=float(bits),
+        info=info,
+        group_size=group_size,
+        grouped_layers=grouped_layers,
+    )
     return BaselineResult(plan, new, qparams)
 
 
-def _codes_with(rows: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor,
-                group_size: int | None = None) -> torch.Tensor:
+def _codes_with(
+    rows: torch.Tensor, bits: int, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
     """clamp(round(w / s) + z, 0, 2^b - 1) with given per-row [R] or per-group [R, G] scale/zero (uint8 codes)."""
     s, z = scale.float(), zero.float()
     if group_size is not None:
@@ -852,9 +979,17 @@ def smoothquant_scales(x_absmax: torch.Tensor, weights: Sequence[torch.Tensor], 
     return s.clamp(1e-5, 1e5)
 
 
-def smoothquant(adapter: PolicyAdapter, batches, bits: int = 8, *, alpha: float = SMOOTHQUANT_ALPHA,
-                template: PlanTemplate | None = None, weight: WeightQuantConfig = RTN_WEIGHT,
-                groups: Iterable[InputGroup] | None = None, inplace: bool = False) -> BaselineResult:
+def smoothquant(
+    adapter: PolicyAdapter,
+    batches,
+    bits: int = 8,
+    *,
+    alpha: float = SMOOTHQUANT_ALPHA,
+    template: PlanTemplate | None = None,
+    weight: WeightQuantConfig = RTN_WEIGHT,
+    groups: Iterable[InputGroup] | None = None,
+    inplace: bool = False,
+) -> BaselineResult:
     """SmoothQuant W{bits}A8: per input group s from the calibration max |x| and the weights, folded like AWQ; the
     plan runs every planned layer with A8 (per-token dynamic int8) activations, smoothed or not."""
     bits = _check_bits("smoothquant", bits, quantized_bits())
@@ -885,17 +1020,34 @@ def smoothquant(adapter: PolicyAdapter, batches, bits: int = 8, *, alpha: float 
             continue
         s = smoothquant_scales(st.abs_max, [model.get_submodule(c).weight for c in g.consumers], alpha)
         fold_input_scale(model, g, s)
-        group_info.append({"layers": list(g.consumers), "producer": g.producer, "kind": g.producer_kind,
-                           "x_absmax_max": float(st.abs_max.max()), "s_range": [float(s.min()), float(s.max())]})
+        group_info.append(
+            {
+                "layers": list(g.consumers),
+                "producer": g.producer,
+                "kind": g.producer_kind,
+                "x_absmax_max": float(st.abs_max.max()),
+                "s_range": [float(s.min()), float(s.max())],
+            }
+        )
         for c in g.consumers:
             if c in planned:
                 layer_info[c] = {"smoothed": True, "producer": g.producer}
     fold = check_fold(original, new, adapter.to_device(batches[0]), "smoothquant")
-    info = {"baseline": "SmoothQuant", "method": "smoothquant", "bits": bits, "activation_bits": 8, "alpha": alpha,
-            "activation_quantizer": "per-token dynamic asymmetric int8 (the runtime's A8)",
-            "weight_quantizer": weight.to_dict(), "calibration_samples": _samples(new, batches),
-            "calibrated_on": source, "fold_check_rel": fold, "groups": group_info, "layers": layer_info,
-            "time_s": time.perf_counter() - t0}
+    info = {
+        "baseline": "SmoothQuant",
+        "method": "smoothquant",
+        "bits": bits,
+        "activation_bits": 8,
+        "alpha": alpha,
+        "activation_quantizer": "per-token dynamic asymmetric int8 (the runtime's A8)",
+        "weight_quantizer": weight.to_dict(),
+        "calibration_samples": _samples(new, batches),
+        "calibrated_on": source,
+        "fold_check_rel": fold,
+        "groups": group_info,
+        "layers": layer_info,
+        "time_s": time.perf_counter() - t0,
+    }
     quant = QuantConfig(weight=weight, activation=ActivationQuantConfig(8))
     plan = _plan(new, planned, method=f"smoothquant-w{bits}a8", quant=quant, budget=float(bits), info=info)
     return BaselineResult(plan, new, {})
@@ -905,8 +1057,9 @@ def smoothquant(adapter: PolicyAdapter, batches, bits: int = 8, *, alpha: float 
 # module-wise and plain RTN
 
 
-def module_wise_plan(layers_spec, role_bits: dict[str, int] | None = None, *,
-                     weight: WeightQuantConfig = RTN_WEIGHT) -> Plan:
+def module_wise_plan(
+    layers_spec, role_bits: dict[str, int] | None = None, *, weight: WeightQuantConfig = RTN_WEIGHT
+) -> Plan:
     """One bit-width per role (default vision 4, language 8, action 8), per-row RTN; `layers_spec` as for
     `baselines.uniform_plan` (a template Plan or layer descriptions: LayerPlans, an adapter's layers, ...)."""
 
@@ -918,22 +1071,36 @@ def module_wise_plan(layers_spec, role_bits: dict[str, int] | None = None, *,
     missing = sorted({d.role for d in specs if d.role not in role_bits})
     if missing:
         raise ValueError(f"module_wise_plan: no bit-width for role(s) {missing} (given: {sorted(role_bits)})")
-    layers = {d.name: LayerPlan(d.name, d.role, d.kind, d.out_features, d.fan_in, [role_bits[d.role]] * d.out_features)
-              for d in specs}
+    layers = {
+        d.name: LayerPlan(d.name, d.role, d.kind, d.out_features, d.fan_in, [role_bits[d.role]] * d.out_features)
+        for d in specs
+    }
     template = layers_spec if isinstance(layers_spec, Plan) else None
     activation = template.quant.activation if template else ActivationQuantConfig()
     used = {r: role_bits[r] for r in sorted({d.role for d in specs})}
-    plan = Plan(layers=layers, quant=QuantConfig(weight=weight, activation=activation),
-                model_fingerprint=template.model_fingerprint if template else "",
-                method="module-" + "-".join(f"{r}{b}" for r, b in used.items()),
-                info={"baseline": "module-wise mixed precision", "method": "module", "role_bits": used,
-                      "weight_quantizer": weight.to_dict()})
+    plan = Plan(
+        layers=layers,
+        quant=QuantConfig(weight=weight, activation=activation),
+        model_fingerprint=template.model_fingerprint if template else "",
+        method="module-" + "-".join(f"{r}{b}" for r, b in used.items()),
+        info={
+            "baseline": "module-wise mixed precision",
+            "method": "module",
+            "role_bits": used,
+            "weight_quantizer": weight.to_dict(),
+        },
+    )
     plan.budget = plan.average_bits()
     return plan
 
 
-def module_wise(adapter: PolicyAdapter, role_bits: dict[str, int] | None = None, *,
-                template: PlanTemplate | None = None, weight: WeightQuantConfig = RTN_WEIGHT) -> BaselineResult:
+def module_wise(
+    adapter: PolicyAdapter,
+    role_bits: dict[str, int] | None = None,
+    *,
+    template: PlanTemplate | None = None,
+    weight: WeightQuantConfig = RTN_WEIGHT,
+) -> BaselineResult:
     """`module_wise_plan` over the template's layers of `adapter` (no calibration needed)."""
     new = _copy_adapter(adapter, False)
     planned = planned_layers(new, template, 16)
@@ -948,8 +1115,14 @@ def module_wise(adapter: PolicyAdapter, role_bits: dict[str, int] | None = None,
     return BaselineResult(plan, new, {})
 
 
-def rtn(adapter: PolicyAdapter, bits: int = 4, *, template: PlanTemplate | None = None,
-        weight: WeightQuantConfig = RTN_WEIGHT, activation_bits: int = 16) -> BaselineResult:
+def rtn(
+    adapter: PolicyAdapter,
+    bits: int = 4,
+    *,
+    template: PlanTemplate | None = None,
+    weight: WeightQuantConfig = RTN_WEIGHT,
+    activation_bits: int = 16,
+) -> BaselineResult:
     """Uniform per-channel RTN over the template's layers (`baselines.uniform_plan`)."""
     bits = _check_bits("rtn", bits, quantized_bits())
     new = _copy_adapter(adapter, False)
@@ -962,13 +1135,21 @@ def rtn(adapter: PolicyAdapter, bits: int = 4, *, template: PlanTemplate | None 
             lp = plan.layers[name]
             plan.layers[name] = LayerPlan(lp.name, lp.role, lp.kind, lp.out_features, lp.fan_in, [b] * lp.out_features)
     plan.model_fingerprint = _source_id(new.model)
-    plan.info.update({"method": "rtn", "bits": bits, "activation_bits": activation_bits,
-                      "weight_quantizer": weight.to_dict()})
+    plan.info.update(
+        {"method": "rtn", "bits": bits, "activation_bits": activation_bits, "weight_quantizer": weight.to_dict()}
+    )
     return BaselineResult(plan, new, {})
 
 
-def run_baseline(method: str, adapter: PolicyAdapter, batches=None, *, bits: int | None = None,
-                 role_bits: dict[str, int] | None = None, **kwargs) -> BaselineResult:
+def run_baseline(
+    method: str,
+    adapter: PolicyAdapter,
+    batches=None,
+    *,
+    bits: int | None = None,
+    role_bits: dict[str, int] | None = None,
+    **kwargs,
+) -> BaselineResult:
     """Dispatch by name (`METHODS`): rtn, awq, gptq, smoothquant (bits) or module (role_bits)."""
     if method == "module":
         return module_wise(adapter, role_bits, **kwargs)
@@ -995,8 +1176,10 @@ def parse_bits_arg(method: str, text: str | None) -> tuple[int | None, dict[str,
                     raise ValueError
                 role_bits[role.strip()] = int(value)
             except ValueError:
-                raise ValueError(f"--bits for the module-wise baseline is role=bits pairs like "
-                                 f"vision=4,language=8,action=8, got {text!r}") from None
+                raise ValueError(
+                    f"--bits for the module-wise baseline is role=bits pairs like "
+                    f"vision=4,language=8,action=8, got {text!r}"
+                ) from None
         return None, role_bits
     if not text:
         return None, None
@@ -1007,8 +1190,29 @@ def parse_bits_arg(method: str, text: str | None) -> tuple[int | None, dict[str,
 
 
 __all__ = [
-    "BaselineResult", "GPTQLayer", "InputGroup", "InputStats", "METHODS", "awq", "awq_objective", "awq_scales",
-    "awq_search", "collect_stats", "fold_input_scale", "gptq", "gptq_quantize", "input_groups", "layer_input_rows",
-    "module_wise", "module_wise_plan", "parse_bits_arg", "pi0_input_groups", "rtn", "run_baseline", "run_calibration",
-    "smoothquant", "smoothquant_scales", "transformer_input_groups",
+    "BaselineResult",
+    "GPTQLayer",
+    "InputGroup",
+    "InputStats",
+    "METHODS",
+    "awq",
+    "awq_objective",
+    "awq_scales",
+    "awq_search",
+    "collect_stats",
+    "fold_input_scale",
+    "gptq",
+    "gptq_quantize",
+    "input_groups",
+    "layer_input_rows",
+    "module_wise",
+    "module_wise_plan",
+    "parse_bits_arg",
+    "pi0_input_groups",
+    "rtn",
+    "run_baseline",
+    "run_calibration",
+    "smoothquant",
+    "smoothquant_scales",
+    "transformer_input_groups",
 ]

@@ -340,7 +340,8 @@ class PackedLinear(nn.Module):
                 idx = masks[c].nonzero().squeeze(1).to(weight.device)
                 if idx.numel() and qparams is not None:
                     codes, scale, zero = _codes_from_qparams(
-                        rows[idx], c.bits, qparams, idx, packed.group_size if c.grouped else None)
+                        rows[idx], c.bits, qparams, idx, packed.group_size if c.grouped else None
+                    )
                 elif idx.numel():
                     # same grouping as fake_quantize_weight (ascending rows), so "tensor" granularity matches too
                     codes, scale, zero = quantize_rows(
@@ -851,15 +852,20 @@ def _codes_from_qparams(rows: torch.Tensor, bits: int, qparams, idx: torch.Tenso
     want = () if group_size is None else (-(-k // group_size),)
     if scale.shape[1:] != want or zero.shape != scale.shape or scale.shape[0] <= int(idx.max()):
         what = "[out] (per row)" if group_size is None else f"[out, {want[0]}] (per group of {group_size})"
-        raise ValueError(f"qparams: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, expected {what} with "
-                         f"out > {int(idx.max())}")
+        raise ValueError(
+            f"qparams: scale {tuple(scale.shape)} / zero {tuple(zero.shape)}, expected {what} with "
+            f"out > {int(idx.max())}"
+        )
     scale, zero = scale[idx].float(), zero[idx].float()
     if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError("qparams: scales must be finite and positive")
     if not bool(((zero == zero.round()) & (zero >= 0) & (zero <= qmax)).all()):
         raise ValueError(f"qparams: zero points must be integers in [0, {qmax}] at {bits} bits")
-    s, z = (scale, zero) if group_size is None else (
-        scale.repeat_interleave(group_size, dim=1)[:, :k], zero.repeat_interleave(group_size, dim=1)[:, :k])
+    s, z = (
+        (scale, zero)
+        if group_size is None
+        else (scale.repeat_interleave(group_size, dim=1)[:, :k], zero.repeat_interleave(group_size, dim=1)[:, :k])
+    )
     if group_size is None:
         s, z = s[:, None], z[:, None]
     codes = torch.clamp(torch.round(rows.float() / s) + z, 0, qmax).to(torch.uint8)

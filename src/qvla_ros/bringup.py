@@ -68,34 +68,80 @@ class LaunchArg:
 
 
 LAUNCH_ARGUMENTS = (
-    LaunchArg("sim", "false", "true: the simulated rig (MuJoCo ALOHA scene) instead of real hardware; false: "
-              "real arms and cameras, whose drivers you start yourself (see README)", ("true", "false")),
-    LaunchArg("policy", "", "policy directory: a π0 checkpoint or a qvla_quant artifact (required for the "
-              "policy node)"),
+    LaunchArg(
+        "sim",
+        "false",
+        "true: the simulated rig (MuJoCo ALOHA scene) instead of real hardware; false: "
+        "real arms and cameras, whose drivers you start yourself (see README)",
+        ("true", "false"),
+    ),
+    LaunchArg(
+        "policy", "", "policy directory: a π0 checkpoint or a qvla_quant artifact (required for the policy node)"
+    ),
     LaunchArg("device", "cpu", "torch device for inference: cpu, cuda or cuda:N"),
-    LaunchArg("adapter", "joint_state", "arm command interface: joint_state, forward_command (ros2_control), "
-              "joint_trajectory or y1 (IMETA vendor driver)", ARM_OUTPUTS),
+    LaunchArg(
+        "adapter",
+        "joint_state",
+        "arm command interface: joint_state, forward_command (ros2_control), "
+        "joint_trajectory or y1 (IMETA vendor driver)",
+        ARM_OUTPUTS,
+    ),
     LaunchArg("params_file", "", "parameter file (default: the package's config/bimanual.yaml)"),
-    LaunchArg("sim_backend", "mujoco", "sim:=true only: mujoco (physics + rendering) or kinematic (no physics, "
-              "synthetic images; for timing tests)", ("mujoco", "kinematic")),
-    LaunchArg("monitor", "false", "also start the monitor node: the full-precision reference on the policy's "
-              "exact observations -> ActionDeviation (Eq. 4/5), diagnostics, gripper-path markers",
-              ("true", "false")),
-    LaunchArg("reference", "", "monitor:=true: the full-precision reference policy directory (default: the source "
-              "policy recorded in the running artifact, when it exists)"),
+    LaunchArg(
+        "sim_backend",
+        "mujoco",
+        "sim:=true only: mujoco (physics + rendering) or kinematic (no physics, synthetic images; for timing tests)",
+        ("mujoco", "kinematic"),
+    ),
+    LaunchArg(
+        "monitor",
+        "false",
+        "also start the monitor node: the full-precision reference on the policy's "
+        "exact observations -> ActionDeviation (Eq. 4/5), diagnostics, gripper-path markers",
+        ("true", "false"),
+    ),
+    LaunchArg(
+        "reference",
+        "",
+        "monitor:=true: the full-precision reference policy directory (default: the source "
+        "policy recorded in the running artifact, when it exists)",
+    ),
     LaunchArg("reference_device", "", "monitor:=true: torch device of the reference (default: device)"),
-    LaunchArg("rviz", "false", "also start rviz2 with config/qvla.rviz: cameras and the monitor's markers (needs an "
-              "rviz2 install; not part of the ROS 2 wheels)", ("true", "false")),
-    LaunchArg("rqt", "false", "also start rqt with config/qvla.perspective: plots of the monitor's deviations (needs "
-              "an rqt install; not part of the ROS 2 wheels)", ("true", "false")),
-    LaunchArg("dataset", "", "record: the dataset directory episodes are recorded into (one rosbag2/MCAP episode "
-              "per demonstration; an existing dataset is resumed)"),
-    LaunchArg("episodes", "0", "record: record this many episodes back to back (episode_time each, reset_time "
-              "between), then stop; 0 = start and stop them with EpisodeControl (~/episode) or the keys"),
+    LaunchArg(
+        "rviz",
+        "false",
+        "also start rviz2 with config/qvla.rviz: cameras and the monitor's markers (needs an "
+        "rviz2 install; not part of the ROS 2 wheels)",
+        ("true", "false"),
+    ),
+    LaunchArg(
+        "rqt",
+        "false",
+        "also start rqt with config/qvla.perspective: plots of the monitor's deviations (needs "
+        "an rqt install; not part of the ROS 2 wheels)",
+        ("true", "false"),
+    ),
+    LaunchArg(
+        "dataset",
+        "",
+        "record: the dataset directory episodes are recorded into (one rosbag2/MCAP episode "
+        "per demonstration; an existing dataset is resumed)",
+    ),
+    LaunchArg(
+        "episodes",
+        "0",
+        "record: record this many episodes back to back (episode_time each, reset_time "
+        "between), then stop; 0 = start and stop them with EpisodeControl (~/episode) or the keys",
+    ),
     LaunchArg("episode_time", "0", "record: seconds per episode (0 = until stopped)"),
     LaunchArg("reset_time", "5", "record: seconds of reset phase between episodes"),
-    LaunchArg("teleop", "auto", "sim:=true: the rig's scripted teleoperator publishes leader-arm commands (auto = "
-              "on for the record launch, off otherwise)", ("auto", "true", "false")),
+    LaunchArg(
+        "teleop",
+        "auto",
+        "sim:=true: the rig's scripted teleoperator publishes leader-arm commands (auto = "
+        "on for the record launch, off otherwise)",
+        ("auto", "true", "false"),
+    ),
 )
 LAUNCHES = ("bimanual", "sim", "record", "calibrate")
 
@@ -116,22 +162,37 @@ def launch_description(launch: str):
         specs, notes = node_set(values, launch=launch)
         actions = [LogInfo(msg=f"qvla: {note}") for note in notes]
         for s in specs:
-            actions.append(Node(
-                package=s.package, executable=s.executable, name=s.name, namespace=s.namespace,
-                # the override dict comes after the file: launch_ros keys it by the node's full name, which
-                # outranks the file's shared /** block
-                parameters=[*s.params_files, dict(s.parameters)] if s.module else [],
-                remappings=list(s.remappings), additional_env=dict(s.env), output="screen",
-                **({"arguments": list(s.arguments)} if s.arguments else {}),
-            ))
+            actions.append(
+                Node(
+                    package=s.package,
+                    executable=s.executable,
+                    name=s.name,
+                    namespace=s.namespace,
+                    # the override dict comes after the file: launch_ros keys it by the node's full name, which
+                    # outranks the file's shared /** block
+                    parameters=[*s.params_files, dict(s.parameters)] if s.module else [],
+                    remappings=list(s.remappings),
+                    additional_env=dict(s.env),
+                    output="screen",
+                    **({"arguments": list(s.arguments)} if s.arguments else {}),
+                )
+            )
         return actions
 
-    return LaunchDescription([
-        *[DeclareLaunchArgument(a.name, default_value=a.default, description=a.description,
-                                **({"choices": list(a.choices)} if a.choices else {}))
-          for a in LAUNCH_ARGUMENTS],
-        OpaqueFunction(function=nodes),
-    ])
+    return LaunchDescription(
+        [
+            *[
+                DeclareLaunchArgument(
+                    a.name,
+                    default_value=a.default,
+                    description=a.description,
+                    **({"choices": list(a.choices)} if a.choices else {}),
+                )
+                for a in LAUNCH_ARGUMENTS
+            ],
+            OpaqueFunction(function=nodes),
+        ]
+    )
 
 
 class BringupError(ValueError):
@@ -185,24 +246,39 @@ def node_set(values: dict[str, str] | None = None, launch: str = "bimanual") -> 
     notes: list[str] = []
     nodes: list[NodeSpec] = []
     if sim:
-        nodes.append(NodeSpec(
-            name="sim_rig", module="qvla_ros.nodes.sim_rig_node", executable="qvla-sim-rig-node",
-            params_files=(params,), parameters={**shared, "sim.backend": a["sim_backend"], "sim.teleop": teleop},
-            # one software-rendering thread: llvmpipe's default of one per core would compete with the policy
-            env={"LP_NUM_THREADS": "1"},
-            description="simulated two-arm rig: cameras, arm states, commands in, episode reset/success",
-        ))
+        nodes.append(
+            NodeSpec(
+                name="sim_rig",
+                module="qvla_ros.nodes.sim_rig_node",
+                executable="qvla-sim-rig-node",
+                params_files=(params,),
+                parameters={**shared, "sim.backend": a["sim_backend"], "sim.teleop": teleop},
+                # one software-rendering thread: llvmpipe's default of one per core would compete with the policy
+                env={"LP_NUM_THREADS": "1"},
+                description="simulated two-arm rig: cameras, arm states, commands in, episode reset/success",
+            )
+        )
     if launch == "bimanual":
         if not a["policy"]:
-            raise BringupError("argument policy:=DIR is required: the policy directory or qvla_quant artifact to "
-                               "run (for a first try: make demo, or --random-policy in python -m qvla_ros.demo)")
-        nodes.append(NodeSpec(
-            name="policy_node", module="qvla_ros.nodes.policy_node", executable="qvla-policy-node",
-            params_files=(params,),
-            parameters={**shared, "policy.path": str(Path(a["policy"]).expanduser().resolve()),
-                        "policy.device": a["device"], "safety.arm_profile": "sim" if sim else "real"},
-            description="cameras + arm states -> policy -> 30 Hz safe arm commands",
-        ))
+            raise BringupError(
+                "argument policy:=DIR is required: the policy directory or qvla_quant artifact to "
+                "run (for a first try: make demo, or --random-policy in python -m qvla_ros.demo)"
+            )
+        nodes.append(
+            NodeSpec(
+                name="policy_node",
+                module="qvla_ros.nodes.policy_node",
+                executable="qvla-policy-node",
+                params_files=(params,),
+                parameters={
+                    **shared,
+                    "policy.path": str(Path(a["policy"]).expanduser().resolve()),
+                    "policy.device": a["device"],
+                    "safety.arm_profile": "sim" if sim else "real",
+                },
+                description="cameras + arm states -> policy -> 30 Hz safe arm commands",
+            )
+        )
         if _as_bool("monitor", a["monitor"]):
             if importlib.util.find_spec("qvla_ros.nodes.monitor_node") is not None:
                 reference = a["reference"] or recorded_source(a["policy"])
@@ -211,52 +287,101 @@ def node_set(values: dict[str, str] | None = None, launch: str = "bimanual") -> 
                 mon = {**shared, "monitor.device": a["reference_device"] or a["device"]}
                 if reference:  # else the node refuses to start, naming monitor.reference_path
                     mon["monitor.reference_path"] = str(Path(reference).expanduser().resolve())
-                nodes.append(NodeSpec(name="monitor", module="qvla_ros.nodes.monitor_node",
-                                      executable="qvla-monitor-node", params_files=(params,), parameters=mon,
-                                      description="ActionDeviation of the quantized policy vs full precision"))
+                nodes.append(
+                    NodeSpec(
+                        name="monitor",
+                        module="qvla_ros.nodes.monitor_node",
+                        executable="qvla-monitor-node",
+                        params_files=(params,),
+                        parameters=mon,
+                        description="ActionDeviation of the quantized policy vs full precision",
+                    )
+                )
             else:
                 notes.append("monitor:=true ignored: the ActionDeviation monitor node is not available")
         if _as_bool("rviz", a["rviz"]):
             if shutil.which("rviz2"):
-                nodes.append(NodeSpec(name="rviz", module="", executable="rviz2", package="rviz2",
-                                      arguments=("-d", _config_file("qvla.rviz")),
-                                      description="visualization: cameras and the monitor's gripper paths"))
+                nodes.append(
+                    NodeSpec(
+                        name="rviz",
+                        module="",
+                        executable="rviz2",
+                        package="rviz2",
+                        arguments=("-d", _config_file("qvla.rviz")),
+                        description="visualization: cameras and the monitor's gripper paths",
+                    )
+                )
             else:
-                notes.append("rviz:=true ignored: rviz2 is not installed (it is not part of the ROS 2 wheels; "
-                             "install ros-<distro>-rviz2, then open config/qvla.rviz)")
+                notes.append(
+                    "rviz:=true ignored: rviz2 is not installed (it is not part of the ROS 2 wheels; "
+                    "install ros-<distro>-rviz2, then open config/qvla.rviz)"
+                )
         if _as_bool("rqt", a["rqt"]):
             if shutil.which("rqt"):
-                nodes.append(NodeSpec(name="rqt", module="", executable="rqt_gui", package="rqt_gui", on_path="rqt",
-                                      arguments=("--perspective-file", _config_file("qvla.perspective")),
-                                      description="plots of the monitor's ActionDeviation fields"))
+                nodes.append(
+                    NodeSpec(
+                        name="rqt",
+                        module="",
+                        executable="rqt_gui",
+                        package="rqt_gui",
+                        on_path="rqt",
+                        arguments=("--perspective-file", _config_file("qvla.perspective")),
+                        description="plots of the monitor's ActionDeviation fields",
+                    )
+                )
             else:
-                notes.append("rqt:=true ignored: rqt is not installed (it is not part of the ROS 2 wheels; install "
-                             "ros-<distro>-rqt and ros-<distro>-rqt-plot, then load config/qvla.perspective)")
+                notes.append(
+                    "rqt:=true ignored: rqt is not installed (it is not part of the ROS 2 wheels; install "
+                    "ros-<distro>-rqt and ros-<distro>-rqt-plot, then load config/qvla.perspective)"
+                )
     if launch == "record":
         if not a["dataset"]:
             raise BringupError("argument dataset:=DIR is required: the dataset directory to record episodes into")
-        episodes, episode_time, reset_time = (_number(a, "episodes", int), _number(a, "episode_time", float),
-                                              _number(a, "reset_time", float))
+        episodes, episode_time, reset_time = (
+            _number(a, "episodes", int),
+            _number(a, "episode_time", float),
+            _number(a, "reset_time", float),
+        )
         rec = {"recorder.dataset": str(Path(a["dataset"]).expanduser().resolve())}
         if episodes:
             if not episode_time:
                 raise BringupError(f"argument episodes:={episodes} needs episode_time:=SECONDS (how long each one is)")
-            rec.update({"recorder.auto_start": True, "recorder.num_episodes": episodes,
-                        "recorder.exit_when_done": True})
+            rec.update(
+                {"recorder.auto_start": True, "recorder.num_episodes": episodes, "recorder.exit_when_done": True}
+            )
         rec.update({"recorder.episode_time": episode_time, "recorder.reset_time": reset_time})
         if sim:
-            rec.update({"recorder.rig_service": "/qvla/sim/episode", "recorder.rig": "simulated rig (sim_rig node)",
-                        "recorder.teleoperator": "scripted expert (sim.teleop)" if teleop else ""})
-        nodes.append(NodeSpec(name="recorder", module="qvla_ros.nodes.recorder_node", executable="qvla-recorder-node",
-                              params_files=(params,), parameters=rec,
-                              description="teleop demonstrations -> one rosbag2/MCAP episode each"))
+            rec.update(
+                {
+                    "recorder.rig_service": "/qvla/sim/episode",
+                    "recorder.rig": "simulated rig (sim_rig node)",
+                    "recorder.teleoperator": "scripted expert (sim.teleop)" if teleop else "",
+                }
+            )
+        nodes.append(
+            NodeSpec(
+                name="recorder",
+                module="qvla_ros.nodes.recorder_node",
+                executable="qvla-recorder-node",
+                params_files=(params,),
+                parameters=rec,
+                description="teleop demonstrations -> one rosbag2/MCAP episode each",
+            )
+        )
     if launch == "calibrate":
         cal = {}
         if a["policy"]:
             cal["calibration.policy"] = str(Path(a["policy"]).expanduser().resolve())
-        nodes.append(NodeSpec(name="calibration", module="qvla_ros.nodes.calibration_node",
-                              executable="qvla-calibration-node", params_files=(params,), parameters=cal,
-                              description="the Calibrate action: recordings -> validated artifact -> reload"))
+        nodes.append(
+            NodeSpec(
+                name="calibration",
+                module="qvla_ros.nodes.calibration_node",
+                executable="qvla-calibration-node",
+                params_files=(params,),
+                parameters=cal,
+                description="the Calibrate action: recordings -> validated artifact -> reload",
+            )
+        )
     return nodes, notes
 
 
@@ -342,8 +467,9 @@ class Bringup:
     """Start the node set as processes; stop them cleanly. `output`: a text stream for the prefixed node output
     (default stdout), or None to discard it."""
 
-    def __init__(self, specs: list[NodeSpec], domain_id: int | None = None, output=sys.stdout,
-                 base_env: dict | None = None):
+    def __init__(
+        self, specs: list[NodeSpec], domain_id: int | None = None, output=sys.stdout, base_env: dict | None = None
+    ):
         self.specs = list(specs)
         self.domain_id = domain_id
         self.output = output
@@ -355,9 +481,15 @@ class Bringup:
     def start(self) -> Bringup:
         for spec in self.specs:
             cmd = command_line(spec)
-            p = subprocess.Popen(cmd, env=node_environment(spec, self.domain_id, self.base_env),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, preexec_fn=_die_with_parent)
+            p = subprocess.Popen(
+                cmd,
+                env=node_environment(spec, self.domain_id, self.base_env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             self.procs[spec.name] = p
             t = threading.Thread(target=self._forward, args=(spec.name, p), daemon=True)
             t.start()
@@ -437,11 +569,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict[str, str], argparse.
             values[k] = v
         else:
             rest.append(tok)
-    ap = argparse.ArgumentParser(prog="qvla-bringup", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="arguments (also as name:=value):\n" + "\n".join(
-                                     f"  {a.name:<12} {a.description} (default: {a.default or 'none'})"
-                                     for a in LAUNCH_ARGUMENTS))
+    ap = argparse.ArgumentParser(
+        prog="qvla-bringup",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="arguments (also as name:=value):\n"
+        + "\n".join(f"  {a.name:<12} {a.description} (default: {a.default or 'none'})" for a in LAUNCH_ARGUMENTS),
+    )
     for a in LAUNCH_ARGUMENTS:
         ap.add_argument(f"--{a.name.replace('_', '-')}", dest=a.name, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--launch", default="bimanual", choices=LAUNCHES, help="which launch file's node set")
@@ -479,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = runner.wait(stop)
     print(f"[bringup] stopped (exit code {rc})", flush=True)
     return rc
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,8 +38,10 @@ class DemoError(RuntimeError):
 def _path(p: str) -> Path:
     q = Path(p).expanduser()
     if not q.exists():
-        raise DemoError(f"{p} not found (run from the repository root, or pass --policy/--running); "
-                        "--random-policy runs the loop on a random π0 instead")
+        raise DemoError(
+            f"{p} not found (run from the repository root, or pass --policy/--running); "
+            "--random-policy runs the loop on a random π0 instead"
+        )
     return q.resolve()
 
 
@@ -61,22 +63,30 @@ class Watch:
         self.Calibrate, self.EpisodeControl = Calibrate, EpisodeControl
         self.node = rclpy.create_node("qvla_calibration_demo")
         rel = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        latched = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
         self.recorder: dict = {}
         self.commands: list[float] = []
         self.success = False
         self.quant: dict = {}
         self.rejections: list[str] = []
         self.node.create_subscription(String, "/qvla/recorder/status", lambda m: self._set_rec(m.data), rel)
-        self.node.create_subscription(JointState, "/qvla/master_arm_left/joint_states",
-                                      lambda m: self.commands.append(time.monotonic()), rel)
-        self.node.create_subscription(Bool, "/qvla/episode/success", lambda m: setattr(self, "success", m.data),
-                                      latched)
-        self.node.create_subscription(QuantizationStatus, "/qvla/policy_node/quantization_status", lambda m: setattr(
-            self, "quant", {"artifact_id": m.artifact_id, "average_bits": m.average_bits}), latched)
-        self.node.create_subscription(String, "/qvla/calibration/goal_rejections",
-                                      lambda m: self.rejections.append(m.data), latched)
+        self.node.create_subscription(
+            JointState, "/qvla/master_arm_left/joint_states", lambda m: self.commands.append(time.monotonic()), rel
+        )
+        self.node.create_subscription(
+            Bool, "/qvla/episode/success", lambda m: setattr(self, "success", m.data), latched
+        )
+        self.node.create_subscription(
+            QuantizationStatus,
+            "/qvla/policy_node/quantization_status",
+            lambda m: setattr(self, "quant", {"artifact_id": m.artifact_id, "average_bits": m.average_bits}),
+            latched,
+        )
+        self.node.create_subscription(
+            String, "/qvla/calibration/goal_rejections", lambda m: self.rejections.append(m.data), latched
+        )
         self.action = ActionClient(self.node, Calibrate, "/qvla/calibration/calibrate")
         self.sim_episode = self.node.create_client(EpisodeControl, "/qvla/sim/episode")
         self.policy_episode = self.node.create_client(EpisodeControl, "/qvla/policy_node/episode")
@@ -159,8 +169,9 @@ def run(args) -> dict:
 
         run_dir.mkdir(parents=True, exist_ok=True)
         fp = running = make_tiny_policy(run_dir / "random_policy", seed=0)
-        print("NOTE: --random-policy: a RANDOM-WEIGHT π0; the loop is real, its success rate is meaningless",
-              flush=True)
+        print(
+            "NOTE: --random-policy: a RANDOM-WEIGHT π0; the loop is real, its success rate is meaningless", flush=True
+        )
     else:
         fp, running = _path(args.policy), _path(args.running)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,25 +190,43 @@ def run(args) -> dict:
     try:
         # ---- 1. record through the ROS graph
         t0 = time.monotonic()
-        specs, _ = node_set({"sim": "true", "sim_backend": args.sim_backend, "dataset": str(dataset),
-                             "episodes": str(args.episodes), "episode_time": str(args.episode_time),
-                             "reset_time": str(args.reset_time)}, launch="record")
-        print(f"[1/4] recording {args.episodes} demonstrations of the scripted teleoperator into {dataset} "
-              f"(sim rig + recorder node; output: {log_path})", flush=True)
+        specs, _ = node_set(
+            {
+                "sim": "true",
+                "sim_backend": args.sim_backend,
+                "dataset": str(dataset),
+                "episodes": str(args.episodes),
+                "episode_time": str(args.episode_time),
+                "reset_time": str(args.reset_time),
+            },
+            launch="record",
+        )
+        print(
+            f"[1/4] recording {args.episodes} demonstrations of the scripted teleoperator into {dataset} "
+            f"(sim rig + recorder node; output: {log_path})",
+            flush=True,
+        )
         runner = Bringup(specs, domain_id=args.domain_id, output=log).start()
         runners.append(runner)
         limit = time.monotonic() + args.episodes * (args.episode_time + args.reset_time + 30) + 60
         while "recorder" not in runner.exited():
             if runner.exited() or time.monotonic() > limit:
                 runner.stop()
-                raise DemoError(f"recording did not finish ({runner.exited() or 'timeout'}); last output:\n"
-                                f"{log_path.read_text()[-3000:]}")
+                raise DemoError(
+                    f"recording did not finish ({runner.exited() or 'timeout'}); last output:\n"
+                    f"{log_path.read_text()[-3000:]}"
+                )
             s = watch.recorder
             if s.get("state") == "recording":
-                rates = " ".join(f"{_short(t)} {v['rate_hz']:.0f}" for t, v in s.get("topics", {}).items()
-                                 if "camera" in t or "master" in t)
-                _live(f"      episode {s['episode'] + 1}/{args.episodes} {s['duration_s']:5.1f} s | {rates} Hz | "
-                      f"drops {s['dropped']} | {s['file_bytes'] / 1e6:.1f} MB")
+                rates = " ".join(
+                    f"{_short(t)} {v['rate_hz']:.0f}"
+                    for t, v in s.get("topics", {}).items()
+                    if "camera" in t or "master" in t
+                )
+                _live(
+                    f"      episode {s['episode'] + 1}/{args.episodes} {s['duration_s']:5.1f} s | {rates} Hz | "
+                    f"drops {s['dropped']} | {s['file_bytes'] / 1e6:.1f} MB"
+                )
             elif s:
                 _live(f"      {s.get('state')} | kept {s.get('kept')}")
             time.sleep(0.25)
@@ -209,18 +238,31 @@ def run(args) -> dict:
         times["record"] = time.monotonic() - t0
         recorded = [json.loads(line) for line in (dataset / "episodes.jsonl").read_text().splitlines()]
         kept = [e for e in recorded if e["event"] == "kept"]
-        _done(f"      {len(episodes)} episodes, {sum(e['file_bytes'] for e in kept) / 1e6:.1f} MB, "
-              f"{sum(e['dropped'] for e in kept)} dropped, teleop success {sum(bool(e['success']) for e in kept)}/"
-              f"{len(kept)}  [{times['record']:.1f} s]")
+        _done(
+            f"      {len(episodes)} episodes, {sum(e['file_bytes'] for e in kept) / 1e6:.1f} MB, "
+            f"{sum(e['dropped'] for e in kept)} dropped, teleop success {sum(bool(e['success']) for e in kept)}/"
+            f"{len(kept)}  [{times['record']:.1f} s]"
+        )
         report["recording"] = {"episodes": [str(e) for e in episodes], "kept": kept}
 
         # ---- 2. the policy node on the rig, the calibration node beside it
         t0 = time.monotonic()
         specs, _ = node_set({"sim": "true", "sim_backend": args.sim_backend, "policy": str(running)})
         cal, _ = node_set({"policy": str(fp)}, launch="calibrate")
-        cal = [dataclasses.replace(s, parameters={**s.parameters, **{
-            "calibration.exact_fraction": args.exact_fraction, "calibration.rank_sample": args.rank_sample,
-            "calibration.torch_threads": 1}}) for s in cal]
+        cal = [
+            dataclasses.replace(
+                s,
+                parameters={
+                    **s.parameters,
+                    **{
+                        "calibration.exact_fraction": args.exact_fraction,
+                        "calibration.rank_sample": args.rank_sample,
+                        "calibration.torch_threads": 1,
+                    },
+                },
+            )
+            for s in cal
+        ]
         print(f"[2/4] starting the sim rig, the policy node ({running.name}) and the calibration node", flush=True)
         runner = Bringup(specs + cal, domain_id=args.domain_id, output=log).start()
         runners.append(runner)
@@ -239,20 +281,32 @@ def run(args) -> dict:
 
         # ---- 3. calibrate through the action, reload
         t0 = time.monotonic()
-        print(f"[3/4] Calibrate goal: {len(episodes)} recordings, budget {args.budget:g} bits/weight, "
-              f"{args.solver}, 1 held-out validation episode, reload -> {artifact}", flush=True)
+        print(
+            f"[3/4] Calibrate goal: {len(episodes)} recordings, budget {args.budget:g} bits/weight, "
+            f"{args.solver}, 1 held-out validation episode, reload -> {artifact}",
+            flush=True,
+        )
         C = watch.Calibrate
-        goal = C.Goal(recordings=[str(dataset)], budget=args.budget, output_path=str(artifact), solver=args.solver,
-                      samples_per_episode=args.samples_per_episode, validation_episodes=1,
-                      validation_samples_per_episode=args.validation_samples, reload=True)
+        goal = C.Goal(
+            recordings=[str(dataset)],
+            budget=args.budget,
+            output_path=str(artifact),
+            solver=args.solver,
+            samples_per_episode=args.samples_per_episode,
+            validation_episodes=1,
+            validation_samples_per_episode=args.validation_samples,
+            reload=True,
+        )
         stage_t: dict[str, float] = {}
 
         def on_feedback(msg):
             f = msg.feedback
             stage_t.setdefault(f.stage, time.monotonic())
             eta = f"{f.eta_s:4.0f} s left" if f.eta_s >= 0 else "   ? s left"
-            _live(f"      {f.stage:<10} {100 * f.progress:5.1f}% | {eta} | {f.detail[:60]} | cmd "
-                  f"{watch.rate():4.1f} Hz", key=f.stage)
+            _live(
+                f"      {f.stage:<10} {100 * f.progress:5.1f}% | {eta} | {f.detail[:60]} | cmd {watch.rate():4.1f} Hz",
+                key=f.stage,
+            )
 
         handle = watch.wait(watch.action.send_goal_async(goal, feedback_callback=on_feedback), 120, "goal")
         if not handle.accepted:
@@ -266,21 +320,34 @@ def run(args) -> dict:
         times["calibrate+reload"] = t_done - t0
         stages = sorted(stage_t.items(), key=lambda kv: kv[1])
         stage_s = {s: (stages[i + 1][1] if i + 1 < len(stages) else t_done) - t for i, (s, t) in enumerate(stages)}
-        _done(f"      {r.artifact_path}: {r.average_bits:.3f} bits/weight ({r.average_bits_with_overhead:.3f} with "
-              f"scale/zero), pruned {100 * r.pruned_fraction:.1f}%  [{times['calibrate+reload']:.1f} s]")
+        _done(
+            f"      {r.artifact_path}: {r.average_bits:.3f} bits/weight ({r.average_bits_with_overhead:.3f} with "
+            f"scale/zero), pruned {100 * r.pruned_fraction:.1f}%  [{times['calibrate+reload']:.1f} s]"
+        )
         print("      stages: " + ", ".join(f"{s} {v:.1f} s" for s, v in stage_s.items()), flush=True)
         print("      " + r.validation, flush=True)
         for s in r.skipped:
             print(f"      skipped {s}", flush=True)
         gap = watch.max_gap(stage_t.get("reloading", t0), time.monotonic())
-        print(f"      reload: {'ok' if r.reloaded else 'FAILED'}: {r.reload_message}; longest gap between commands "
-              f"at this process {1e3 * gap:.0f} ms while the policy was swapped", flush=True)
-        report["calibration"] = {"artifact": r.artifact_path, "average_bits": r.average_bits,
-                                 "average_bits_with_overhead": r.average_bits_with_overhead,
-                                 "pruned_fraction": r.pruned_fraction, "validation": r.validation,
-                                 "action_mse": r.action_mse, "report_path": r.report_path, "skipped": list(r.skipped),
-                                 "reloaded": r.reloaded, "reload_message": r.reload_message,
-                                 "stage_seconds": stage_s, "max_command_gap_during_reload_ms": 1e3 * gap}
+        print(
+            f"      reload: {'ok' if r.reloaded else 'FAILED'}: {r.reload_message}; longest gap between commands "
+            f"at this process {1e3 * gap:.0f} ms while the policy was swapped",
+            flush=True,
+        )
+        report["calibration"] = {
+            "artifact": r.artifact_path,
+            "average_bits": r.average_bits,
+            "average_bits_with_overhead": r.average_bits_with_overhead,
+            "pruned_fraction": r.pruned_fraction,
+            "validation": r.validation,
+            "action_mse": r.action_mse,
+            "report_path": r.report_path,
+            "skipped": list(r.skipped),
+            "reloaded": r.reloaded,
+            "reload_message": r.reload_message,
+            "stage_seconds": stage_s,
+            "max_command_gap_during_reload_ms": 1e3 * gap,
+        }
         if not r.reloaded:
             raise DemoError(f"the policy node did not load the new artifact: {r.reload_message}")
 
@@ -300,16 +367,23 @@ def run(args) -> dict:
             t_ep = time.monotonic()
             while time.monotonic() - t_ep < args.episode_seconds and not watch.success:
                 _check_alive(runner, log_path, "closed loop")
-                _live(f"      episode {k + 1}/{args.closed_loop} {time.monotonic() - t_ep:4.1f} s | cmd "
-                      f"{watch.rate():4.1f} Hz")
+                _live(
+                    f"      episode {k + 1}/{args.closed_loop} {time.monotonic() - t_ep:4.1f} s | cmd "
+                    f"{watch.rate():4.1f} Hz"
+                )
                 time.sleep(0.1)
             out = json.loads(watch.call(watch.sim_episode, watch.EpisodeControl.Request.STOP).message)
             results.append(out)
-            _done(f"      episode {k + 1}: {'SUCCESS' if out['succeeded'] else 'no success'} (seed {out['seed']}, "
-                  f"sim {out['sim_time']:.1f} s)")
+            _done(
+                f"      episode {k + 1}: {'SUCCESS' if out['succeeded'] else 'no success'} (seed {out['seed']}, "
+                f"sim {out['sim_time']:.1f} s)"
+            )
         times["closed-loop"] = time.monotonic() - t0
-        report["closed_loop"] = {"artifact": running_now, "episodes": results,
-                                 "successes": sum(e["succeeded"] for e in results)}
+        report["closed_loop"] = {
+            "artifact": running_now,
+            "episodes": results,
+            "successes": sum(e["succeeded"] for e in results),
+        }
         runner.stop()
     finally:
         for r in runners:
@@ -323,14 +397,19 @@ def run(args) -> dict:
     lines.append(f"{'total':<14} {sum(times.values()):7.1f}")
     (run_dir / "report.txt").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
-    print(f"closed loop with the new artifact: {report['closed_loop']['successes']}/{args.closed_loop} successful; "
-          f"report: {run_dir / 'report.json'}")
+    print(
+        f"closed loop with the new artifact: {report['closed_loop']['successes']}/{args.closed_loop} successful; "
+        f"report: {run_dir / 'report.json'}"
+    )
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qvla-calibration-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qvla-calibration-demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--episodes", type=int, default=3, help="demonstrations to record (one is held out for validation)")
     p.add_argument("--episode-time", type=float, default=8.5, help="seconds per demonstration")
     p.add_argument("--reset-time", type=float, default=1.0)
@@ -339,8 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-episode", type=int, default=2)
     p.add_argument("--validation-samples", type=int, default=8)
     p.add_argument("--exact-fraction", type=float, default=0.002, help="share refined by exact passes (small: fast)")
-    p.add_argument("--rank-sample", type=int, default=0, help="random channels measured exactly for the proxy's "
-                   "rank correlation (0: none, fast)")
+    p.add_argument(
+        "--rank-sample",
+        type=int,
+        default=0,
+        help="random channels measured exactly for the proxy's rank correlation (0: none, fast)",
+    )
     p.add_argument("--closed-loop", type=int, default=2, help="closed-loop episodes with the new artifact")
     p.add_argument("--episode-seconds", type=float, default=12.0)
     p.add_argument("--policy", default=DEFAULT_FP, help="full-precision policy to calibrate")
@@ -354,8 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.domain_id is None:
         args.domain_id = 100 + os.getpid() % 100  # never the default domain other ROS users on the machine share
     if args.episodes < 2:
-        print("qvla-calibration-demo: error: --episodes must be >= 2 (one is held out for validation)",
-              file=sys.stderr)
+        print("qvla-calibration-demo: error: --episodes must be >= 2 (one is held out for validation)", file=sys.stderr)
         return 2
     try:
         run(args)

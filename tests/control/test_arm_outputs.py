@@ -39,7 +39,6 @@ def test_joint_state_per_arm_and_back():
         a.parse(SimpleNamespace(name=["x"] * 7, position=[0.0] * 7), "left")
 
 
-
 def test_joint_state_parser_reads_measured_states_by_name():
     p = JointStateParser(ARMS, NAMES)
     msg = SimpleNamespace(name=["extra", *NAMES[7:][::-1]], position=[9.0, *Q[7:][::-1]])  # any order, extras
@@ -51,6 +50,7 @@ def test_joint_state_parser_reads_measured_states_by_name():
         p.parse(SimpleNamespace(name=NAMES[:2], position=[0.0] * 3), "left")
     with pytest.raises(ArmOutputError, match="13 joint names for 2 arms"):
         JointStateParser(ARMS, NAMES[:13])
+
 
 def test_forward_command_layout():
     a = make_arm_output("forward_command", ARMS, NAMES, topics=["/l/commands", ""])

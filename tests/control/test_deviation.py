@@ -26,8 +26,11 @@ from qvla_ros.control.deviation import (
     stamp_ns,
 )
 
-JOINTS = [f"{arm}_{j}" for arm in ("left", "right") for j in
-          ("joint1", "joint2", "joint3", "joint4", "joint5", "joint6", "gripper")]
+JOINTS = [
+    f"{arm}_{j}"
+    for arm in ("left", "right")
+    for j in ("joint1", "joint2", "joint3", "joint4", "joint5", "joint6", "gripper")
+]
 ARMS = ["left", "right"]
 CAMS = ["top", "left_wrist", "right_wrist"]
 H = 30
@@ -40,10 +43,18 @@ def frame_key(k: int, cam: int) -> int:
 
 def chunk(k: int, episode: int = 0, actions=None, cams=CAMS) -> ChunkRecord:
     a = np.tile(START, (H, 1)) + 0.01 * k if actions is None else actions
-    return ChunkRecord(stamp=100.0 + k, episode=episode, model_id="q", joint_names=JOINTS, actions=a,
-                       instruction="transfer the cube", camera_names=list(cams),
-                       camera_stamps=[frame_key(k, i) for i in range(len(cams))], state=START.copy(),
-                       header_ns=stamp_ns(100 + k, 0))
+    return ChunkRecord(
+        stamp=100.0 + k,
+        episode=episode,
+        model_id="q",
+        joint_names=JOINTS,
+        actions=a,
+        instruction="transfer the cube",
+        camera_names=list(cams),
+        camera_stamps=[frame_key(k, i) for i in range(len(cams))],
+        state=START.copy(),
+        header_ns=stamp_ns(100 + k, 0),
+    )
 
 
 def monitor(**kw) -> DeviationMonitor:
@@ -93,8 +104,9 @@ def test_eq4_per_chunk_and_eq5_running_sum_per_arm():
         total += np.linalg.norm(d)
         first += np.linalg.norm(d[0])
         per_arm += [np.linalg.norm(d[:, :7]), np.linalg.norm(d[:, 7:])]
-        assert r.cumulative_l2_total == pytest.approx(total) and r.cumulative_first_action_l2_total == \
-            pytest.approx(first)
+        assert r.cumulative_l2_total == pytest.approx(total) and r.cumulative_first_action_l2_total == pytest.approx(
+            first
+        )
         assert r.cumulative_l2 == pytest.approx(per_arm)
         step, col = np.unravel_index(np.argmax(np.abs(d)), d.shape)
         assert (r.max_joint_deviation, r.max_joint_name, r.max_joint_step) == (abs(d[step, col]), JOINTS[col], step)
@@ -183,14 +195,17 @@ def test_a_new_episode_resets_the_sums_and_drops_chunks_of_the_old_one():
     assert m.counters()["skipped"] == 2
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"joint_names": JOINTS[::-1]}, "joint names"),
-    ({"actions": np.zeros((H, 13))}, "shape"),
-    ({"state": np.zeros(0)}, "state values"),
-    ({"camera_stamps": []}, "camera stamps"),
-    ({"camera_stamps": [0, 0, 0]}, "zero header stamps"),
-    ({"camera_names": ["top", "left_wrist", "side"]}, "does not subscribe"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"joint_names": JOINTS[::-1]}, "joint names"),
+        ({"actions": np.zeros((H, 13))}, "shape"),
+        ({"state": np.zeros(0)}, "state values"),
+        ({"camera_stamps": []}, "camera stamps"),
+        ({"camera_stamps": [0, 0, 0]}, "zero header stamps"),
+        ({"camera_names": ["top", "left_wrist", "side"]}, "does not subscribe"),
+    ],
+)
 def test_chunks_that_cannot_be_monitored_are_refused_with_the_reason(change, match):
     m = monitor()
     c = chunk(0)
@@ -210,15 +225,26 @@ def test_a_reference_of_another_shape_is_an_error():
 
 # ---------------------------------------------------------------- thresholds and the fallback
 def test_thresholds_raise_the_right_levels():
-    t = Thresholds({"chunk": [0.5, 1.5], "first_action": [0.0, 0.3], "max_joint": [0.1, 0.0],
-                    "cumulative": [0.0, 0.0], "tracking": [0.3, 0.8]})
+    t = Thresholds(
+        {
+            "chunk": [0.5, 1.5],
+            "first_action": [0.0, 0.3],
+            "max_joint": [0.1, 0.0],
+            "cumulative": [0.0, 0.0],
+            "tracking": [0.3, 0.8],
+        }
+    )
     assert [t.level("chunk", v) for v in (0.0, 0.49, 0.5, 1.49, 1.5, 99.0)] == [OK, OK, WARN, WARN, ERROR, ERROR]
     assert [t.level("first_action", v) for v in (0.29, 0.3)] == [OK, ERROR]  # warning off
     assert [t.level("max_joint", v) for v in (0.09, 0.1, 50.0)] == [OK, WARN, WARN]  # error off
     assert t.level("cumulative", 1e9) == OK  # both off
     assert t.level("chunk", math.nan) == OK and t.level("chunk", math.inf) == ERROR
-    checks = {c.name: c for c in t.evaluate({"chunk": 2.0, "first_action": 0.1, "max_joint": 0.2,
-                                             "cumulative": math.nan, "tracking": 0.4})}
+    checks = {
+        c.name: c
+        for c in t.evaluate(
+            {"chunk": 2.0, "first_action": 0.1, "max_joint": 0.2, "cumulative": math.nan, "tracking": 0.4}
+        )
+    }
     assert checks["chunk"].level == ERROR and "error limit 1.5" in checks["chunk"].message
     assert checks["max_joint"].level == WARN and "warning limit 0.1" in checks["max_joint"].message
     assert checks["first_action"].level == OK and checks["cumulative"].message == "no value yet"
@@ -322,8 +348,12 @@ def test_markers_are_well_formed_and_stable_across_updates(fk):
         updates.append(path_markers({"quantized": fk.paths(q), "reference": fk.paths(ref)}, ARMS, "world"))
     keys = [[(d["ns"], d["id"], d["type"]) for d in u] for u in updates]
     assert keys[0] == keys[1]  # same namespaces and ids every update: each replaces its predecessor
-    assert sorted({ns for ns, _, _ in keys[0]}) == ["quantized/left", "quantized/right", "reference/left",
-                                                   "reference/right"]
+    assert sorted({ns for ns, _, _ in keys[0]}) == [
+        "quantized/left",
+        "quantized/right",
+        "reference/left",
+        "reference/right",
+    ]
     assert {(i, t) for _, i, t in keys[0]} == {(0, LINE_STRIP), (1, SPHERE_LIST)}
     for d in updates[1]:
         assert d["frame_id"] == "world" and len(d["points"]) == H

@@ -27,8 +27,9 @@ def test_rgb8_round_trip_is_exact():
     np.testing.assert_array_equal(image_to_rgb(msg(**f)), IMG)
 
 
-@pytest.mark.parametrize("encoding,channels,order", [("bgr8", 3, [2, 1, 0]), ("rgba8", 4, [0, 1, 2]),
-                                                     ("bgra8", 4, [2, 1, 0])])
+@pytest.mark.parametrize(
+    "encoding,channels,order", [("bgr8", 3, [2, 1, 0]), ("rgba8", 4, [0, 1, 2]), ("bgra8", 4, [2, 1, 0])]
+)
 def test_other_colour_encodings_become_rgb(encoding, channels, order):
     raw = np.zeros((6, 5, channels), np.uint8)
     raw[:, :, order] = IMG
@@ -55,12 +56,15 @@ def test_bgr8_writer():
     np.testing.assert_array_equal(image_to_rgb(msg(**f)), IMG)
 
 
-@pytest.mark.parametrize("fields,match", [
-    (dict(encoding="16UC1"), "encoding '16UC1' is not supported"),
-    (dict(step=10), "step 10 is shorter than a row"),
-    (dict(data=b"\0" * 50), "truncated"),
-    (dict(height=0), "empty image"),
-])
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(encoding="16UC1"), "encoding '16UC1' is not supported"),
+        (dict(step=10), "step 10 is shorter than a row"),
+        (dict(data=b"\0" * 50), "truncated"),
+        (dict(height=0), "empty image"),
+    ],
+)
 def test_bad_images_name_the_camera_and_the_problem(fields, match):
     f = {**rgb_to_image_fields(IMG), **fields}
     with pytest.raises(ImageFormatError, match=match) as e:

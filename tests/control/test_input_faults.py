@@ -88,12 +88,15 @@ def test_status_check_leaves_the_unmatched_counter_alone():
     assert not s.newest(0.6).ok and s.unmatched == 1
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(encoding="yuv422", height=4, width=4, step=8, data=bytes(32)), "encoding 'yuv422' is not supported"),
-    (dict(encoding="rgb8", height=4, width=4, step=6, data=bytes(48)), "step 6 is shorter"),
-    (dict(encoding="rgb8", height=4, width=4, step=12, data=bytes(40)), "truncated"),
-    (dict(encoding="rgb8", height=0, width=4, step=12, data=b""), "empty image"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(encoding="yuv422", height=4, width=4, step=8, data=bytes(32)), "encoding 'yuv422' is not supported"),
+        (dict(encoding="rgb8", height=4, width=4, step=6, data=bytes(48)), "step 6 is shorter"),
+        (dict(encoding="rgb8", height=4, width=4, step=12, data=bytes(40)), "truncated"),
+        (dict(encoding="rgb8", height=0, width=4, step=12, data=b""), "empty image"),
+    ],
+)
 def test_check_image_names_the_camera_and_the_fault(fields, match):
     with pytest.raises(ImageFormatError, match=match) as e:
         check_image(SimpleNamespace(**fields), "camera 'top'")

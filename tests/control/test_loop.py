@@ -46,7 +46,7 @@ class Rig:
         q = self.pose if q is None else np.asarray(q, dtype=np.float64)
         for k, arm in enumerate(ARMS):
             if arm in arms:
-                self.loop.add_state(arm, t, t, q[7 * k:7 * k + 7].copy())
+                self.loop.add_state(arm, t, t, q[7 * k : 7 * k + 7].copy())
 
     def feed(self, t: float):
         self.cameras(t)
@@ -299,11 +299,11 @@ def test_policy_checks_and_parameters():
     r = Rig()
     loop = r.loop
     joints = list(loop.joint_names)
-    info = PolicyInfo(camera_names=list(CAMS), joint_names=joints, horizon=30, step_period=DT, model_id="m",
-                      path="/p")
+    info = PolicyInfo(camera_names=list(CAMS), joint_names=joints, horizon=30, step_period=DT, model_id="m", path="/p")
     assert loop.check_policy(info) == ""
-    assert "differ from arms.joint_names" in loop.check_policy(PolicyInfo(**{**info.__dict__,
-                                                                             "joint_names": joints[::-1]}))
+    assert "differ from arms.joint_names" in loop.check_policy(
+        PolicyInfo(**{**info.__dict__, "joint_names": joints[::-1]})
+    )
     assert "missing ['front']" in loop.check_policy(PolicyInfo(**{**info.__dict__, "camera_names": ["front"]}))
     assert loop.inference_failed("inference failed: boom") and not loop.inference_failed("inference failed: boom")
     assert loop.hold_reasons(0.0, RUNNING)["inference"] == "inference failed: boom"
@@ -327,7 +327,8 @@ def test_diagnostics_report_commands_inference_cameras_and_arms():
     reports = diagnostics(loop, 1.0, "/qvla/policy_node", worker, "joint_state", "SCHED_FIFO 10")
     names = [s.name for s in reports]
     assert names == ["/qvla/policy_node: commands", "/qvla/policy_node: inference"] + [
-        f"/qvla/policy_node: camera {c}" for c in CAMS] + [f"/qvla/policy_node: arm {a} state" for a in ARMS]
+        f"/qvla/policy_node: camera {c}" for c in CAMS
+    ] + [f"/qvla/policy_node: arm {a} state" for a in ARMS]
     cmd, inf, top = reports[0], reports[1], reports[2]
     assert (cmd.level, cmd.message) == (ERROR, "no command sent: starting")
     assert cmd.values["adapter"] == "joint_state" and cmd.values["scheduling"] == "SCHED_FIFO 10"

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "config" / "bimanual.yaml"
 
 
-@pytest.mark.parametrize("schema", [POLICY_NODE, SIM_RIG_NODE, MONITOR_NODE, RECORDER_NODE, CALIBRATION_NODE],
-                         ids=lambda s: s.node)
+@pytest.mark.parametrize(
+    "schema", [POLICY_NODE, SIM_RIG_NODE, MONITOR_NODE, RECORDER_NODE, CALIBRATION_NODE], ids=lambda s: s.node
+)
 def test_every_parameter_has_a_valid_default_and_a_description(schema):
     values = schema.defaults(PARAMS)
     assert set(values) == set(schema.names)
@@ -54,17 +55,20 @@ def test_names_and_topics_agree_with_topics_yaml():
     assert [o.topic for o in output.arm_topics] == [a.command.topic for a in topics.arms]
 
 
-@pytest.mark.parametrize("name,value,match", [
-    ("control.rate_hz", 0.0, r"control.rate_hz = 0.0 is outside \[1.0, 1000.0\]"),
-    ("control.rate_hz", "30", "control.rate_hz must be of type double"),
-    ("control.blending", "mean", "control.blending = 'mean' is not one of latest, temporal_ensemble"),
-    ("cameras.topics", ["/a", "/b"], "cameras.topics has 2 entries but cameras.names has 3"),
-    ("arms.joint_names", ["a"] * 13, "arms.joint_names needs exactly 14 entries"),
-    ("policy.device", "tpu", "policy.device 'tpu' must be cpu, cuda or cuda:N"),
-    ("output.adapter", "can", "output.adapter = 'can' is not one of"),
-    ("policy.warmup", 1, "policy.warmup must be of type bool"),
-    ("estop.topic", "", "estop.topic must not be empty"),
-])
+@pytest.mark.parametrize(
+    "name,value,match",
+    [
+        ("control.rate_hz", 0.0, r"control.rate_hz = 0.0 is outside \[1.0, 1000.0\]"),
+        ("control.rate_hz", "30", "control.rate_hz must be of type double"),
+        ("control.blending", "mean", "control.blending = 'mean' is not one of latest, temporal_ensemble"),
+        ("cameras.topics", ["/a", "/b"], "cameras.topics has 2 entries but cameras.names has 3"),
+        ("arms.joint_names", ["a"] * 13, "arms.joint_names needs exactly 14 entries"),
+        ("policy.device", "tpu", "policy.device 'tpu' must be cpu, cuda or cuda:N"),
+        ("output.adapter", "can", "output.adapter = 'can' is not one of"),
+        ("policy.warmup", 1, "policy.warmup must be of type bool"),
+        ("estop.topic", "", "estop.topic must not be empty"),
+    ],
+)
 def test_bad_values_name_the_parameter(name, value, match):
     values = POLICY_NODE.defaults(PARAMS)
     with pytest.raises(ParameterError, match=match):

@@ -24,8 +24,12 @@ CAMS = ["top", "left_wrist", "right_wrist"]
 
 def obs(stamp=1.0, size=(24, 32)):
     rng = np.random.default_rng(int(stamp * 1000))
-    return Observation(images={c: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for c in CAMS},
-                       state=np.linspace(-0.5, 0.5, 14), instruction="transfer the cube", stamp=stamp)
+    return Observation(
+        images={c: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for c in CAMS},
+        state=np.linspace(-0.5, 0.5, 14),
+        instruction="transfer the cube",
+        stamp=stamp,
+    )
 
 
 def test_frames_round_trip_arrays_exactly():
@@ -70,9 +74,16 @@ class StubBackend:
 def run_worker(factory, n_obs=5, **kw):
     chunks, errors, loaded = [], [], []
     pending = [(obs(1.0 + k), k) for k in range(n_obs)]
-    w = InferenceWorker("thread", "A", get_observation=lambda: pending.pop(0) if pending else None,
-                        on_chunk=lambda c, tag: chunks.append((c, tag)), on_error=lambda m, tag: errors.append(m),
-                        on_loaded=loaded.append, backend_factory=factory, **kw)
+    w = InferenceWorker(
+        "thread",
+        "A",
+        get_observation=lambda: pending.pop(0) if pending else None,
+        on_chunk=lambda c, tag: chunks.append((c, tag)),
+        on_error=lambda m, tag: errors.append(m),
+        on_loaded=loaded.append,
+        backend_factory=factory,
+        **kw,
+    )
     return w, chunks, errors, loaded
 
 
@@ -117,9 +128,15 @@ def test_reload_swaps_and_closes_the_old_backend():
         return made[path]
 
     stop = threading.Event()
-    w = InferenceWorker("thread", "A", get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
-                        on_chunk=lambda c, t: None, on_error=lambda m, t: None, backend_factory=factory,
-                        check=lambda info: "cameras differ" if "bad" in info.path else "")
+    w = InferenceWorker(
+        "thread",
+        "A",
+        get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
+        on_chunk=lambda c, t: None,
+        on_error=lambda m, t: None,
+        backend_factory=factory,
+        check=lambda info: "cameras differ" if "bad" in info.path else "",
+    )
     w.start()
     assert wait_for(lambda: "A" in made and made["A"].calls > 2)
     ok, msg = w.reload("B")
@@ -145,9 +162,15 @@ def test_a_reload_after_a_failed_first_load_clears_the_failure():
 
     chunks, loaded = [], []
     stop = threading.Event()
-    w = InferenceWorker("thread", "missing", get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
-                        on_chunk=lambda c, t: chunks.append(c), on_error=lambda m, t: None, on_loaded=loaded.append,
-                        backend_factory=factory)
+    w = InferenceWorker(
+        "thread",
+        "missing",
+        get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
+        on_chunk=lambda c, t: chunks.append(c),
+        on_error=lambda m, t: None,
+        on_loaded=loaded.append,
+        backend_factory=factory,
+    )
     w.start()
     try:
         assert wait_for(lambda: w.status == "load failed")
@@ -166,9 +189,15 @@ def test_a_reload_after_a_failed_first_load_clears_the_failure():
 
 def test_a_failed_reload_after_a_good_load_keeps_the_status():
     stop = threading.Event()
-    w = InferenceWorker("thread", "A", get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
-                        on_chunk=lambda c, t: None, on_error=lambda m, t: None, backend_factory=StubBackend,
-                        check=lambda info: "cameras differ" if "bad" in info.path else "")
+    w = InferenceWorker(
+        "thread",
+        "A",
+        get_observation=lambda: None if stop.is_set() else (obs(time.time()), 0),
+        on_chunk=lambda c, t: None,
+        on_error=lambda m, t: None,
+        backend_factory=StubBackend,
+        check=lambda info: "cameras differ" if "bad" in info.path else "",
+    )
     w.start()
     try:
         assert wait_for(lambda: w.status == "running")
@@ -216,9 +245,14 @@ def test_process_backend_load_errors_are_clear(tmp_path):
 
 def test_worker_restarts_a_dead_process(tiny_policy):
     chunks, errors = [], []
-    w = InferenceWorker("process", str(tiny_policy), get_observation=lambda: (obs(time.time()), 0),
-                        on_chunk=lambda c, t: chunks.append(c), on_error=lambda m, t: errors.append(m),
-                        min_interval=0.05)
+    w = InferenceWorker(
+        "process",
+        str(tiny_policy),
+        get_observation=lambda: (obs(time.time()), 0),
+        on_chunk=lambda c, t: chunks.append(c),
+        on_error=lambda m, t: errors.append(m),
+        min_interval=0.05,
+    )
     w.start()
     try:
         assert wait_for(lambda: len(chunks) > 2, 60)

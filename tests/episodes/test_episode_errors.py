@@ -165,8 +165,9 @@ def _episode_with_top_image(path, **fields):
     Image = ts.types["sensor_msgs/msg/Image"]
     w = EpisodeWriter(path.with_name(path.name + "_bad"), cfg).open()
     header = w._header(sim_stamp_ns(0))
-    img = dict(header=header, height=12, width=16, encoding="rgb8", is_bigendian=0, step=48,
-               data=np.zeros(12 * 48, np.uint8))
+    img = dict(
+        header=header, height=12, width=16, encoding="rgb8", is_bigendian=0, step=48, data=np.zeros(12 * 48, np.uint8)
+    )
     img.update(fields)
     for k, t in enumerate(truth.cmd_t):
         w.write_raw(cfg.camera("top").topic, sim_stamp_ns(t), ts.serialize_cdr(Image(**img), Image.__msgtype__))

@@ -93,8 +93,9 @@ def test_bag_metadata_is_standard_rosbag2(synthetic):
     assert info["version"] == 9 and info["storage_identifier"] == "mcap"
     types = {t["topic_metadata"]["name"]: t["topic_metadata"]["type"] for t in info["topics_with_message_count"]}
     assert types == load_topic_config().all_topics()
-    assert all(t["topic_metadata"]["type_description_hash"].startswith("RIHS01_")
-               for t in info["topics_with_message_count"])
+    assert all(
+        t["topic_metadata"]["type_description_hash"].startswith("RIHS01_") for t in info["topics_with_message_count"]
+    )
     meta = json.loads(info["custom_data"]["qvla.metadata"])
     assert meta["format"] == "qvla-episode" and meta["success"] is True
     assert meta["joint_names"][0] == "left_joint1" and meta["joint_names"][7] == "right_joint1"
@@ -139,8 +140,15 @@ def test_image_encodings_are_converted_to_rgb():
 
 def test_joint_states_are_reordered_by_name():
     class JS:
-        name = ["left_gripper", "left_joint6", "left_joint5", "left_joint4", "left_joint3", "left_joint2",
-                "left_joint1"]
+        name = [
+            "left_gripper",
+            "left_joint6",
+            "left_joint5",
+            "left_joint4",
+            "left_joint3",
+            "left_joint2",
+            "left_joint1",
+        ]
         position = np.arange(7.0)
 
     joints = load_topic_config().arm("left").joints

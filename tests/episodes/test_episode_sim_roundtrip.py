@@ -19,15 +19,17 @@ DURATION = 1.5
 
 def test_recorded_sim_episode_round_trips(tmp_path):
     rig = SimRig(image_size=SIZE)
-    res = record_episode(tmp_path / "ep", seed=4, rig=rig, expert=TransferCubeExpert(duration=DURATION),
-                         keep_failed=True)
+    res = record_episode(
+        tmp_path / "ep", seed=4, rig=rig, expert=TransferCubeExpert(duration=DURATION), keep_failed=True
+    )
     assert res.path == tmp_path / "ep" and not res.success  # 1.5 s is too short to finish the task
     assert not (tmp_path / ".partial").exists()
 
     # The same seed replayed (the rig is deterministic): what the expert saw and sent at each 30 Hz tick.
     seen = []
-    run_expert_episode(rig, 4, TransferCubeExpert(duration=DURATION),
-                       on_tick=lambda t, obs, cmd: seen.append((t, obs, cmd.copy())))
+    run_expert_episode(
+        rig, 4, TransferCubeExpert(duration=DURATION), on_tick=lambda t, obs, cmd: seen.append((t, obs, cmd.copy()))
+    )
     horizon = 10
     ep = read_episode(res.path, horizon=horizon)
     assert len(ep) == len(seen) == round(DURATION * 30) and ep.dropped == {}

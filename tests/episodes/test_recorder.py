@@ -38,8 +38,9 @@ class Source:
 
     def header(self, t_ns):
         T = self.ts.types
-        return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=t_ns // 10**9,
-                                                                              nanosec=t_ns % 10**9), frame_id="")
+        return T["std_msgs/msg/Header"](
+            stamp=T["builtin_interfaces/msg/Time"](sec=t_ns // 10**9, nanosec=t_ns % 10**9), frame_id=""
+        )
 
     def tick(self, k: int):
         """(topic, stamp, bytes) of tick k: three images, both states, both commands."""
@@ -48,14 +49,25 @@ class Source:
         h, w = self.size
         out = []
         for cam in CFG.cameras:
-            img = T["sensor_msgs/msg/Image"](header=self.header(t), height=h, width=w, encoding="rgb8", is_bigendian=0,
-                                             step=3 * w, data=self.rng.integers(0, 255, h * w * 3, dtype=np.uint8))
+            img = T["sensor_msgs/msg/Image"](
+                header=self.header(t),
+                height=h,
+                width=w,
+                encoding="rgb8",
+                is_bigendian=0,
+                step=3 * w,
+                data=self.rng.integers(0, 255, h * w * 3, dtype=np.uint8),
+            )
             out.append((cam.topic, t, self.ts.serialize_cdr(img, cam.type)))
         for arm in CFG.arms:
             for spec in (arm.state, arm.command):
-                js = T["sensor_msgs/msg/JointState"](header=self.header(t), name=list(arm.joints),
-                                                     position=np.full(7, 0.01 * k), velocity=np.zeros(0),
-                                                     effort=np.zeros(0))
+                js = T["sensor_msgs/msg/JointState"](
+                    header=self.header(t),
+                    name=list(arm.joints),
+                    position=np.full(7, 0.01 * k),
+                    velocity=np.zeros(0),
+                    effort=np.zeros(0),
+                )
                 out.append((spec.topic, t + 1, self.ts.serialize_cdr(js, spec.type)))
         return out
 
@@ -87,7 +99,10 @@ def test_episodes_from_raw_bytes_read_back_and_numbering_resumes(tmp_path):
         info = rec.stop(success=True)
         assert info.path == tmp_path / "ds" / "episode_000000" and info.outcome == "kept" and info.dropped == 0
         assert info.messages == 30 * 7 and set(info.topics) == set(CFG.all_topics()) - {
-            CFG.instruction.topic, CFG.success.topic, CFG.metadata.topic}
+            CFG.instruction.topic,
+            CFG.success.topic,
+            CFG.metadata.topic,
+        }
         rec.start(instruction="discard me")
         record(rec, src, 5)
         gone = rec.discard()

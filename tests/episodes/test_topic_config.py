@@ -29,8 +29,10 @@ def test_names_and_order():
     cfg = load_topic_config()
     assert cfg.arm_order == ("left", "right")
     assert cfg.joint_names == (
-        *(f"left_joint{i}" for i in range(1, 7)), "left_gripper",
-        *(f"right_joint{i}" for i in range(1, 7)), "right_gripper",
+        *(f"left_joint{i}" for i in range(1, 7)),
+        "left_gripper",
+        *(f"right_joint{i}" for i in range(1, 7)),
+        "right_gripper",
     )
     assert cfg.camera_names == ("top", "left_wrist", "right_wrist")
     assert cfg.arm_slice("right") == slice(7, 14)

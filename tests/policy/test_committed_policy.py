@@ -59,7 +59,8 @@ def test_committed_artifact_is_a_real_packed_model():
     assert "data_seed" in info["train_config"] and info["step"] == info["train_config"]["steps"]
     for d in (FP, W4):  # everything the robot needs is in the directory, and small enough for git
         assert {"processor.json", "tokenizer.json", "config.json", "model.safetensors"} <= set(
-            p.name for p in d.iterdir())
+            p.name for p in d.iterdir()
+        )
         assert sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) < 25 * 2**20
 
 
@@ -80,4 +81,3 @@ def test_committed_artifact_through_the_default_kernels_acts_like_the_reference_
     fast = q.predict(obs).actions
     assert np.isfinite(fast).all()
     assert np.abs(fast - ref).max() < 0.01 * np.abs(ref).max()
-

@@ -23,13 +23,15 @@ def policies(tmp_path_factory):
 @pytest.mark.parametrize("blending", ["latest", "temporal_ensemble"])
 def test_evaluation_runs_and_measures_deviation(policies, blending):
     a, b = policies
-    same = evaluate(a, [1000], reference=a, steps=30, replan_every=10, image_size=(48, 64), progress=False,
-                    blending=blending)
+    same = evaluate(
+        a, [1000], reference=a, steps=30, replan_every=10, image_size=(48, 64), progress=False, blending=blending
+    )
     ep = same.episodes[0]
     assert ep.steps == 30 and ep.predictions == 3 and ep.max_reward >= 0 and not ep.success  # random weights
     assert ep.cumulative_deviation == 0.0 and ep.deviation_curve == [0.0, 0.0, 0.0]
-    other = evaluate(a, [1000], reference=b, steps=30, replan_every=10, image_size=(48, 64), progress=False,
-                     blending=blending).episodes[0]
+    other = evaluate(
+        a, [1000], reference=b, steps=30, replan_every=10, image_size=(48, 64), progress=False, blending=blending
+    ).episodes[0]
     # Eq. 5: the curve accumulates ||A - A*|| at each prediction and ends at the episode's total
     assert other.cumulative_deviation > 0
     assert np.all(np.diff(other.deviation_curve) > 0) and other.deviation_curve[-1] == other.cumulative_deviation

@@ -94,8 +94,9 @@ def test_a_missing_tensor_is_named_with_its_expected_shape(tiny_dir, tmp_path):
 def test_a_checkpoint_without_the_action_expert_is_refused(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     rewrite_tensors(d, lambda t: {k: v for k, v in t.items() if "gemma_expert" not in k})
-    message = assert_refused(d, str(d / "model.safetensors"), "20 tensors missing",
-                             "model.dit.embed_tokens.weight [9, 64]")
+    message = assert_refused(
+        d, str(d / "model.safetensors"), "20 tensors missing", "model.dit.embed_tokens.weight [9, 64]"
+    )
     assert "and 8 more" in message  # long lists are cut, with a count
     # the qvla_quant loader refuses it too (qvla-quant calibrate/apply, qvla_quant.load_policy)
     from qvla_quant.api import load_policy
@@ -234,8 +235,14 @@ def test_reload_answers_false_naming_the_file(tiny_dir, tmp_path):
     (bad_tokenizer / "tokenizer.json").write_text("{1: 2}")
     missing = copy_of(tiny_dir, tmp_path, "missing")
     rewrite_tensors(missing, lambda t: {k: v for k, v in t.items() if "gemma_expert" not in k})
-    worker = InferenceWorker("thread", str(tiny_dir), get_observation=lambda: None, on_chunk=lambda c, t: None,
-                             on_error=lambda m, t: None, warmup=False)
+    worker = InferenceWorker(
+        "thread",
+        str(tiny_dir),
+        get_observation=lambda: None,
+        on_chunk=lambda c, t: None,
+        on_error=lambda m, t: None,
+        warmup=False,
+    )
     try:
         ok, message = worker.reload(str(bad_tokenizer))
         assert not ok and str(bad_tokenizer / "tokenizer.json") in message, message
@@ -309,8 +316,11 @@ def test_qvla_quant_names_the_damaged_file(tiny_dir, tmp_path, capsys, command):
     from qvla_ros.policy.processor import Pi0Processor
     from qvla_ros.policy.types import Observation
 
-    obs = Observation(images={c: np.zeros((32, 32, 3), np.uint8) for c in ("top", "left_wrist", "right_wrist")},
-                      state=np.zeros(14), instruction="transfer the cube")
+    obs = Observation(
+        images={c: np.zeros((32, 32, 3), np.uint8) for c in ("top", "left_wrist", "right_wrist")},
+        state=np.zeros(14),
+        instruction="transfer the cube",
+    )
     data = tmp_path / "data.safetensors"  # a valid batch of the tiny policy: only the checkpoint is damaged
     save_file(Pi0Processor.load(tiny_dir).batch([obs]), str(data))
     for policy, name in damaged_policies(tiny_dir, tmp_path):
@@ -341,8 +351,13 @@ def test_cli_in_a_fresh_process_prints_no_traceback(tiny_dir, tmp_path):
     d = copy_of(tiny_dir, tmp_path)
     (d / "tokenizer.json").write_text("{1: 2}")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "qvla_ros.policy.evaluate", "--policy", str(d)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "qvla_ros.policy.evaluate", "--policy", str(d)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 2, run.stderr
     assert_one_line_error(run.stderr, "qvla-eval", d / "tokenizer.json")
 

@@ -23,7 +23,9 @@ def observation(seed: int, size=(240, 320)) -> Observation:
     rng = np.random.default_rng(seed)
     return Observation(
         images={c: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for c in CAMERAS},
-        state=rng.normal(0, 0.3, 14), instruction="transfer the cube", stamp=1.5,
+        state=rng.normal(0, 0.3, 14),
+        instruction="transfer the cube",
+        stamp=1.5,
     )
 
 

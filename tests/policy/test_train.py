@@ -15,8 +15,17 @@ from qvla_ros.policy.train import TrainConfig, load_samples, train
 
 pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
-SPEC = SmallPi0Spec(width=64, layers=2, heads=2, vision_width=64, vision_layers=2, image_size=32, patch_size=16,
-                    chunk_size=10, num_inference_steps=3)
+SPEC = SmallPi0Spec(
+    width=64,
+    layers=2,
+    heads=2,
+    vision_width=64,
+    vision_layers=2,
+    image_size=32,
+    patch_size=16,
+    chunk_size=10,
+    num_inference_steps=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +43,19 @@ def demos(tmp_path_factory):
 
 
 def test_short_training_reduces_loss_and_resumes(demos, tmp_path):
-    cfg = TrainConfig(episodes=str(demos), out=str(tmp_path / "run"), spec=SPEC, steps=160, batch_size=16,
-                      lr=2e-3, warmup_steps=10, val_episodes=1, checkpoint_every=80, shift_augment=1,
-                      threads=1)
+    cfg = TrainConfig(
+        episodes=str(demos),
+        out=str(tmp_path / "run"),
+        spec=SPEC,
+        steps=160,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=10,
+        val_episodes=1,
+        checkpoint_every=80,
+        shift_augment=1,
+        threads=1,
+    )
     final = train(cfg, progress=False)
     state = json.loads((tmp_path / "run" / "train_state.json").read_text())
     hist = state["history"]
@@ -50,14 +69,16 @@ def test_short_training_reduces_loss_and_resumes(demos, tmp_path):
     from qvla_ros.policy.train import validation_loss
 
     proc = Pi0Processor.load(final)
-    samples = load_samples(sorted(demos.iterdir()), proc.config.camera_names, SPEC.image_size, SPEC.chunk_size,
-                           progress=False)
+    samples = load_samples(
+        sorted(demos.iterdir()), proc.config.camera_names, SPEC.image_size, SPEC.chunk_size, progress=False
+    )
     val_name = json.loads((final / "train_config.json").read_text())["val_episodes"][0]
     train_ep = [i for i, p in enumerate(sorted(demos.iterdir())) if p.name != val_name]
     idx = np.nonzero(np.isin(samples.episode_idx, train_ep))[0][::3]
     torch.manual_seed(cfg.seed)
-    untrained = PI0ForConditionalGeneration(small_pi0_config(SPEC, proc.tokenizer.get_vocab_size(),
-                                                             proc.config.image_token_id))
+    untrained = PI0ForConditionalGeneration(
+        small_pi0_config(SPEC, proc.tokenizer.get_vocab_size(), proc.config.image_token_id)
+    )
     before = validation_loss(untrained, samples, idx, proc, 32)
     after = validation_loss(load_pi0_model(final), samples, idx, proc, 32)
     # flow-matching loss of a zero-velocity guess is ~1 + Var(a) ~ 2 here; the fit must clearly beat the init
@@ -75,12 +96,32 @@ def test_short_training_reduces_loss_and_resumes(demos, tmp_path):
 
 
 def test_fine_tuning_starts_from_the_source_policy(demos, tmp_path):
-    base = TrainConfig(episodes=str(demos), out=str(tmp_path / "base"), spec=SPEC, steps=40, batch_size=16,
-                       lr=2e-3, warmup_steps=5, val_episodes=1, checkpoint_every=40, threads=1)
+    base = TrainConfig(
+        episodes=str(demos),
+        out=str(tmp_path / "base"),
+        spec=SPEC,
+        steps=40,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=5,
+        val_episodes=1,
+        checkpoint_every=40,
+        threads=1,
+    )
     source = train(base, progress=False)
-    tuned_cfg = TrainConfig(episodes=str(demos), out=str(tmp_path / "tuned"), spec=SPEC, steps=1, batch_size=16,
-                            lr=1e-9, warmup_steps=1, val_episodes=1, checkpoint_every=1, threads=1,
-                            init_from=str(source))
+    tuned_cfg = TrainConfig(
+        episodes=str(demos),
+        out=str(tmp_path / "tuned"),
+        spec=SPEC,
+        steps=1,
+        batch_size=16,
+        lr=1e-9,
+        warmup_steps=1,
+        val_episodes=1,
+        checkpoint_every=1,
+        threads=1,
+        init_from=str(source),
+    )
     tuned = train(tuned_cfg, progress=False)
     # one step at a negligible learning rate: the weights are the source's, and so is the processor
     from safetensors.torch import load_file
@@ -115,17 +156,38 @@ def test_object_localization_aux_loss_learns_and_stays_out_of_the_policy(demos, 
     # both episodes train (no validation split): the standardized targets are +-1 per axis, so the
     # zero-initialized head starts at loss `weight`; telling two cube positions apart from the image drives it down
     spec = SmallPi0Spec(**{**SPEC.to_dict(), "image_size": 64})
-    cfg = TrainConfig(episodes=str(demos), out=str(tmp_path / "aux"), spec=spec, steps=200, batch_size=16,
-                      lr=2e-3, warmup_steps=10, val_episodes=0, checkpoint_every=200, threads=1,
-                      object_aux_weight=weight)
+    cfg = TrainConfig(
+        episodes=str(demos),
+        out=str(tmp_path / "aux"),
+        spec=spec,
+        steps=200,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=10,
+        val_episodes=0,
+        checkpoint_every=200,
+        threads=1,
+        object_aux_weight=weight,
+    )
     final = train(cfg, progress=False)
     hist = json.loads((tmp_path / "aux" / "train_state.json").read_text())["history"]
     assert hist[-1]["object_aux_loss_ema"] < 0.7 * weight, hist
     # the auxiliary head is training-only: the policy has exactly the π0 weights of a run without it
-    plain = TrainConfig(episodes=str(demos), out=str(tmp_path / "plain"), spec=SPEC, steps=1, batch_size=4,
-                        warmup_steps=1, val_episodes=1, checkpoint_every=1, threads=1)
-    assert load_file(str(final / "model.safetensors")).keys() == \
-        load_file(str(train(plain, progress=False) / "model.safetensors")).keys()
+    plain = TrainConfig(
+        episodes=str(demos),
+        out=str(tmp_path / "plain"),
+        spec=SPEC,
+        steps=1,
+        batch_size=4,
+        warmup_steps=1,
+        val_episodes=1,
+        checkpoint_every=1,
+        threads=1,
+    )
+    assert (
+        load_file(str(final / "model.safetensors")).keys()
+        == load_file(str(train(plain, progress=False) / "model.safetensors")).keys()
+    )
     assert (tmp_path / "aux" / "aux_head.safetensors").is_file()
 
 
@@ -135,8 +197,14 @@ def test_wrist_and_state_dropout_blank_what_they_should(demos):
     from qvla_ros.policy.train import make_batch
 
     samples = load_samples(sorted(demos.iterdir()), CAMERAS, SPEC.image_size, SPEC.chunk_size, progress=False)
-    proc = make_processor(SPEC, samples.instructions, BIMANUAL_JOINTS, CAMERAS, Normalizer.fit(samples.state),
-                          Normalizer.fit(samples.actions))
+    proc = make_processor(
+        SPEC,
+        samples.instructions,
+        BIMANUAL_JOINTS,
+        CAMERAS,
+        Normalizer.fit(samples.state),
+        Normalizer.fit(samples.actions),
+    )
     idx = np.arange(0, len(samples), 7)
     kept = make_batch(samples, idx, proc, 0, np.random.default_rng(0))["pixel_values"]
     dropped = make_batch(samples, idx, proc, 0, np.random.default_rng(0), wrist_dropout=1.0)["pixel_values"]

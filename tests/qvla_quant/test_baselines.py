@@ -111,5 +111,6 @@ def test_linear_layers_spec_skips_attention_out_proj():
     model.fc = nn.Linear(8, 4)
     model.patch = nn.Conv2d(3, 8, 2, stride=2)
     assert linear_layers_spec(model) == [
-        LayerDesc("fc", "other", "linear", 4, 8), LayerDesc("patch", "other", "conv", 8, 12)
+        LayerDesc("fc", "other", "linear", 4, 8),
+        LayerDesc("patch", "other", "conv", 8, 12),
     ]

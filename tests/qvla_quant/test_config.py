@@ -24,14 +24,34 @@ EXAMPLES = [
     QuantConfig(),
     QuantConfig(weight=WeightQuantConfig(clip_grid=3), activation=ActivationQuantConfig(bits=8)),
     AllocationConfig(),
-    AllocationConfig(bits=(0, 2, 3, 4, 6, 8), solver="lagrangian", max_pruned_fraction=0.2, prune_abs_threshold=1e-6,
-                     prune_rel_threshold=0.05, prune_dead=False, activation_bits=8,
-                     template=PlanTemplate(names={"re:.*lm_head": 16})),
+    AllocationConfig(
+        bits=(0, 2, 3, 4, 6, 8),
+        solver="lagrangian",
+        max_pruned_fraction=0.2,
+        prune_abs_threshold=1e-6,
+        prune_rel_threshold=0.05,
+        prune_dead=False,
+        activation_bits=8,
+        template=PlanTemplate(names={"re:.*lm_head": 16}),
+    ),
     CalibrationConfig(),
-    CalibrationConfig(bits=(0, 2, 3, 4, 16), method="exact", proxy="gain", exact_fraction=0.5, rank_sample=0,
-                      channels_per_pass=3, max_exact_dims=10, n_probes=2, proxy_group_weights=1000, seed=7,
-                      weight=WeightQuantConfig(clip_search=False), template=PlanTemplate(names={"fc1": 8}),
-                      store_dir="/tmp/x", progress=False, prefix_cache=False),
+    CalibrationConfig(
+        bits=(0, 2, 3, 4, 16),
+        method="exact",
+        proxy="gain",
+        exact_fraction=0.5,
+        rank_sample=0,
+        channels_per_pass=3,
+        max_exact_dims=10,
+        n_probes=2,
+        proxy_group_weights=1000,
+        seed=7,
+        weight=WeightQuantConfig(clip_search=False),
+        template=PlanTemplate(names={"fc1": 8}),
+        store_dir="/tmp/x",
+        progress=False,
+        prefix_cache=False,
+    ),
 ]
 
 
@@ -89,7 +109,8 @@ def test_invalid_values_are_refused_naming_the_field(make, field):
 
 def test_nested_dicts_are_validated_like_configs():
     assert QuantConfig.from_dict({"weight": {"clip_grid": 5}, "activation": {"bits": 8}}) == QuantConfig(
-        WeightQuantConfig(clip_grid=5), ActivationQuantConfig(8))
+        WeightQuantConfig(clip_grid=5), ActivationQuantConfig(8)
+    )
     with pytest.raises(ValueError, match="WeightQuantConfig: unknown keys"):
         QuantConfig.from_dict({"weight": {"grid": 5}, "activation": {}})
     with pytest.raises(ValueError, match="ActivationQuantConfig: version 9"):

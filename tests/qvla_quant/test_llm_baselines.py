@@ -94,9 +94,13 @@ def test_gptq_codes_survive_packing_exactly(group_size):
     target = copy.deepcopy(layer)
     with torch.no_grad():
         target.weight.copy_(res.weight)
-    packed = PackedLinear.from_float(target, [4] * 24, group_size=group_size,
-                                     grouped=None if group_size is None else [True] * 24,
-                                     qparams=(res.scale, res.zero))
+    packed = PackedLinear.from_float(
+        target,
+        [4] * 24,
+        group_size=group_size,
+        grouped=None if group_size is None else [True] * 24,
+        qparams=(res.scale, res.zero),
+    )
     assert torch.equal(packed.dequantized_weight(), res.weight)
     sfx = "4" if group_size is None else "4g"  # every row at 4 bits: stored in original order
     assert torch.equal(unpack_codes(getattr(packed, f"qweight_{sfx}"), 4, 160), res.codes)
@@ -104,8 +108,9 @@ def test_gptq_codes_survive_packing_exactly(group_size):
     assert torch.equal(getattr(packed, f"zero_{sfx}"), res.zero)
     # why the explicit parameters: the compensated rows need not reach their codes' extremes, so the packer's
     # own min-max of them picks other scales for some rows (here 8 of 24 per-row, 12 grouped)
-    plain = PackedLinear.from_float(target, [4] * 24, group_size=group_size,
-                                    grouped=None if group_size is None else [True] * 24)
+    plain = PackedLinear.from_float(
+        target, [4] * 24, group_size=group_size, grouped=None if group_size is None else [True] * 24
+    )
     assert not torch.equal(plain.dequantized_weight(), res.weight)
     with pytest.raises(ValueError, match="qparams: scale"):
         PackedLinear.from_float(target, [4] * 24, qparams=(res.scale[:3], res.zero[:3]))
@@ -114,8 +119,14 @@ def test_gptq_codes_survive_packing_exactly(group_size):
 def test_gptq_model_codes_pack_exactly_at_every_bit_width_and_bad_settings_fail():
     model = MLP(d_in=128, d_hidden=96).eval()  # fc2: K = 96, groups of 64 + 32 columns
     calib = correlated_batches(2, seed=0, d=128)
-    for bits, gs in [(4, None), (2, None), (4, 64), (2, 128), *([(3, None), (3, 64)] if 3 in QUANTIZED_BITS else []),
-                     (8, None)]:
+    for bits, gs in [
+        (4, None),
+        (2, None),
+        (4, 64),
+        (2, 128),
+        *([(3, None), (3, 64)] if 3 in QUANTIZED_BITS else []),
+        (8, None),
+    ]:
         res = lb.gptq(mlp_adapter(model), calib, bits, group_size=gs)
         floats = {n: res.adapter.model.get_submodule(n).weight.detach().clone() for n in res.plan.layers}
         res.quantize()
@@ -298,8 +309,11 @@ def test_gptq_artifact_runs_in_the_policy_runtime(tmp_path):
     for name in ("processor.json", "tokenizer.json"):
         shutil.copy2(policy / name, out / name)
     rng = np.random.default_rng(0)
-    obs = Observation(images={c: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for c in CAMERAS},
-                      state=rng.normal(0, 0.3, 14), instruction="transfer the cube")
+    obs = Observation(
+        images={c: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for c in CAMERAS},
+        state=rng.normal(0, 0.3, 14),
+        instruction="transfer the cube",
+    )
     chunk = PolicyRuntime.load(out).predict(obs)
     fp = PolicyRuntime.load(policy).predict(obs)
     assert chunk.actions.shape == fp.actions.shape and np.isfinite(chunk.actions).all()
@@ -311,14 +325,52 @@ def test_cli_baseline_writes_an_artifact(tiny_pi0_dir, tiny_batches, tmp_path, c
     from qvla_quant.cli import main, save_batches
 
     save_batches(tmp_path / "data", tiny_batches)
-    rc = main(["baseline", "--method", "gptq", "--bits", "2", "--policy", str(tiny_pi0_dir), "--data",
-               str(tmp_path / "data"), "--out", str(tmp_path / "art")])
+    rc = main(
+        [
+            "baseline",
+            "--method",
+            "gptq",
+            "--bits",
+            "2",
+            "--policy",
+            str(tiny_pi0_dir),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "art"),
+        ]
+    )
     assert rc == 0 and "gptq-w2a16" in capsys.readouterr().out
     assert qvla_quant.load(tmp_path / "art").predict(tiny_batches[0]).shape[0] == 2
-    rc = main(["baseline", "--method", "module", "--bits", "vision=8,language=4,action=4", "--policy",
-               str(tiny_pi0_dir), "--out", str(tmp_path / "mod")])
+    rc = main(
+        [
+            "baseline",
+            "--method",
+            "module",
+            "--bits",
+            "vision=8,language=4,action=4",
+            "--policy",
+            str(tiny_pi0_dir),
+            "--out",
+            str(tmp_path / "mod"),
+        ]
+    )
     assert rc == 0
     assert main(["baseline", "--method", "awq", "--policy", str(tiny_pi0_dir), "--out", str(tmp_path / "x")]) == 2
     assert "pass --data" in capsys.readouterr().err
-    assert main(["baseline", "--method", "module", "--bits", "vision", "--policy", str(tiny_pi0_dir), "--out",
-                 str(tmp_path / "y")]) == 2
+    assert (
+        main(
+            [
+                "baseline",
+                "--method",
+                "module",
+                "--bits",
+                "vision",
+                "--policy",
+                str(tiny_pi0_dir),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )

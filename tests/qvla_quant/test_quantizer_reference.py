@@ -113,7 +113,7 @@ def reference_quantize(w: np.ndarray, bits: int, clip_search: bool, grid: int = 
     qmax = (1 << bits) - 1
     lo0, hi0 = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
     best = None
-    for ratio in (np.linspace(1.0, min_ratio, grid) if clip_search and grid > 1 else [1.0]):
+    for ratio in np.linspace(1.0, min_ratio, grid) if clip_search and grid > 1 else [1.0]:
         lo, hi = lo0 * ratio, hi0 * ratio
         # the scale in fp32 arithmetic, as stored (no clamp: fp32 holds every row's step)
         s = float(np.float32(np.float32(hi) - np.float32(lo)) / np.float32(qmax))

@@ -65,9 +65,15 @@ def subscribe_chunks(args) -> dict:
         ActionChunk,
         "/qvla_test/chunks",
         lambda m: got.append(
-            {"seq": int(m.header.frame_id), "joints": list(m.joint_names), "horizon": m.horizon,
-             "period_ns": m.step_period.nanosec, "positions": list(m.positions),
-             "latency": m.inference_latency, "model_id": m.model_id}
+            {
+                "seq": int(m.header.frame_id),
+                "joints": list(m.joint_names),
+                "horizon": m.horizon,
+                "period_ns": m.step_period.nanosec,
+                "positions": list(m.positions),
+                "latency": m.inference_latency,
+                "model_id": m.model_id,
+            }
         ),
         10,
     )
@@ -93,7 +99,8 @@ def serve(args) -> dict:
             time.sleep(0.05)
         goal_handle.succeed()
         return Calibrate.Result(
-            artifact_path=goal.output_path or "/tmp/artifact", average_bits=goal.budget,
+            artifact_path=goal.output_path or "/tmp/artifact",
+            average_bits=goal.budget,
             summary=f"bits {list(goal.bit_set)}",
         )
 
@@ -123,10 +130,12 @@ def call_calibrate(args) -> dict:
     if not client.wait_for_server(timeout_sec=args.timeout):
         return {"error": "action server not available"}
     feedback = []
-    goal = Calibrate.Goal(recordings=["a.mcap", "b.mcap"], budget=args.budget, bit_set=[0, 2, 4, 8, 16],
-                          output_path="/tmp/out")
-    send = client.send_goal_async(goal, feedback_callback=lambda f: feedback.append(
-        {"stage": f.feedback.stage, "progress": f.feedback.progress}))
+    goal = Calibrate.Goal(
+        recordings=["a.mcap", "b.mcap"], budget=args.budget, bit_set=[0, 2, 4, 8, 16], output_path="/tmp/out"
+    )
+    send = client.send_goal_async(
+        goal, feedback_callback=lambda f: feedback.append({"stage": f.feedback.stage, "progress": f.feedback.progress})
+    )
     rclpy.spin_until_future_complete(node, send, timeout_sec=args.timeout)
     handle = send.result()
     if not handle.accepted:
@@ -134,8 +143,12 @@ def call_calibrate(args) -> dict:
     result_future = handle.get_result_async()
     rclpy.spin_until_future_complete(node, result_future, timeout_sec=args.timeout)
     res = result_future.result().result
-    return {"artifact_path": res.artifact_path, "average_bits": res.average_bits, "summary": res.summary,
-            "feedback": feedback}
+    return {
+        "artifact_path": res.artifact_path,
+        "average_bits": res.average_bits,
+        "summary": res.summary,
+        "feedback": feedback,
+    }
 
 
 def main() -> int:
@@ -146,8 +159,13 @@ def main() -> int:
     parser.add_argument("--path", default="")
     parser.add_argument("--budget", type=float, default=4.0)
     args = parser.parse_args()
-    modes = {"publish-chunks": publish_chunks, "subscribe-chunks": subscribe_chunks, "serve": serve,
-             "call-reload": call_reload, "call-calibrate": call_calibrate}
+    modes = {
+        "publish-chunks": publish_chunks,
+        "subscribe-chunks": subscribe_chunks,
+        "serve": serve,
+        "call-reload": call_reload,
+        "call-calibrate": call_calibrate,
+    }
     rclpy.init()
     try:
         out = modes[args.mode](args)

@@ -33,8 +33,9 @@ class Probe(Node):
         super().__init__("calibration_probe")
         self.client = ActionClient(self, Calibrate, ACTION)
         self.rejections: list[str] = []
-        self.create_subscription(String, "/qvla/calibration/goal_rejections",
-                                 lambda m: self.rejections.append(m.data), LATCHED)
+        self.create_subscription(
+            String, "/qvla/calibration/goal_rejections", lambda m: self.rejections.append(m.data), LATCHED
+        )
         self.commands: list[tuple[float, float]] = []  # (receipt, header stamp) of the left arm's commands
         self.chunks: list[tuple[float, str]] = []
         if watch:
@@ -42,10 +43,18 @@ class Probe(Node):
 
             from qvla_msgs.msg import ActionChunk
 
-            self.create_subscription(JointState, "/qvla/master_arm_left/joint_states", lambda m: self.commands.append(
-                (time.monotonic(), m.header.stamp.sec + m.header.stamp.nanosec * 1e-9)), RELIABLE)
-            self.create_subscription(ActionChunk, "/qvla/policy_node/action_chunk",
-                                     lambda m: self.chunks.append((time.monotonic(), m.model_id)), RELIABLE)
+            self.create_subscription(
+                JointState,
+                "/qvla/master_arm_left/joint_states",
+                lambda m: self.commands.append((time.monotonic(), m.header.stamp.sec + m.header.stamp.nanosec * 1e-9)),
+                RELIABLE,
+            )
+            self.create_subscription(
+                ActionChunk,
+                "/qvla/policy_node/action_chunk",
+                lambda m: self.chunks.append((time.monotonic(), m.model_id)),
+                RELIABLE,
+            )
 
     def spin_until(self, ex, cond, timeout):
         end = time.monotonic() + timeout
@@ -59,9 +68,12 @@ def gaps(samples, t0, t1) -> dict:
     stamps = [s for r, s in samples if t0 <= r <= t1 and s > 0]
     d = [b - a for a, b in zip(recv, recv[1:])]
     n = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"count": len(recv), "max_gap_ms": 1e3 * max(d) if d else None,
-            "node_gap_max_ms": 1e3 * max(n) if n else None,
-            "rate_hz": (len(recv) - 1) / (recv[-1] - recv[0]) if len(recv) > 1 else 0.0}
+    return {
+        "count": len(recv),
+        "max_gap_ms": 1e3 * max(d) if d else None,
+        "node_gap_max_ms": 1e3 * max(n) if n else None,
+        "rate_hz": (len(recv) - 1) / (recv[-1] - recv[0]) if len(recv) > 1 else 0.0,
+    }
 
 
 def main() -> int:
@@ -89,19 +101,31 @@ def main() -> int:
             raise RuntimeError(f"action server {ACTION} not available")
         if args.watch and not probe.spin_until(ex, lambda: len(probe.chunks) > 2 and len(probe.commands) > 30, 90):
             raise RuntimeError("the policy node is not streaming (no chunks/commands)")
-        goal = Calibrate.Goal(recordings=args.recordings, budget=args.budget, output_path=args.out,
-                              policy_path=args.policy, solver=args.solver,
-                              bit_set=[int(b) for b in args.bits.split(",")] if args.bits else [],
-                              samples_per_episode=args.samples_per_episode,
-                              validation_samples_per_episode=args.validation_samples_per_episode,
-                              reload=args.reload)
+        goal = Calibrate.Goal(
+            recordings=args.recordings,
+            budget=args.budget,
+            output_path=args.out,
+            policy_path=args.policy,
+            solver=args.solver,
+            bit_set=[int(b) for b in args.bits.split(",")] if args.bits else [],
+            samples_per_episode=args.samples_per_episode,
+            validation_samples_per_episode=args.validation_samples_per_episode,
+            reload=args.reload,
+        )
         feedback = []
 
         def on_feedback(msg):
             f = msg.feedback
-            feedback.append({"t": time.monotonic(), "stage": f.stage, "progress": round(float(f.progress), 4),
-                             "stage_progress": round(float(f.stage_progress), 4), "eta_s": f.eta_s,
-                             "detail": f.detail})
+            feedback.append(
+                {
+                    "t": time.monotonic(),
+                    "stage": f.stage,
+                    "progress": round(float(f.progress), 4),
+                    "stage_progress": round(float(f.stage_progress), 4),
+                    "eta_s": f.eta_s,
+                    "detail": f.detail,
+                }
+            )
 
         t_goal = time.monotonic()
         models_before = sorted({m for _, m in probe.chunks})
@@ -129,9 +153,21 @@ def main() -> int:
             res = res_future.result()
             r = res.result
             out["status"] = STATUS.get(res.status, str(res.status))
-            out["result"] = {k: getattr(r, k) for k in (
-                "artifact_path", "average_bits", "average_bits_with_overhead", "pruned_fraction", "summary",
-                "validation", "action_mse", "report_path", "reloaded", "reload_message")}
+            out["result"] = {
+                k: getattr(r, k)
+                for k in (
+                    "artifact_path",
+                    "average_bits",
+                    "average_bits_with_overhead",
+                    "pruned_fraction",
+                    "summary",
+                    "validation",
+                    "action_mse",
+                    "report_path",
+                    "reloaded",
+                    "reload_message",
+                )
+            }
             out["result"]["skipped"] = list(r.skipped)
             out["seconds"] = t_done - t_goal
             if args.watch:

@@ -43,11 +43,13 @@ class Injector(Probe):
         super().__init__("joint_state", profile)
         d = POLICY_NODE.defaults()
         self.cam_names = d["cameras.names"]
-        self.cam_pubs = {n: self.create_publisher(Image, t, SENSOR) for n, t in zip(self.cam_names,
-                                                                                   d["cameras.topics"])}
+        self.cam_pubs = {
+            n: self.create_publisher(Image, t, SENSOR) for n, t in zip(self.cam_names, d["cameras.topics"])
+        }
         self.arm_names = d["arms.names"]
-        self.state_pubs = {a: self.create_publisher(JointState, t, SENSOR) for a, t in zip(self.arm_names,
-                                                                                          d["arms.state_topics"])}
+        self.state_pubs = {
+            a: self.create_publisher(JointState, t, SENSOR) for a, t in zip(self.arm_names, d["arms.state_topics"])
+        }
         self.instruction = self.create_publisher(String, d["instruction.topic"], LATCHED)
         self.episode = self.create_client(EpisodeControl, f"{POLICY}/episode")
         self.size = {n: size for n in self.cam_names}
@@ -107,7 +109,7 @@ class Injector(Probe):
             msg = JointState()
             msg.header.stamp = now.to_msg()
             joints = list(self.arm_output.arm_topic(arm).joints)
-            q = [float(x) for x in self.pose[7 * k: 7 * k + 7]]
+            q = [float(x) for x in self.pose[7 * k : 7 * k + 7]]
             if f.get("arm") == arm:
                 faulty = True
                 kind = f["kind"]
@@ -217,8 +219,12 @@ def run(probe, ex, args) -> dict:
         probe.set_fault()
 
     # ---- images
-    for kind, word in (("encoding", "encoding 'yuv422'"), ("step", "step"), ("truncated", "truncated"),
-                       ("zero_size", "empty image")):
+    for kind, word in (
+        ("encoding", "encoding 'yuv422'"),
+        ("step", "step"),
+        ("truncated", "truncated"),
+        ("zero_size", "empty image"),
+    ):
         ph.append(phase(probe, ex, f"image_{kind}", word, fault(camera=cams[0], kind=kind), none))
 
     # ---- cameras of different resolutions are a normal rig: no hold, the policy drives
@@ -233,23 +239,53 @@ def run(probe, ex, args) -> dict:
     ph.append(phase(probe, ex, "mixed_resolutions", "", mixed, small, hold_for=2.0, expect_hold=False))
 
     # ---- a camera stops, then resumes
-    ph.append(phase(probe, ex, "camera_stops", "stale", lambda: (probe.stopped.add(cams[1]), probe.set_fault(
-        kind="stop")), lambda: (probe.stopped.clear(), probe.set_fault())))
+    ph.append(
+        phase(
+            probe,
+            ex,
+            "camera_stops",
+            "stale",
+            lambda: (probe.stopped.add(cams[1]), probe.set_fault(kind="stop")),
+            lambda: (probe.stopped.clear(), probe.set_fault()),
+        )
+    )
 
     # ---- stamps: one frame far in the future (then normal stamps: the stream restarts its timeline by itself);
     # a camera whose clock runs 2 s behind (named as going backwards, then as a clock mismatch)
-    ph.append(phase(probe, ex, "stamp_jumps_forward", "backwards",
-                    fault(camera=cams[0], kind="stamp_offset", offset=10.0, once=True), none, hold_for=0.5))
-    p = phase(probe, ex, "stamp_jumps_back", "backwards", fault(camera=cams[2], kind="stamp_offset", offset=-2.0),
-              none, hold_for=2.5)
-    p["clock_mismatch_message"] = next((m for _, lvl, m, _ in probe.command_status(0.0)
-                                        if lvl != 0 and "clocks disagree" in m), None)
+    ph.append(
+        phase(
+            probe,
+            ex,
+            "stamp_jumps_forward",
+            "backwards",
+            fault(camera=cams[0], kind="stamp_offset", offset=10.0, once=True),
+            none,
+            hold_for=0.5,
+        )
+    )
+    p = phase(
+        probe,
+        ex,
+        "stamp_jumps_back",
+        "backwards",
+        fault(camera=cams[2], kind="stamp_offset", offset=-2.0),
+        none,
+        hold_for=2.5,
+    )
+    p["clock_mismatch_message"] = next(
+        (m for _, lvl, m, _ in probe.command_status(0.0) if lvl != 0 and "clocks disagree" in m), None
+    )
     ph.append(p)
 
     # ---- arm states
-    for kind, value, word in (("value", float("nan"), "non-finite"), ("value", float("inf"), "non-finite"),
-                              ("value", 100.0, "outside its limits"), ("count", None, "lacks"),
-                              ("names", None, "lacks"), ("unnamed_count", None, "expected 7 values")):
+    for kind, value, word in (
+        ("value", float("nan"), "non-finite"),
+        ("value", float("inf"), "non-finite"),
+        ("value", 100.0, "outside its limits"),
+        ("count", None, "lacks"),
+        ("names", None, "lacks"),
+        ("unnamed_count", None, "expected 7 values"),
+    ):
         ph.append(phase(probe, ex, f"state_{kind}_{value}", word, fault(arm=arms[1], kind=kind, value=value), none))
 
     # the node's step limit holds over everything so far (an episode START below may jump to the measured state)

@@ -31,10 +31,29 @@ from qvla_msgs.srv import EpisodeControl  # noqa: E402
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
 MONITOR = "/qvla/monitor"
 POLICY = "/qvla/policy_node"
-FIELDS = ("episode", "episode_step", "model_id", "reference_id", "arm_names", "first_action_l2", "chunk_l2",
-          "cumulative_l2", "first_action_l2_total", "chunk_l2_total", "cumulative_l2_total",
-          "cumulative_first_action_l2_total", "max_joint_deviation", "max_joint_name", "max_joint_step",
-          "tracking_l2", "tracking_age", "reference_latency", "compared", "skipped", "unmatched")
+FIELDS = (
+    "episode",
+    "episode_step",
+    "model_id",
+    "reference_id",
+    "arm_names",
+    "first_action_l2",
+    "chunk_l2",
+    "cumulative_l2",
+    "first_action_l2_total",
+    "chunk_l2_total",
+    "cumulative_l2_total",
+    "cumulative_first_action_l2_total",
+    "max_joint_deviation",
+    "max_joint_name",
+    "max_joint_step",
+    "tracking_l2",
+    "tracking_age",
+    "reference_latency",
+    "compared",
+    "skipped",
+    "unmatched",
+)
 
 
 def _json_value(v):
@@ -68,24 +87,49 @@ class MonitorProbe(Node):
         self.deviations.append(d)
 
     def _on_markers(self, arr):
-        self.markers.append([{"ns": mk.ns, "id": mk.id, "type": mk.type, "frame": mk.header.frame_id,
-                              "action": mk.action, "n": len(mk.points),
-                              "finite": all(math.isfinite(c) for p in mk.points for c in (p.x, p.y, p.z)),
-                              "colour": [mk.color.r, mk.color.g, mk.color.b, mk.color.a],
-                              "scale": [mk.scale.x, mk.scale.y, mk.scale.z], "first": [mk.points[0].x,
-                              mk.points[0].y, mk.points[0].z] if mk.points else None} for mk in arr.markers])
+        self.markers.append(
+            [
+                {
+                    "ns": mk.ns,
+                    "id": mk.id,
+                    "type": mk.type,
+                    "frame": mk.header.frame_id,
+                    "action": mk.action,
+                    "n": len(mk.points),
+                    "finite": all(math.isfinite(c) for p in mk.points for c in (p.x, p.y, p.z)),
+                    "colour": [mk.color.r, mk.color.g, mk.color.b, mk.color.a],
+                    "scale": [mk.scale.x, mk.scale.y, mk.scale.z],
+                    "first": [mk.points[0].x, mk.points[0].y, mk.points[0].z] if mk.points else None,
+                }
+                for mk in arr.markers
+            ]
+        )
 
     def _on_diag(self, msg):
-        entry = {s.name.split(": ", 1)[-1]: [int.from_bytes(s.level, "little") if isinstance(s.level, bytes)
-                                             else int(s.level), s.message, {kv.key: kv.value for kv in s.values}]
-                 for s in msg.status if s.name.startswith(MONITOR)}
+        entry = {
+            s.name.split(": ", 1)[-1]: [
+                int.from_bytes(s.level, "little") if isinstance(s.level, bytes) else int(s.level),
+                s.message,
+                {kv.key: kv.value for kv in s.values},
+            ]
+            for s in msg.status
+            if s.name.startswith(MONITOR)
+        }
         if entry:
             self.diag.append((time.monotonic() - self.t0, entry))
 
     def _on_chunk(self, m):
-        self.chunks.append({"t": time.monotonic() - self.t0, "model_id": m.model_id, "episode": m.episode,
-                            "cameras": list(m.camera_names), "stamps": len(m.camera_stamps), "state": len(m.state),
-                            "instruction": m.instruction})
+        self.chunks.append(
+            {
+                "t": time.monotonic() - self.t0,
+                "model_id": m.model_id,
+                "episode": m.episode,
+                "cameras": list(m.camera_names),
+                "stamps": len(m.camera_stamps),
+                "state": len(m.state),
+                "instruction": m.instruction,
+            }
+        )
 
     def spin_until(self, ex, cond, timeout):
         end = time.monotonic() + timeout
@@ -118,8 +162,10 @@ def main() -> int:
             res = fut.result()
             out["episode_response"] = [res.success, res.episode_id, res.message]
             out["got_new_episode"] = p.spin_until(
-                ex, lambda: sum(d["episode"] == int(res.episode_id) for d in p.deviations[n_before:]) >= 2, 60)
+                ex, lambda: sum(d["episode"] == int(res.episode_id) for d in p.deviations[n_before:]) >= 2, 60
+            )
         if args.fallback_model:
+
             def done():
                 fired = any(e.get("fallback", [0, "", {}])[2].get("fired") == "True" for _, e in p.diag)
                 return fired and sum(d["model_id"] == args.fallback_model for d in p.deviations) >= args.after_fallback
@@ -128,8 +174,14 @@ def main() -> int:
         # diagnostics (1 Hz) that already count the last deviation
         t_last = p.deviations[-1]["t"] if p.deviations else 0.0
         p.spin_until(ex, lambda: any(t > t_last + 0.05 for t, _ in p.diag), 5.0)
-        out.update(deviations=p.deviations, markers=p.markers[-6:], marker_updates=len(p.markers),
-                   diag=p.diag[-40:], chunks=p.chunks[-50:], n_chunks=len(p.chunks))
+        out.update(
+            deviations=p.deviations,
+            markers=p.markers[-6:],
+            marker_updates=len(p.markers),
+            diag=p.diag[-40:],
+            chunks=p.chunks[-50:],
+            n_chunks=len(p.chunks),
+        )
     finally:
         rclpy.try_shutdown()
     print(json.dumps(out), flush=True)

@@ -108,9 +108,15 @@ class Probe(Node):
 
     def _on_diag(self, msg):
         t = time.monotonic()
-        entry = {s.name.split(": ", 1)[-1]: (int.from_bytes(s.level, "little") if isinstance(s.level, bytes)
-                                              else int(s.level), s.message, {kv.key: kv.value for kv in s.values})
-                 for s in msg.status if s.name.startswith(POLICY)}
+        entry = {
+            s.name.split(": ", 1)[-1]: (
+                int.from_bytes(s.level, "little") if isinstance(s.level, bytes) else int(s.level),
+                s.message,
+                {kv.key: kv.value for kv in s.values},
+            )
+            for s in msg.status
+            if s.name.startswith(POLICY)
+        }
         if entry:
             self.diag.append((t, entry))
 
@@ -137,8 +143,10 @@ class Probe(Node):
         return fut.result()
 
     def set_cameras(self, executor, enabled: list[bool]):
-        p = Parameter(name="sim.cameras_enabled",
-                      value=ParameterValue(type=ParameterType.PARAMETER_BOOL_ARRAY, bool_array_value=enabled))
+        p = Parameter(
+            name="sim.cameras_enabled",
+            value=ParameterValue(type=ParameterType.PARAMETER_BOOL_ARRAY, bool_array_value=enabled),
+        )
         res = self.call(executor, self.set_sim, SetParameters.Request(parameters=[p]))
         assert res.results[0].successful, res.results[0].reason
 
@@ -176,8 +184,9 @@ class Probe(Node):
 
 def wait_streaming(probe, ex, timeout):
     """Until commands flow and the node reports it is not holding (the policy is driving)."""
-    ok = probe.spin_until(ex, lambda: any(lvl == 0 for _, lvl, _, _ in probe.command_status(0.0))
-                          and len(probe.samples) > 10, timeout)
+    ok = probe.spin_until(
+        ex, lambda: any(lvl == 0 for _, lvl, _, _ in probe.command_status(0.0)) and len(probe.samples) > 10, timeout
+    )
     if not ok:
         last = probe.command_status(0.0)[-1:] or "no diagnostics"
         raise RuntimeError(f"the policy node never streamed unheld commands within {timeout} s (last: {last})")
@@ -290,13 +299,22 @@ def run_reload(probe, ex, args) -> dict:
     stats = probe.stream_stats(t0 - 0.2, t2)
     probe.spin_until(ex, lambda: probe.command_status(t2), 3.0)  # the node's own view of the same window
     node = probe.command_status(t2)
-    return {"node_period_max_ms": float(node[-1][3]["period_max_ms"]) if node else None,
-            "node_gap_max_ms": stats["node_gap_max_ms"], "node_gap_p99_ms": stats["node_gap_p99_ms"],
-            "success": res.success, "message": res.message, "reload_seconds": t1 - t0,
-            "max_gap_ms": stats["period_max_ms"], "period_p99_ms": stats["period_p99_ms"], "count": stats["count"],
-            "models_before": sorted(before), "models_after": sorted({m for t, m in probe.chunks if t > t1 + 0.5}),
-            "refused": {"success": refused.success, "message": refused.message},
-            "non_finite": stats["non_finite"], "outside_limits": stats["outside_limits"]}
+    return {
+        "node_period_max_ms": float(node[-1][3]["period_max_ms"]) if node else None,
+        "node_gap_max_ms": stats["node_gap_max_ms"],
+        "node_gap_p99_ms": stats["node_gap_p99_ms"],
+        "success": res.success,
+        "message": res.message,
+        "reload_seconds": t1 - t0,
+        "max_gap_ms": stats["period_max_ms"],
+        "period_p99_ms": stats["period_p99_ms"],
+        "count": stats["count"],
+        "models_before": sorted(before),
+        "models_after": sorted({m for t, m in probe.chunks if t > t1 + 0.5}),
+        "refused": {"success": refused.success, "message": refused.message},
+        "non_finite": stats["non_finite"],
+        "outside_limits": stats["outside_limits"],
+    }
 
 
 def run_sim(probe, ex, args) -> dict:
@@ -307,8 +325,12 @@ def run_sim(probe, ex, args) -> dict:
 
     d = POLICY_NODE.defaults()
     frames = []
-    probe.create_subscription(Image, d["cameras.topics"][0], lambda m: frames.append(
-        (m.width, m.height, m.encoding, m.step, len(m.data), m.header.frame_id)), SENSOR)
+    probe.create_subscription(
+        Image,
+        d["cameras.topics"][0],
+        lambda m: frames.append((m.width, m.height, m.encoding, m.step, len(m.data), m.header.frame_id)),
+        SENSOR,
+    )
     success = []
     latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     probe.create_subscription(BoolMsg, "/qvla/episode/success", lambda m: success.append(m.data), latched)
@@ -328,11 +350,17 @@ def run_sim(probe, ex, args) -> dict:
     pstop = probe.call(ex, pol_ep, EpisodeControl.Request(command=EpisodeControl.Request.STOP))
     probe.spin_for(ex, 0.5)
     held = probe.command_status(t_stop)  # the node reports the hold at once (and at 1 Hz after)
-    return {"start": [start.success, start.episode_id, start.message], "policy_start": [pstart.success,
-            pstart.message], "stop": json.loads(stop.message) if stop.success else stop.message,
-            "policy_stop": [pstop.success, pstop.message], "frame": frames[-1] if frames else None,
-            "frames": len(frames), "success_msgs": success[:3], "stream": stats,
-            "held_after_stop": [m for _, lvl, m, _ in held if lvl != 0][:1]}
+    return {
+        "start": [start.success, start.episode_id, start.message],
+        "policy_start": [pstart.success, pstart.message],
+        "stop": json.loads(stop.message) if stop.success else stop.message,
+        "policy_stop": [pstop.success, pstop.message],
+        "frame": frames[-1] if frames else None,
+        "frames": len(frames),
+        "success_msgs": success[:3],
+        "stream": stats,
+        "held_after_stop": [m for _, lvl, m, _ in held if lvl != 0][:1],
+    }
 
 
 def main() -> int:

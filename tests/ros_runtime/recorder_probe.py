@@ -43,14 +43,20 @@ class Probe(Node):
             self._watch(arm.state.topic, arm.state.type, SENSOR)
             self._watch(arm.command.topic, arm.command.type, RELIABLE)
         self.status: list[dict] = []
-        self.create_subscription(String, f"{RECORDER}/status", lambda m: self.status.append(json.loads(m.data)),
-                                 RELIABLE)
+        self.create_subscription(
+            String, f"{RECORDER}/status", lambda m: self.status.append(json.loads(m.data)), RELIABLE
+        )
         self.episode = self.create_client(EpisodeControl, f"{RECORDER}/episode")
 
     def _watch(self, topic, type_name, profile):
         self.seen[topic] = []
-        self.create_subscription(import_message_type(type_name), topic,
-                                 lambda m, t=topic: self.seen[t].append(time.monotonic()), profile, raw=True)
+        self.create_subscription(
+            import_message_type(type_name),
+            topic,
+            lambda m, t=topic: self.seen[t].append(time.monotonic()),
+            profile,
+            raw=True,
+        )
 
     def spin_until(self, ex, cond, timeout):
         end = time.monotonic() + timeout
@@ -84,11 +90,15 @@ def run_episode(probe, ex, args) -> dict:
     t1 = time.monotonic()
     stop = probe.call(ex, EpisodeControl.Request.STOP, outcome=EpisodeControl.Request.OUTCOME_SUCCESS)
     second = probe.call(ex, EpisodeControl.Request.STOP)  # nothing recording: refused with a reason
-    return {"start": [start.success, start.episode_id, start.message],
-            "stop": json.loads(stop.message) if stop.success else stop.message, "stop_ok": stop.success,
-            "second_stop": [second.success, second.message],
-            "seen": {t: sum(1 for x in v if t0 <= x <= t1) for t, v in probe.seen.items()},
-            "window_s": t1 - t0, "status": probe.status[-1] if probe.status else {}}
+    return {
+        "start": [start.success, start.episode_id, start.message],
+        "stop": json.loads(stop.message) if stop.success else stop.message,
+        "stop_ok": stop.success,
+        "second_stop": [second.success, second.message],
+        "seen": {t: sum(1 for x in v if t0 <= x <= t1) for t, v in probe.seen.items()},
+        "window_s": t1 - t0,
+        "status": probe.status[-1] if probe.status else {},
+    }
 
 
 def run_flushed(probe, ex, args) -> dict:
@@ -97,13 +107,14 @@ def run_flushed(probe, ex, args) -> dict:
     cams = [c.topic for c in probe.topics.cameras]
 
     def enough():
-        return any(s.get("state") == "recording" and all(s.get("flushed", {}).get(c, 0) >= args.min_frames
-                                                          for c in cams) for s in probe.status)
+        return any(
+            s.get("state") == "recording" and all(s.get("flushed", {}).get(c, 0) >= args.min_frames for c in cams)
+            for s in probe.status
+        )
 
     ok = probe.spin_until(ex, enough, args.timeout)
     last = [s for s in probe.status if s.get("flushed")][-1] if ok else (probe.status[-1] if probe.status else {})
-    return {"start": [start.success, start.episode_id], "ok": ok, "flushed": last.get("flushed", {}),
-            "status": last}
+    return {"start": [start.success, start.episode_id], "ok": ok, "flushed": last.get("flushed", {}), "status": last}
 
 
 def main() -> int:

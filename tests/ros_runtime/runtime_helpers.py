@@ -12,5 +12,7 @@ def report(request, name: str, values: dict) -> None:
     """Measurements go to the test report (-rA / junit properties) and to stdout (-s)."""
     for k, v in values.items():
         request.node.user_properties.append((f"{name}.{k}", v))
-    print(f"\n{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
-                                     values.items()), file=sys.stderr)
+    print(
+        f"\n{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
+        file=sys.stderr,
+    )

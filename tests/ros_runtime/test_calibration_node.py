@@ -61,8 +61,16 @@ def test_record_calibrate_reload_end_to_end(rig, ros_env, spawn, tmp_path, tiny_
     ds = tmp_path / "ds"
     # 1. two demonstrations of the scripted teleoperator, recorded through the ROS graph (the record launch)
     t0 = time.monotonic()
-    rec = rig(launch="record", sim="true", sim_backend="kinematic", dataset=str(ds), episodes="2",
-              episode_time="2.5", reset_time="0.5", overrides={"recorder": {"recorder.min_free_gb": 0.05}})
+    rec = rig(
+        launch="record",
+        sim="true",
+        sim_backend="kinematic",
+        dataset=str(ds),
+        episodes="2",
+        episode_time="2.5",
+        reset_time="0.5",
+        overrides={"recorder": {"recorder.min_free_gb": 0.05}},
+    )
     proc = rec.runner.procs["recorder"]
     try:
         proc.wait(timeout=90)  # the recorder exits after its 2 episodes
@@ -77,9 +85,23 @@ def test_record_calibrate_reload_end_to_end(rig, ros_env, spawn, tmp_path, tiny_
     policy = tiny_policies[0]
     run = rig(sim="true", sim_backend="kinematic", policy=str(policy))
     cal = rig(launch="calibrate", policy=str(policy), overrides={"calibration": FAST})
-    out = probe(spawn, ros_env, [run, cal], "--recordings", str(ds), "--budget", "4", "--out",
-                str(tmp_path / "tiny_a_w4"), "--reload", "--watch", "--samples-per-episode", "2",
-                "--validation-samples-per-episode", "4")
+    out = probe(
+        spawn,
+        ros_env,
+        [run, cal],
+        "--recordings",
+        str(ds),
+        "--budget",
+        "4",
+        "--out",
+        str(tmp_path / "tiny_a_w4"),
+        "--reload",
+        "--watch",
+        "--samples-per-episode",
+        "2",
+        "--validation-samples-per-episode",
+        "4",
+    )
     assert out["accepted"] and out["status"] == "succeeded", (out, cal.log())
     r = out["result"]
     # the artifact meets the budget (the plan's average; the per-row scale/zero come on top)
@@ -105,22 +127,40 @@ def test_record_calibrate_reload_end_to_end(rig, ros_env, spawn, tmp_path, tiny_
     stage_t = {}
     for f in out["feedback"]:
         stage_t.setdefault(f["stage"], f["t"])
-    report(request, "calibration_loop", {"record_s": record_s, "calibrate_and_reload_s": out["seconds"],
-                                         "average_bits": r["average_bits"], "action_mse": r["action_mse"],
-                                         "swap_node_gap_max_ms": swap["node_gap_max_ms"],
-                                         "swap_max_gap_ms": swap["max_gap_ms"],
-                                         "job_node_gap_max_ms": job["node_gap_max_ms"],
-                                         **{f"t_{k}": v for k, v in stage_t.items()}})
+    report(
+        request,
+        "calibration_loop",
+        {
+            "record_s": record_s,
+            "calibrate_and_reload_s": out["seconds"],
+            "average_bits": r["average_bits"],
+            "action_mse": r["action_mse"],
+            "swap_node_gap_max_ms": swap["node_gap_max_ms"],
+            "swap_max_gap_ms": swap["max_gap_ms"],
+            "job_node_gap_max_ms": job["node_gap_max_ms"],
+            **{f"t_{k}": v for k, v in stage_t.items()},
+        },
+    )
 
 
 @pytest.mark.ros
-def test_unreachable_budget_is_rejected_and_a_cancelled_calibration_resumes(rig, ros_env, spawn, tmp_path,
-                                                                           tiny_policies):
+def test_unreachable_budget_is_rejected_and_a_cancelled_calibration_resumes(
+    rig, ros_env, spawn, tmp_path, tiny_policies
+):
     ds = synthetic_dataset(tmp_path / "ds")
     cal = rig(launch="calibrate", policy=str(tiny_policies[0]), overrides={"calibration": FAST})
     out_dir = tmp_path / "art"
-    common = ["--recordings", str(ds), str(tmp_path / "missing"), "--out", str(out_dir),
-              "--samples-per-episode", "2", "--validation-samples-per-episode", "3"]
+    common = [
+        "--recordings",
+        str(ds),
+        str(tmp_path / "missing"),
+        "--out",
+        str(out_dir),
+        "--samples-per-episode",
+        "2",
+        "--validation-samples-per-episode",
+        "3",
+    ]
 
     rejected = probe(spawn, ros_env, [cal], *common, "--budget", "0.2", "--bits", "2,4,8,16")
     assert not rejected["accepted"], rejected
@@ -156,14 +196,16 @@ def test_job_refuses_what_it_cannot_use_with_the_reason(tmp_path, tiny_policies)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "bad.mcap").write_bytes(b"not an mcap file")
-    spec = JobSpec(policy=str(policy), recordings=[str(bad), str(tmp_path / "nope")], out=str(tmp_path / "o"),
-                   budget=4)
+    spec = JobSpec(policy=str(policy), recordings=[str(bad), str(tmp_path / "nope")], out=str(tmp_path / "o"), budget=4)
     with pytest.raises(JobError, match="no usable recording left: ") as e:
         run_job(spec)
     assert "bad.mcap: not an MCAP file" in str(e.value) and "nope: does not exist" in str(e.value)
-    for field, value, match in (("budget", 0.0, "budget must be a positive"), ("bits", (5, 16), r"\[5\] not in"),
-                                ("solver", "exact", "solver 'exact'"), ("policy", str(tmp_path / "nope"),
-                                                                         "does not exist")):
+    for field, value, match in (
+        ("budget", 0.0, "budget must be a positive"),
+        ("bits", (5, 16), r"\[5\] not in"),
+        ("solver", "exact", "solver 'exact'"),
+        ("policy", str(tmp_path / "nope"), "does not exist"),
+    ):
         s = JobSpec(**{**spec.to_dict(), field: value})
         with pytest.raises(JobError, match=match):
             s.check()
@@ -172,11 +214,18 @@ def test_job_refuses_what_it_cannot_use_with_the_reason(tmp_path, tiny_policies)
 
 
 # ---------------------------------------------------------------------------- the launch files (no ROS needed)
-@pytest.mark.parametrize("launch,args,names", [
-    ("record", {"sim": "true", "dataset": "/tmp/ds", "episodes": "3", "episode_time": "9"}, ["sim_rig", "recorder"]),
-    ("record", {"dataset": "/tmp/ds"}, ["recorder"]),
-    ("calibrate", {"policy": "/tmp/p", "sim": "true"}, ["calibration"]),
-])
+@pytest.mark.parametrize(
+    "launch,args,names",
+    [
+        (
+            "record",
+            {"sim": "true", "dataset": "/tmp/ds", "episodes": "3", "episode_time": "9"},
+            ["sim_rig", "recorder"],
+        ),
+        ("record", {"dataset": "/tmp/ds"}, ["recorder"]),
+        ("calibrate", {"policy": "/tmp/p", "sim": "true"}, ["calibration"]),
+    ],
+)
 def test_record_and_calibrate_launch_files_start_the_bringup_node_set(monkeypatch, launch, args, names):
     from test_launch import fake_launch_modules, load_launch_file
 

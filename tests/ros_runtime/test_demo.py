@@ -11,8 +11,13 @@ import pytest
 
 @pytest.mark.ros
 def test_missing_policy_says_what_to_do(ros_env, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "qvla_ros.demo", "--policy", str(tmp_path / "none"),
-                          "--run-dir", str(tmp_path)], env=ros_env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "qvla_ros.demo", "--policy", str(tmp_path / "none"), "--run-dir", str(tmp_path)],
+        env=ros_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "not found" in out.stderr and "--random-policy" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
 
@@ -20,8 +25,22 @@ def test_missing_policy_says_what_to_do(ros_env, tmp_path):
 @pytest.mark.ros
 @pytest.mark.slow
 def test_demo_runs_episodes_and_writes_a_report(ros_env, tmp_path):
-    cmd = [sys.executable, "-m", "qvla_ros.demo", "--random-policy", "--episodes", "2", "--episode-seconds", "3",
-           "--sim-backend", "kinematic", "--run-dir", str(tmp_path), "--domain-id", ros_env["ROS_DOMAIN_ID"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qvla_ros.demo",
+        "--random-policy",
+        "--episodes",
+        "2",
+        "--episode-seconds",
+        "3",
+        "--sim-backend",
+        "kinematic",
+        "--run-dir",
+        str(tmp_path),
+        "--domain-id",
+        ros_env["ROS_DOMAIN_ID"],
+    ]
     out = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "RANDOM-WEIGHT" in out.stdout and "MEANINGLESS" in out.stdout  # loud, in the output and the report

@@ -36,8 +36,9 @@ def fake_launch_modules(monkeypatch, configuration: dict[str, str]):
 
     mods = {
         "launch": types.SimpleNamespace(LaunchDescription=Recorder),
-        "launch.actions": types.SimpleNamespace(DeclareLaunchArgument=Recorder, LogInfo=Recorder,
-                                                OpaqueFunction=Recorder),
+        "launch.actions": types.SimpleNamespace(
+            DeclareLaunchArgument=Recorder, LogInfo=Recorder, OpaqueFunction=Recorder
+        ),
         "launch.substitutions": types.SimpleNamespace(LaunchConfiguration=LaunchConfiguration),
         "launch_ros": types.SimpleNamespace(),
         "launch_ros.actions": types.SimpleNamespace(Node=Recorder),
@@ -54,11 +55,14 @@ def load_launch_file(path: Path):
     return mod
 
 
-@pytest.mark.parametrize("launch,args", [
-    ("bimanual", {"sim": "true", "policy": "/tmp/p", "adapter": "joint_trajectory", "device": "cuda"}),
-    ("bimanual", {"policy": "/tmp/p", "monitor": "true"}),
-    ("sim", {"sim_backend": "kinematic"}),
-])
+@pytest.mark.parametrize(
+    "launch,args",
+    [
+        ("bimanual", {"sim": "true", "policy": "/tmp/p", "adapter": "joint_trajectory", "device": "cuda"}),
+        ("bimanual", {"policy": "/tmp/p", "monitor": "true"}),
+        ("sim", {"sim_backend": "kinematic"}),
+    ],
+)
 def test_launch_files_start_exactly_the_bringup_node_set(monkeypatch, launch, args):
     context = fake_launch_modules(monkeypatch, args)
     desc = load_launch_file(LAUNCH_FILES[launch]).generate_launch_description()
@@ -72,16 +76,19 @@ def test_launch_files_start_exactly_the_bringup_node_set(monkeypatch, launch, ar
     nodes = [a.kwargs for a in actions if "executable" in a.kwargs]
     logs = [a.kwargs["msg"] for a in actions if "msg" in a.kwargs]
     specs, notes = node_set(context, launch=launch)
-    assert [(n["package"], n["executable"], n["name"], n["namespace"]) for n in nodes] == \
-        [(s.package, s.executable, s.name, s.namespace) for s in specs]
+    assert [(n["package"], n["executable"], n["name"], n["namespace"]) for n in nodes] == [
+        (s.package, s.executable, s.name, s.namespace) for s in specs
+    ]
     for n, s in zip(nodes, specs):
         assert n["parameters"] == [*s.params_files, s.parameters]  # the overrides after the file
         assert n["additional_env"] == s.env
     assert logs == [f"qvla: {x}" for x in notes]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("launch_ros") is None,
-                    reason="launch_ros is not installable from the ROS 2 wheels; a ROS 2 install has it")
+@pytest.mark.skipif(
+    importlib.util.find_spec("launch_ros") is None,
+    reason="launch_ros is not installable from the ROS 2 wheels; a ROS 2 install has it",
+)
 def test_real_launch_description():  # pragma: no cover - runs on machines with a ROS 2 install
     from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument
@@ -116,13 +123,16 @@ def test_optional_nodes_are_hooks_with_notes():
         assert any("monitor" in n and "not available yet" in n for n in notes)
 
 
-@pytest.mark.parametrize("args,match", [
-    ({"adapter": "can"}, "adapter:=can is not one of"),
-    ({"sim": "maybe", "policy": "/p"}, "sim:=maybe is not one of"),
-    ({"colour": "red"}, "unknown argument"),
-    ({}, "policy:=DIR is required"),
-    ({"policy": "/p", "params_file": "/nonexistent.yaml"}, "no such file"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ({"adapter": "can"}, "adapter:=can is not one of"),
+        ({"sim": "maybe", "policy": "/p"}, "sim:=maybe is not one of"),
+        ({"colour": "red"}, "unknown argument"),
+        ({}, "policy:=DIR is required"),
+        ({"policy": "/p", "params_file": "/nonexistent.yaml"}, "no such file"),
+    ],
+)
 def test_bad_arguments(args, match):
     with pytest.raises(BringupError, match=match):
         node_set(args)

@@ -47,8 +47,14 @@ def run_probe(spawn, ros_env, r, *args, timeout=150):
 
 
 def start(rig, policy, reference, **overrides):
-    return rig(sim="true", sim_backend="kinematic", policy=str(policy), monitor="true", reference=str(reference),
-               overrides={"monitor": overrides} if overrides else None)
+    return rig(
+        sim="true",
+        sim_backend="kinematic",
+        policy=str(policy),
+        monitor="true",
+        reference=str(reference),
+        overrides={"monitor": overrides} if overrides else None,
+    )
 
 
 def check_markers(updates):
@@ -72,10 +78,15 @@ def test_quantized_then_fallback_to_the_float_policy_over_dds(rig, ros_env, spaw
     float policy on the same observations and the deviation is exactly 0."""
     hold = 3.0
     fp = tiny_policies[0]
-    r = start(rig, tiny_rtn_w4, fp, **{"monitor.thresholds.chunk": [1e-7, 1e-6], "monitor.fallback.path": str(fp),
-                                       "monitor.fallback.hold": hold})
-    out = run_probe(spawn, ros_env, r, "--deviations", "3", "--episode-start", "--fallback-model", "tiny_a",
-                    "--after-fallback", "3")
+    r = start(
+        rig,
+        tiny_rtn_w4,
+        fp,
+        **{"monitor.thresholds.chunk": [1e-7, 1e-6], "monitor.fallback.path": str(fp), "monitor.fallback.hold": hold},
+    )
+    out = run_probe(
+        spawn, ros_env, r, "--deviations", "3", "--episode-start", "--fallback-model", "tiny_a", "--after-fallback", "3"
+    )
     assert out["got_deviations"] and out["episode_response"][0] and out["got_new_episode"], r.log()
     devs = out["deviations"]
     quant = [d for d in devs if d["model_id"].startswith("tiny_a_w4@")]
@@ -128,10 +139,12 @@ def test_quantized_then_fallback_to_the_float_policy_over_dds(rig, ros_env, spaw
 @pytest.mark.ros
 def test_a_missing_or_quantized_reference_is_refused_naming_the_parameter(ros_env, tiny_rtn_w4, tmp_path):
     base = [sys.executable, "-m", "qvla_ros.nodes.monitor_node", "--ros-args"]
-    for extra, words in ((["-p", f"monitor.reference_path:={tmp_path / 'none'}"], "does not exist"),
-                         (["-p", f"monitor.reference_path:={tiny_rtn_w4}"], "is a quantized qvla_quant artifact"),
-                         (["-p", f"monitor.reference_path:={tmp_path}"], "is not a policy directory"),
-                         ([], "monitor.reference_path is empty")):
+    for extra, words in (
+        (["-p", f"monitor.reference_path:={tmp_path / 'none'}"], "does not exist"),
+        (["-p", f"monitor.reference_path:={tiny_rtn_w4}"], "is a quantized qvla_quant artifact"),
+        (["-p", f"monitor.reference_path:={tmp_path}"], "is not a policy directory"),
+        ([], "monitor.reference_path is empty"),
+    ):
         out = subprocess.run(base + extra, env=ros_env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, out.stderr[-2000:]
         assert "monitor.reference_path" in out.stderr and words in out.stderr, out.stderr[-2000:]
@@ -146,8 +159,16 @@ def _monitor_spec(specs):
 def test_monitor_argument_starts_the_node_with_its_reference(tmp_path):
     ref = tmp_path / "fp"
     ref.mkdir()
-    specs, notes = node_set({"sim": "true", "policy": "/tmp/p", "monitor": "true", "reference": str(ref),
-                             "device": "cuda", "reference_device": "cuda:1"})
+    specs, notes = node_set(
+        {
+            "sim": "true",
+            "policy": "/tmp/p",
+            "monitor": "true",
+            "reference": str(ref),
+            "device": "cuda",
+            "reference_device": "cuda:1",
+        }
+    )
     mon = _monitor_spec(specs)
     assert [s.name for s in specs] == ["sim_rig", "policy_node", "monitor"]
     assert mon.module == "qvla_ros.nodes.monitor_node" and mon.executable == "qvla-monitor-node"
@@ -202,8 +223,10 @@ def test_the_rviz_config_shows_the_cameras_and_markers_in_the_markers_frame():
     cfg = yaml.safe_load((REPO / "config" / "qvla.rviz").read_text())
     vm = cfg["Visualization Manager"]
     graph = graph_topics()
-    rviz_type = {"rviz_default_plugins/Image": "sensor_msgs/msg/Image",
-                 "rviz_default_plugins/MarkerArray": "visualization_msgs/msg/MarkerArray"}
+    rviz_type = {
+        "rviz_default_plugins/Image": "sensor_msgs/msg/Image",
+        "rviz_default_plugins/MarkerArray": "visualization_msgs/msg/MarkerArray",
+    }
     shown = {}
     for d in vm["Displays"]:
         if "Topic" not in d:
@@ -256,20 +279,58 @@ def test_the_rqt_perspective_plots_existing_deviation_fields():
 def test_demo_report_gives_each_episodes_cumulative_deviation(tmp_path):
     from qvla_ros.demo import write_report
 
-    mon = {"cumulative_deviation": 2.81, "cumulative_first_action_deviation": 0.43, "chunks_compared": 21,
-           "mean_chunk_deviation": 0.134, "max_chunk_deviation": 0.334, "max_joint_deviation": 0.09,
-           "skipped_total": 0, "unmatched_total": 1, "reference_id": "fp"}
-    episode = {"episode": 1, "seed": 1000, "succeeded": False, "max_reward": 1, "sim_time": 15.0,
-               "time_to_success": None, "monitor": mon}
-    timing = {"command_rate_hz": 30.0, "command_period_p50_ms": 33.3, "command_period_p99_ms": 41.7,
-              "command_period_max_ms": 55.2, "latency_p50_ms": 532.0, "latency_p99_ms": 1058.0,
-              "camera_to_command_p50_ms": 542.0, "camera_to_command_p99_ms": 899.0, "held_ticks": 9, "ticks": 900}
-    report = {"policy": "w4", "model_id": "w4@x", "random_policy": False, "quantization": {}, "success_rate": 0.0,
-              "episodes": [episode, {**episode, "episode": 2, "monitor": None}], "timing": timing,
-              "wall_seconds": 41.0, "machine": {"cpus": 2, "load_average": [1.0, 1.0, 1.0]},
-              "monitor": {"reference": "models/fp", "episodes_with_deviation": 1, "mean_cumulative_deviation": 2.81,
-                          "chunks_compared": 21, "skipped_total": 0, "unmatched_total": 1,
-                          "reference_latency_p50_ms": 267.0}}
+    mon = {
+        "cumulative_deviation": 2.81,
+        "cumulative_first_action_deviation": 0.43,
+        "chunks_compared": 21,
+        "mean_chunk_deviation": 0.134,
+        "max_chunk_deviation": 0.334,
+        "max_joint_deviation": 0.09,
+        "skipped_total": 0,
+        "unmatched_total": 1,
+        "reference_id": "fp",
+    }
+    episode = {
+        "episode": 1,
+        "seed": 1000,
+        "succeeded": False,
+        "max_reward": 1,
+        "sim_time": 15.0,
+        "time_to_success": None,
+        "monitor": mon,
+    }
+    timing = {
+        "command_rate_hz": 30.0,
+        "command_period_p50_ms": 33.3,
+        "command_period_p99_ms": 41.7,
+        "command_period_max_ms": 55.2,
+        "latency_p50_ms": 532.0,
+        "latency_p99_ms": 1058.0,
+        "camera_to_command_p50_ms": 542.0,
+        "camera_to_command_p99_ms": 899.0,
+        "held_ticks": 9,
+        "ticks": 900,
+    }
+    report = {
+        "policy": "w4",
+        "model_id": "w4@x",
+        "random_policy": False,
+        "quantization": {},
+        "success_rate": 0.0,
+        "episodes": [episode, {**episode, "episode": 2, "monitor": None}],
+        "timing": timing,
+        "wall_seconds": 41.0,
+        "machine": {"cpus": 2, "load_average": [1.0, 1.0, 1.0]},
+        "monitor": {
+            "reference": "models/fp",
+            "episodes_with_deviation": 1,
+            "mean_cumulative_deviation": 2.81,
+            "chunks_compared": 21,
+            "skipped_total": 0,
+            "unmatched_total": 1,
+            "reference_latency_p50_ms": 267.0,
+        },
+    }
     js, txt = write_report(report, tmp_path)
     text = txt.read_text()
     assert "cumulative deviation 2.810 over 21 chunks" in text and "cumulative deviation n/a" in text

@@ -34,12 +34,30 @@ def probe(spawn, ros_env, r, *args, timeout=150):
 def test_commands_at_30_hz_for_10_s_finite_and_within_limits(rig, ros_env, spawn, tiny_policies, request):
     r = kinematic(rig, tiny_policies[0])
     out = probe(spawn, ros_env, r, "stream", "--seconds", "10")
-    report(request, "stream", {k: out[k] for k in ("rate_hz", "period_p50_ms", "period_p99_ms", "period_max_ms",
-                                                    "period_error_p99_ms", "count", "chunks",
-                                                    "held_diagnostics", "node_gap_p99_ms", "node_gap_max_ms")}
-           | {"camera_to_command_p50_ms": float(out["inference"].get("camera_to_command_p50_ms", "nan")),
-              "inference_p50_ms": float(out["inference"].get("latency_p50_ms", "nan")),
-              "node_period_p99_ms": float(out["node"].get("period_p99_ms", "nan"))})
+    report(
+        request,
+        "stream",
+        {
+            k: out[k]
+            for k in (
+                "rate_hz",
+                "period_p50_ms",
+                "period_p99_ms",
+                "period_max_ms",
+                "period_error_p99_ms",
+                "count",
+                "chunks",
+                "held_diagnostics",
+                "node_gap_p99_ms",
+                "node_gap_max_ms",
+            )
+        }
+        | {
+            "camera_to_command_p50_ms": float(out["inference"].get("camera_to_command_p50_ms", "nan")),
+            "inference_p50_ms": float(out["inference"].get("latency_p50_ms", "nan")),
+            "node_period_p99_ms": float(out["node"].get("period_p99_ms", "nan")),
+        },
+    )
     assert abs(out["rate_hz"] - 30.0) <= 1.0, out
     assert out["count"] >= 290, out  # 10 s at 30 Hz, measured at a subscriber in another process
     assert out["non_finite"] == 0 and out["outside_limits"] == 0 and not out["malformed"], out
@@ -76,8 +94,14 @@ def test_reload_under_load_leaves_no_gap(rig, ros_env, spawn, tiny_policies, req
     # inference back to back: the old worker keeps a core busy while the new one loads beside it
     r = kinematic(rig, tiny_policies[0], overrides={"policy_node": {"policy.min_interval": 0.0}})
     out = probe(spawn, ros_env, r, "reload", "--path", str(tiny_policies[1]))
-    report(request, "reload", {k: out[k] for k in ("reload_seconds", "node_gap_max_ms", "node_gap_p99_ms",
-                                                    "max_gap_ms", "period_p99_ms", "count")})
+    report(
+        request,
+        "reload",
+        {
+            k: out[k]
+            for k in ("reload_seconds", "node_gap_max_ms", "node_gap_p99_ms", "max_gap_ms", "period_p99_ms", "count")
+        },
+    )
     assert out["success"], out
     assert "tiny_b" in out["message"], out
     assert out["models_before"] == ["tiny_a"] and out["models_after"] == ["tiny_b"], out
@@ -103,19 +127,28 @@ def test_arm_outputs_are_well_formed_and_drive_the_rig(adapter, rig, ros_env, sp
 
 
 def test_y1_output_is_refused_with_a_clear_message(ros_env, tiny_policies):
-    cmd = [sys.executable, "-m", "qvla_ros.nodes.policy_node", "--ros-args", "-p", "output.adapter:=y1",
-           "-p", f"policy.path:={tiny_policies[0]}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "qvla_ros.nodes.policy_node",
+        "--ros-args",
+        "-p",
+        "output.adapter:=y1",
+        "-p",
+        f"policy.path:={tiny_policies[0]}",
+    ]
     out = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "y1_msg, which is not importable" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_bad_parameters_are_refused_naming_the_parameter(ros_env, tiny_policies):
-    base = [sys.executable, "-m", "qvla_ros.nodes.policy_node", "--ros-args", "-p",
-            f"policy.path:={tiny_policies[0]}"]
-    for extra, words in ((["-p", "control.blending:=mean"], "control.blending = 'mean' is not one of"),
-                         (["-p", "control.rate_hz:=0.0"], "control.rate_hz"),
-                         ([], None)):
+    base = [sys.executable, "-m", "qvla_ros.nodes.policy_node", "--ros-args", "-p", f"policy.path:={tiny_policies[0]}"]
+    for extra, words in (
+        (["-p", "control.blending:=mean"], "control.blending = 'mean' is not one of"),
+        (["-p", "control.rate_hz:=0.0"], "control.rate_hz"),
+        ([], None),
+    ):
         if words is None:  # no policy: the node says which parameter to set
             cmd = [sys.executable, "-m", "qvla_ros.nodes.policy_node"]
             words = "policy.path is empty"
@@ -151,8 +184,13 @@ def test_bringup_runner_prefixes_output_and_stops_on_ctrl_c(ros_env, tmp_path):
 
 def test_bringup_print_and_argument_errors(ros_env, tiny_policies):
     run = [sys.executable, "-m", "qvla_ros.bringup"]
-    out = subprocess.run(run + ["--print", "sim:=true", f"policy:={tiny_policies[0]}", "adapter:=joint_trajectory"],
-                         env=ros_env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        run + ["--print", "sim:=true", f"policy:={tiny_policies[0]}", "adapter:=joint_trajectory"],
+        env=ros_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "/qvla/sim_rig:" in out.stdout and "/qvla/policy_node:" in out.stdout
     assert 'output.adapter:="joint_trajectory"' in out.stdout and 'safety.arm_profile:="sim"' in out.stdout

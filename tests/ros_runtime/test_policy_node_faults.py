@@ -28,8 +28,12 @@ def test_faults_from_outside(rig, ros_env, spawn, tiny_policies, tmp_path, reque
     except (AssertionError, subprocess.TimeoutExpired) as e:
         raise AssertionError(f"fault probe failed: {e}\n--- node output ---\n{r.log()}") from None
     phases = {ph["phase"]: ph for ph in out["phases"]}
-    report(request, "faults", {f"{k}.hold_ms": v.get("hold_ms") or -1.0 for k, v in phases.items()}
-           | {f"{k}.resume_ms": v.get("resume_ms") or -1.0 for k, v in phases.items()})
+    report(
+        request,
+        "faults",
+        {f"{k}.hold_ms": v.get("hold_ms") or -1.0 for k, v in phases.items()}
+        | {f"{k}.resume_ms": v.get("resume_ms") or -1.0 for k, v in phases.items()},
+    )
     ctx = f"{out}\n--- node output ---\n{r.log()}"
 
     # a failed first load is named, and a good reload clears it
@@ -56,8 +60,17 @@ def test_faults_from_outside(rig, ros_env, spawn, tiny_policies, tmp_path, reque
     services = out["services"]
     assert all(s[2] for s in services), ctx  # answered
     outcomes = [(s[0], s[3]) for s in services]
-    assert outcomes == [("reload", True), ("reload", False), ("reload", True), ("reload", False), ("reload", False),
-                        ("episode", True), ("episode", True), ("reload", True), ("episode", True)], ctx
+    assert outcomes == [
+        ("reload", True),
+        ("reload", False),
+        ("reload", True),
+        ("reload", False),
+        ("reload", False),
+        ("episode", True),
+        ("episode", True),
+        ("reload", True),
+        ("episode", True),
+    ], ctx
     # the failed reloads say why, from the reload itself (not an exception caught around a dying callback)
     for s in (services[1], services[3]):
         assert s[4].startswith("refused") and "keeps running" in s[4] and "reload_policy failed" not in s[4], ctx

@@ -27,8 +27,13 @@ PROBE = Path(__file__).resolve().with_name("recorder_probe.py")
 
 
 def record_rig(rig, dataset: Path, **overrides):
-    return rig(launch="record", sim="true", sim_backend="kinematic", dataset=str(dataset),
-               overrides={"recorder": {"recorder.min_free_gb": 0.05, "recorder.status_period": 0.5, **overrides}})
+    return rig(
+        launch="record",
+        sim="true",
+        sim_backend="kinematic",
+        dataset=str(dataset),
+        overrides={"recorder": {"recorder.min_free_gb": 0.05, "recorder.status_period": 0.5, **overrides}},
+    )
 
 
 def probe(spawn, ros_env, r, *args, timeout=120):
@@ -92,12 +97,14 @@ def test_a_recorded_sim_run_reads_back_completely(rig, ros_env, spawn, tmp_path,
     # the teleoperator's leader-arm commands (published by the sim rig's scripted expert) are in the episode
     q = np.array([s.actions[0] for s in ep.samples])
     assert np.ptp(q, axis=0).max() > 0.05, "the recorded commands never moved"
-    report(request, "recording", {"duration_s": stop["duration_s"], "messages": stop["messages"],
-                                  "file_mb": stop["file_bytes"] / 1e6, **rates})
+    report(
+        request,
+        "recording",
+        {"duration_s": stop["duration_s"], "messages": stop["messages"], "file_mb": stop["file_bytes"] / 1e6, **rates},
+    )
 
 
-def test_sigkill_mid_episode_keeps_every_flushed_message_and_the_next_start_repairs_it(rig, ros_env, spawn,
-                                                                                     tmp_path):
+def test_sigkill_mid_episode_keeps_every_flushed_message_and_the_next_start_repairs_it(rig, ros_env, spawn, tmp_path):
     from qvla_ros.episodes import read_episode
     from qvla_ros.episodes.repair import scan_mcap
 
@@ -124,8 +131,19 @@ def test_sigkill_mid_episode_keeps_every_flushed_message_and_the_next_start_repa
 
     # the next start finds the interrupted episode and repairs it (aside: outside the dataset until a person keeps
     # it), and numbering continues after it
-    cmd = ["-m", "qvla_ros.nodes.recorder_node", "--ros-args", "-r", "__ns:=/qvla", "-p",
-           f"recorder.dataset:={ds}", "-p", "recorder.min_free_gb:=0.05", "-p", "recorder.keyboard:=false"]
+    cmd = [
+        "-m",
+        "qvla_ros.nodes.recorder_node",
+        "--ros-args",
+        "-r",
+        "__ns:=/qvla",
+        "-p",
+        f"recorder.dataset:={ds}",
+        "-p",
+        "recorder.min_free_gb:=0.05",
+        "-p",
+        "recorder.keyboard:=false",
+    ]
     again = spawn(cmd, ros_env)
     deadline = time.monotonic() + 60
     log = ds / "episodes.jsonl"
@@ -147,8 +165,13 @@ def test_bad_parameters_and_a_full_disk_are_refused_in_one_line(ros_env, tmp_pat
     base = [sys.executable, "-m", "qvla_ros.nodes.recorder_node", "--ros-args"]
     out = subprocess.run(base, env=ros_env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "recorder.dataset is empty" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run(base + ["-p", f"recorder.dataset:={tmp_path / 'ds'}", "-p", "recorder.min_free_gb:=1e5"],
-                         env=ros_env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        base + ["-p", f"recorder.dataset:={tmp_path / 'ds'}", "-p", "recorder.min_free_gb:=1e5"],
+        env=ros_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "less than the margin" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
@@ -164,12 +187,29 @@ def test_keys_in_the_terminal_keep_redo_and_stop(rig, ros_env, tmp_path):
     ds = tmp_path / "ds"
     master, slave = pty.openpty()
     before = termios.tcgetattr(slave)
-    cmd = [sys.executable, "-m", "qvla_ros.nodes.recorder_node", "--ros-args", "-r", "__ns:=/qvla",
-           "-p", f"recorder.dataset:={ds}", "-p", "recorder.min_free_gb:=0.05", "-p", "recorder.auto_start:=true",
-           "-p", "recorder.reset_time:=0.5", "-p", "recorder.exit_when_done:=true",
-           "-p", "recorder.rig_service:=/qvla/sim/episode", "-p", "recorder.status_period:=0.0"]
-    proc = subprocess.Popen(cmd, env=ros_env, stdin=slave, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "qvla_ros.nodes.recorder_node",
+        "--ros-args",
+        "-r",
+        "__ns:=/qvla",
+        "-p",
+        f"recorder.dataset:={ds}",
+        "-p",
+        "recorder.min_free_gb:=0.05",
+        "-p",
+        "recorder.auto_start:=true",
+        "-p",
+        "recorder.reset_time:=0.5",
+        "-p",
+        "recorder.exit_when_done:=true",
+        "-p",
+        "recorder.rig_service:=/qvla/sim/episode",
+        "-p",
+        "recorder.status_period:=0.0",
+    ]
+    proc = subprocess.Popen(cmd, env=ros_env, stdin=slave, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
 

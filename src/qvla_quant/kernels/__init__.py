@@ -138,5 +138,12 @@ def _version(t: torch.Tensor) -> int:
 
 
 __all__ = [
-    "AUTO_TRITON_FP32_MAX_TOKENS", "ENV_VAR", "MODES", "LayoutKey", "cpu", "kernel_mode", "select", "triton_kernels",
+    "AUTO_TRITON_FP32_MAX_TOKENS",
+    "ENV_VAR",
+    "MODES",
+    "LayoutKey",
+    "cpu",
+    "kernel_mode",
+    "select",
+    "triton_kernels",
 ]

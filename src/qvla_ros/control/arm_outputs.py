@@ -49,9 +49,11 @@ class ArmTopic:
 def _arm_joints(arms, joint_names, what: str) -> list[tuple[str, ...]]:
     """Each arm's 7 joint names, in vector order."""
     if len(joint_names) != PER_ARM * len(arms):
-        raise ArmOutputError(f"{what}: {len(joint_names)} joint names for {len(arms)} arms; "
-                             f"expected {PER_ARM} per arm (6 joints + gripper)")
-    return [tuple(joint_names[i * PER_ARM:(i + 1) * PER_ARM]) for i in range(len(arms))]
+        raise ArmOutputError(
+            f"{what}: {len(joint_names)} joint names for {len(arms)} arms; "
+            f"expected {PER_ARM} per arm (6 joints + gripper)"
+        )
+    return [tuple(joint_names[i * PER_ARM : (i + 1) * PER_ARM]) for i in range(len(arms))]
 
 
 def _check7(values, what: str) -> np.ndarray:
@@ -93,13 +95,20 @@ class ArmOutput:
     name = ""
     msg_type = ""
 
-    def __init__(self, arms: list[str] | tuple[str, ...], joint_names: list[str] | tuple[str, ...],
-                 topics: list[str] | tuple[str, ...] = (), **options):
+    def __init__(
+        self,
+        arms: list[str] | tuple[str, ...],
+        joint_names: list[str] | tuple[str, ...],
+        topics: list[str] | tuple[str, ...] = (),
+        **options,
+    ):
         joints = _arm_joints(arms, joint_names, self.name)
         topics = list(topics) or [""] * len(arms)
         if len(topics) != len(arms):
-            raise ArmOutputError(f"output.topics has {len(topics)} entries for {len(arms)} arms "
-                                 f"({', '.join(arms)}); give one per arm, or '' for the adapter's default")
+            raise ArmOutputError(
+                f"output.topics has {len(topics)} entries for {len(arms)} arms "
+                f"({', '.join(arms)}); give one per arm, or '' for the adapter's default"
+            )
         self.arm_topics = tuple(
             ArmTopic(arm, topic or self.default_topic(arm), joints[i], slice(i * PER_ARM, (i + 1) * PER_ARM))
             for i, (arm, topic) in enumerate(zip(arms, topics))
@@ -150,8 +159,10 @@ class ForwardCommandOutput(ArmOutput):
         return f"/{arm}_forward_position_controller/commands"
 
     def arm_fields(self, out, q7, t):
-        return {"layout": {"dim": [{"label": "joints", "size": PER_ARM, "stride": PER_ARM}], "data_offset": 0},
-                "data": q7.tolist()}
+        return {
+            "layout": {"dim": [{"label": "joints", "size": PER_ARM, "stride": PER_ARM}], "data_offset": 0},
+            "data": q7.tolist(),
+        }
 
     def parse(self, msg, arm):
         return _check7(msg.data, f"Float64MultiArray for {arm}")
@@ -167,14 +178,18 @@ class JointTrajectoryOutput(ArmOutput):
     def arm_fields(self, out, q7, t):
         lead = float(self.options.get("time_from_start", 1.0 / 30.0))
         # header stamp 0: the controller starts the trajectory on receipt (a streamed command, not a plan)
-        return {"header": {"stamp": {"sec": 0, "nanosec": 0}}, "joint_names": list(out.joints),
-                "points": [{"positions": q7.tolist(), "time_from_start": duration_fields(lead)}]}
+        return {
+            "header": {"stamp": {"sec": 0, "nanosec": 0}},
+            "joint_names": list(out.joints),
+            "points": [{"positions": q7.tolist(), "time_from_start": duration_fields(lead)}],
+        }
 
     def parse(self, msg, arm):
         if not msg.points:
             raise MessageError(f"JointTrajectory for {arm} has no points")
-        return _named_positions(msg.joint_names, msg.points[-1].positions, self.arm_topic(arm).joints, arm,
-                                "JointTrajectory")
+        return _named_positions(
+            msg.joint_names, msg.points[-1].positions, self.arm_topic(arm).joints, arm, "JointTrajectory"
+        )
 
 
 class Y1Output(ArmOutput):
@@ -199,10 +214,13 @@ class Y1Output(ArmOutput):
 
     def arm_fields(self, out, q7, t):
         sdk_max = float(self.options.get("gripper_sdk_max", 100.0))
-        return {"header": {"stamp": stamp_fields(t)}, "joint_position": q7[:6].tolist(),
-                "joint_velocity": int(self.options.get("joint_velocity", 5)),
-                "gripper_stroke": float(q7[6] * sdk_max),
-                "gripper_velocity": int(self.options.get("gripper_velocity", 5))}
+        return {
+            "header": {"stamp": stamp_fields(t)},
+            "joint_position": q7[:6].tolist(),
+            "joint_velocity": int(self.options.get("joint_velocity", 5)),
+            "gripper_stroke": float(q7[6] * sdk_max),
+            "gripper_velocity": int(self.options.get("gripper_velocity", 5)),
+        }
 
     def parse(self, msg, arm):
         sdk_max = float(self.options.get("gripper_sdk_max", 100.0))

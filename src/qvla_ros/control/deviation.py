@@ -135,8 +135,17 @@ class DeviationMonitor:
     """Frames + chunks -> matched jobs for the reference -> deviations with per-episode sums. Thread-safe: the ROS
     callbacks add frames and chunks, the reference worker takes jobs and finishes them."""
 
-    def __init__(self, joint_names, arm_names, camera_names, *, frame_buffer: float = 1.0, queue_depth: int = 1,
-                 match_timeout: float = 0.5, waiting_limit: int = 16):
+    def __init__(
+        self,
+        joint_names,
+        arm_names,
+        camera_names,
+        *,
+        frame_buffer: float = 1.0,
+        queue_depth: int = 1,
+        match_timeout: float = 0.5,
+        waiting_limit: int = 16,
+    ):
         if queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
         self.joint_names = list(joint_names)
@@ -187,13 +196,17 @@ class DeviationMonitor:
         if a.ndim != 2 or a.shape[1] != len(self.joint_names) or a.shape[0] < 1:
             return f"chunk positions have shape {a.shape}, expected [horizon, {len(self.joint_names)}]"
         if len(c.state) != len(self.joint_names):
-            return (f"chunk carries {len(c.state)} state values, expected {len(self.joint_names)} (a policy node "
-                    "that does not fill ActionChunk.state cannot be monitored)")
+            return (
+                f"chunk carries {len(c.state)} state values, expected {len(self.joint_names)} (a policy node "
+                "that does not fill ActionChunk.state cannot be monitored)"
+            )
         if len(c.camera_stamps) != len(c.camera_names) or not c.camera_names:
             return "chunk has no camera stamps (a policy node that does not fill camera_stamps cannot be monitored)"
         if any(int(k) == 0 for k in c.camera_stamps):
-            return ("a camera's frames have zero header stamps: chunks cannot be matched to their frames (stamp the "
-                    "images at capture)")
+            return (
+                "a camera's frames have zero header stamps: chunks cannot be matched to their frames (stamp the "
+                "images at capture)"
+            )
         unknown = [n for n in c.camera_names if n not in self.camera_names]
         if unknown:
             return f"chunk names camera(s) {unknown} the monitor does not subscribe to (cameras.names)"
@@ -215,8 +228,10 @@ class DeviationMonitor:
             elif now - t > self.match_timeout:
                 self.unmatched += 1
                 missing = [n for n, f in frames.items() if f is None]
-                self.last_problem = (f"no frame of {', '.join(missing)} with the chunk's stamp (lost, or older than "
-                                     f"the {self.frames.keep:.1f} s buffer)")
+                self.last_problem = (
+                    f"no frame of {', '.join(missing)} with the chunk's stamp (lost, or older than "
+                    f"the {self.frames.keep:.1f} s buffer)"
+                )
             else:
                 still.append((t, chunk))
         self._waiting = still
@@ -239,8 +254,10 @@ class DeviationMonitor:
         a = np.asarray(job.chunk.actions, dtype=np.float64)
         r = np.asarray(reference, dtype=np.float64)
         if r.shape != a.shape:
-            raise ValueError(f"reference chunk has shape {r.shape}, the policy's {a.shape}: horizons or joints "
-                             "differ (the reference must be the same policy in full precision)")
+            raise ValueError(
+                f"reference chunk has shape {r.shape}, the policy's {a.shape}: horizons or joints "
+                "differ (the reference must be the same policy in full precision)"
+            )
         d = a - r
         with self._lock:
             if job.chunk.episode < self.episode or job.chunk.episode < self._sum_episode:
@@ -261,14 +278,25 @@ class DeviationMonitor:
             self.compared += 1
             step, col = np.unravel_index(int(np.argmax(np.abs(d))), d.shape)
             return DeviationResult(
-                stamp=job.chunk.stamp, header_ns=job.chunk.header_ns, episode=job.chunk.episode,
+                stamp=job.chunk.stamp,
+                header_ns=job.chunk.header_ns,
+                episode=job.chunk.episode,
                 episode_step=self._steps,
-                model_id=job.chunk.model_id, arm_names=list(self.arm_names), first_action_l2=first, chunk_l2=chunk,
-                cumulative_l2=[float(x) for x in self._cum], first_action_l2_total=first_total,
-                chunk_l2_total=chunk_total, cumulative_l2_total=float(self._cum_total),
+                model_id=job.chunk.model_id,
+                arm_names=list(self.arm_names),
+                first_action_l2=first,
+                chunk_l2=chunk,
+                cumulative_l2=[float(x) for x in self._cum],
+                first_action_l2_total=first_total,
+                chunk_l2_total=chunk_total,
+                cumulative_l2_total=float(self._cum_total),
                 cumulative_first_action_l2_total=float(self._cum_first),
-                max_joint_deviation=float(abs(d[step, col])), max_joint_name=self.joint_names[int(col)],
-                max_joint_step=int(step), reference_latency=float(latency), actions=a, reference=r,
+                max_joint_deviation=float(abs(d[step, col])),
+                max_joint_name=self.joint_names[int(col)],
+                max_joint_step=int(step),
+                reference_latency=float(latency),
+                actions=a,
+                reference=r,
             )
 
     def note_unmatched(self, why: str) -> None:
@@ -279,9 +307,14 @@ class DeviationMonitor:
 
     def counters(self) -> dict[str, int]:
         with self._lock:
-            return {"compared": self.compared, "skipped": self.skipped, "unmatched": self.unmatched,
-                    "refused": self.refused, "waiting": len(self._waiting) + len(self._jobs),
-                    "buffered_frames": len(self.frames)}
+            return {
+                "compared": self.compared,
+                "skipped": self.skipped,
+                "unmatched": self.unmatched,
+                "refused": self.refused,
+                "waiting": len(self._waiting) + len(self._jobs),
+                "buffered_frames": len(self.frames),
+            }
 
 
 # ---------------------------------------------------------------- tracking error
@@ -344,8 +377,9 @@ class Thresholds:
                 raise ValueError(f"unknown deviation quantity {name!r}; known: {', '.join(QUANTITIES)}")
             warn, error = (float(x) for x in pair)
             if warn < 0 or error < 0 or (warn > 0 and error > 0 and warn > error):
-                raise ValueError(f"thresholds of {name}: [warn, error] = [{warn}, {error}] must be >= 0 with "
-                                 "warn <= error (0 = off)")
+                raise ValueError(
+                    f"thresholds of {name}: [warn, error] = [{warn}, {error}] must be >= 0 with warn <= error (0 = off)"
+                )
             self.limits[name] = (warn, error)
 
     def level(self, name: str, value: float) -> int:
@@ -381,10 +415,12 @@ class Thresholds:
 def deviation_values(result: DeviationResult | None, tracking: list[float] | None = None) -> dict[str, float]:
     """The thresholded quantities of a result (NaN before the first one)."""
     nan = math.nan
-    v = {"first_action": result.first_action_l2_total if result else nan,
-         "chunk": result.chunk_l2_total if result else nan,
-         "cumulative": result.cumulative_l2_total if result else nan,
-         "max_joint": result.max_joint_deviation if result else nan}
+    v = {
+        "first_action": result.first_action_l2_total if result else nan,
+        "chunk": result.chunk_l2_total if result else nan,
+        "cumulative": result.cumulative_l2_total if result else nan,
+        "max_joint": result.max_joint_deviation if result else nan,
+    }
     finite = [x for x in (tracking or []) if math.isfinite(x)]
     v["tracking"] = max(finite) if finite else nan
     return v
@@ -430,8 +466,11 @@ class FallbackTimer:
 
 # ---------------------------------------------------------------- gripper paths (forward kinematics) and markers
 # the simulated arms (gym-aloha's MuJoCo ALOHA scene): the same names as qvla_ros.sim.ik
-SIM_ARM_JOINTS = tuple(f"vx300s_{arm}/{j}" for arm in ("left", "right") for j in
-                       ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate"))
+SIM_ARM_JOINTS = tuple(
+    f"vx300s_{arm}/{j}"
+    for arm in ("left", "right")
+    for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
+)
 SIM_TIP_BODIES = ("vx300s_left/gripper_link", "vx300s_right/gripper_link")
 SIM_TIP_OFFSET = (0.15, 0.0, 0.0)
 
@@ -442,8 +481,14 @@ class GripperFK:
     six entries of its block of the joint vector drive `arm_joints` (six per arm, arm order); the gripper entry
     does not move the tip."""
 
-    def __init__(self, model_path: str = "", arm_joints=SIM_ARM_JOINTS, tip_bodies=SIM_TIP_BODIES,
-                 tip_offset=SIM_TIP_OFFSET, n_arms: int = 2):
+    def __init__(
+        self,
+        model_path: str = "",
+        arm_joints=SIM_ARM_JOINTS,
+        tip_bodies=SIM_TIP_BODIES,
+        tip_offset=SIM_TIP_OFFSET,
+        n_arms: int = 2,
+    ):
         import mujoco
 
         self._mj = mujoco
@@ -460,8 +505,10 @@ class GripperFK:
             raise ValueError(f"cannot load the arm model {self.model_path}: {e}") from None
         self.data = mujoco.MjData(self.model)
         if len(arm_joints) != 6 * n_arms or len(tip_bodies) != n_arms:
-            raise ValueError(f"give 6 joints per arm ({6 * n_arms}) and one tip body per arm ({n_arms}); got "
-                             f"{len(arm_joints)} and {len(tip_bodies)}")
+            raise ValueError(
+                f"give 6 joints per arm ({6 * n_arms}) and one tip body per arm ({n_arms}); got "
+                f"{len(arm_joints)} and {len(tip_bodies)}"
+            )
         try:
             ids = [self.model.joint(n).id for n in arm_joints]
             self.bodies = [self.model.body(b).id for b in tip_bodies]
@@ -479,7 +526,7 @@ class GripperFK:
         m, d = self.model, self.data
         for k, row in enumerate(a):
             for i in range(self.n_arms):
-                d.qpos[self.qadr[i]] = row[i * per:i * per + 6]
+                d.qpos[self.qadr[i]] = row[i * per : i * per + 6]
             self._mj.mj_kinematics(m, d)
             for i, b in enumerate(self.bodies):
                 out[i][k] = d.xpos[b] + d.xmat[b].reshape(3, 3) @ self.offset
@@ -491,8 +538,9 @@ SOURCE_COLOURS = {"quantized": (1.0, 0.45, 0.0, 1.0), "reference": (0.1, 0.55, 1
 LINE_STRIP, SPHERE_LIST = 4, 7  # visualization_msgs/Marker types
 
 
-def path_markers(paths: dict[str, list[np.ndarray]], arm_names, frame_id: str, line_width: float = 0.004,
-                 point_size: float = 0.012) -> list[dict]:
+def path_markers(
+    paths: dict[str, list[np.ndarray]], arm_names, frame_id: str, line_width: float = 0.004, point_size: float = 0.012
+) -> list[dict]:
     """Marker descriptions (visualization_msgs/Marker fields) for each source's per-arm paths.
 
     Namespaces `<source>/<arm>` (e.g. quantized/left), id 0 the path as a line strip, id 1 its points (the first
@@ -505,8 +553,12 @@ def path_markers(paths: dict[str, list[np.ndarray]], arm_names, frame_id: str, l
             p = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
             p = p[np.isfinite(p).all(axis=1)]
             colour = SOURCE_COLOURS[source]
-            common = {"ns": f"{source}/{arm}", "frame_id": frame_id, "color": colour,
-                      "points": [tuple(float(x) for x in q) for q in p]}
+            common = {
+                "ns": f"{source}/{arm}",
+                "frame_id": frame_id,
+                "color": colour,
+                "points": [tuple(float(x) for x in q) for q in p],
+            }
             out.append({**common, "id": 0, "type": LINE_STRIP, "scale": (line_width, 0.0, 0.0)})
             out.append({**common, "id": 1, "type": SPHERE_LIST, "scale": (point_size,) * 3})
     return out

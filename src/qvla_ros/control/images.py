@@ -124,6 +124,7 @@ def rgb_to_compressed_fields(img: np.ndarray, fmt: str = "jpeg", quality: int = 
     if fmt not in COMPRESSED_FORMATS:
         raise ImageFormatError(f"can only compress to jpeg or png, not {fmt!r}")
     out = io.BytesIO()
-    PILImage.fromarray(np.asarray(img, dtype=np.uint8)).save(out, format="JPEG" if fmt == "jpeg" else "PNG",
-                                                               quality=quality)
+    PILImage.fromarray(np.asarray(img, dtype=np.uint8)).save(
+        out, format="JPEG" if fmt == "jpeg" else "PNG", quality=quality
+    )
     return {"format": fmt, "data": out.getvalue()}

@@ -129,8 +129,13 @@ class ControlLoop:
 
     def _make_scheduler(self) -> ChunkScheduler:
         c = self.cfg
-        return ChunkScheduler(len(self.joint_names), mode=c["control.blending"], decay=c["control.ensemble_decay"],
-                              new_weight=c["control.overlap_new_weight"], ramp=c["control.blend_ramp"])
+        return ChunkScheduler(
+            len(self.joint_names),
+            mode=c["control.blending"],
+            decay=c["control.ensemble_decay"],
+            new_weight=c["control.overlap_new_weight"],
+            ramp=c["control.blend_ramp"],
+        )
 
     # ---------------------------------------------------------------- inputs (input callbacks)
     def add_frame(self, name: str, stamp: float, received: float, frame: Any, source_stamp: Any = None) -> None:
@@ -193,16 +198,18 @@ class ControlLoop:
             return None
         try:
             # copies: the conversion may return read-only views of the message buffers
-            images = {name: np.array(self._decode(item.msg.data, f"camera '{name}'"))
-                      for name, item in sync.items.items()}
+            images = {
+                name: np.array(self._decode(item.msg.data, f"camera '{name}'")) for name, item in sync.items.items()
+            }
         except ImageFormatError as e:
             self.input_error = str(e)
             return None
         self.input_error = ""
         self.last_obs_stamp = sync.stamp
         instruction = self.instruction
-        self._inputs[sync.stamp] = ObservationInputs(self.episode, instruction, list(sync.items),
-                                                     [item.msg.source_stamp for item in sync.items.values()], state)
+        self._inputs[sync.stamp] = ObservationInputs(
+            self.episode, instruction, list(sync.items), [item.msg.source_stamp for item in sync.items.values()], state
+        )
         while len(self._inputs) > INPUTS_KEPT:
             self._inputs.pop(next(iter(self._inputs)))
         return Observation(images=images, state=state, instruction=instruction, stamp=sync.stamp), self.epoch
@@ -235,12 +242,16 @@ class ControlLoop:
     def check_policy(self, info: PolicyInfo) -> str:
         """'' when the policy fits the rig, else why it is refused."""
         if list(info.joint_names) != self.joint_names:
-            return (f"the policy's joints {info.joint_names} differ from arms.joint_names {self.joint_names} "
-                    "(same names in the same order are required)")
+            return (
+                f"the policy's joints {info.joint_names} differ from arms.joint_names {self.joint_names} "
+                "(same names in the same order are required)"
+            )
         missing = [c for c in info.camera_names if c not in self.cameras.names]
         if missing:
-            return (f"the policy takes cameras {info.camera_names} but cameras.names is {list(self.cameras.names)} "
-                    f"(missing {missing})")
+            return (
+                f"the policy takes cameras {info.camera_names} but cameras.names is {list(self.cameras.names)} "
+                f"(missing {missing})"
+            )
         return ""
 
     # ---------------------------------------------------------------- the control tick
@@ -347,8 +358,15 @@ class WorkerReport:
     @classmethod
     def of(cls, worker) -> WorkerReport:
         """The report of a qvla_ros.control.worker.InferenceWorker."""
-        return cls(worker.mode, worker.status, worker.load_error, worker.predictions, worker.failures,
-                   worker.restarts, tuple(worker.child_pids))
+        return cls(
+            worker.mode,
+            worker.status,
+            worker.load_error,
+            worker.predictions,
+            worker.failures,
+            worker.restarts,
+            tuple(worker.child_pids),
+        )
 
 
 @dataclass(frozen=True)
@@ -366,8 +384,14 @@ def _strings(**values) -> dict[str, str]:
     return {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
 
 
-def diagnostics(loop: ControlLoop, now: float, node_name: str, worker: WorkerReport, output: str = "",
-                scheduling: str = "normal scheduling") -> list[StatusReport]:
+def diagnostics(
+    loop: ControlLoop,
+    now: float,
+    node_name: str,
+    worker: WorkerReport,
+    output: str = "",
+    scheduling: str = "normal scheduling",
+) -> list[StatusReport]:
     """The policy node's /diagnostics: "commands" (stream rate, jitter, holds and why), "inference" (the policy,
     latencies, dropped chunks), then one status per camera and per arm state (age, rate, counters). `output`: the
     arm output's name; `scheduling`: how the control thread is scheduled."""
@@ -381,17 +405,38 @@ def diagnostics(loop: ControlLoop, now: float, node_name: str, worker: WorkerRep
     else:
         level, message = OK, f"streaming at {rate['rate_hz']:.1f} Hz"
     safety = loop.safety
-    cmd = StatusReport(f"{node_name}: commands", node_name, level, message, _strings(
-        rate_hz=rate["rate_hz"], expected_hz=loop.rate_hz, period_p50_ms=rate["period_p50"] * 1e3,
-        period_p99_ms=rate["period_p99"] * 1e3, period_max_ms=rate["period_max"] * 1e3,
-        period_error_p99_ms=rate["period_error_p99"] * 1e3, overruns=rate["overruns"], ticks=rate["ticks"],
-        held=bool(d and d.held), hold_reasons=",".join(d.reasons) if d else "", held_ticks=safety.held_ticks,
-        clipped_ticks=safety.clipped_ticks, rate_limited_ticks=safety.rate_limited_ticks,
-        body_p99_ms=cyc["body_p99"] * 1e3, slow_ticks=cyc["slow_ticks"], adapter=output, episode=loop.episode,
-        scheduling=scheduling))
+    cmd = StatusReport(
+        f"{node_name}: commands",
+        node_name,
+        level,
+        message,
+        _strings(
+            rate_hz=rate["rate_hz"],
+            expected_hz=loop.rate_hz,
+            period_p50_ms=rate["period_p50"] * 1e3,
+            period_p99_ms=rate["period_p99"] * 1e3,
+            period_max_ms=rate["period_max"] * 1e3,
+            period_error_p99_ms=rate["period_error_p99"] * 1e3,
+            overruns=rate["overruns"],
+            ticks=rate["ticks"],
+            held=bool(d and d.held),
+            hold_reasons=",".join(d.reasons) if d else "",
+            held_ticks=safety.held_ticks,
+            clipped_ticks=safety.clipped_ticks,
+            rate_limited_ticks=safety.rate_limited_ticks,
+            body_p99_ms=cyc["body_p99"] * 1e3,
+            slow_ticks=cyc["slow_ticks"],
+            adapter=output,
+            episode=loop.episode,
+            scheduling=scheduling,
+        ),
+    )
 
-    lat, c2c, o2c = (loop.inference_latency.summary(), loop.camera_to_command.summary(),
-                     loop.observation_to_chunk.summary())
+    lat, c2c, o2c = (
+        loop.inference_latency.summary(),
+        loop.camera_to_command.summary(),
+        loop.observation_to_chunk.summary(),
+    )
     info = loop.policy_info
     if worker.status != "running":
         level, message = ERROR, f"policy {worker.status} {worker.load_error}"
@@ -399,29 +444,60 @@ def diagnostics(loop: ControlLoop, now: float, node_name: str, worker: WorkerRep
         level, message = ERROR, loop.inference_error
     else:
         level, message = OK, f"{info.model_id if info else ''}: p50 {lat['p50'] * 1e3:.0f} ms"
-    inf = StatusReport(f"{node_name}: inference", node_name, level, message, _strings(
-        model_id=info.model_id if info else "", worker=worker.mode, status=worker.status,
-        latency_p50_ms=lat["p50"] * 1e3, latency_p99_ms=lat["p99"] * 1e3, latency_max_ms=lat["max"] * 1e3,
-        predictions=worker.predictions, failures=worker.failures, restarts=worker.restarts,
-        chunks_dropped=loop.chunks_dropped, camera_to_command_p50_ms=c2c["p50"] * 1e3,
-        camera_to_command_p99_ms=c2c["p99"] * 1e3, observation_to_chunk_p50_ms=o2c["p50"] * 1e3,
-        observation_to_chunk_p99_ms=o2c["p99"] * 1e3, worker_pids=",".join(str(p) for p in worker.child_pids)))
+    inf = StatusReport(
+        f"{node_name}: inference",
+        node_name,
+        level,
+        message,
+        _strings(
+            model_id=info.model_id if info else "",
+            worker=worker.mode,
+            status=worker.status,
+            latency_p50_ms=lat["p50"] * 1e3,
+            latency_p99_ms=lat["p99"] * 1e3,
+            latency_max_ms=lat["max"] * 1e3,
+            predictions=worker.predictions,
+            failures=worker.failures,
+            restarts=worker.restarts,
+            chunks_dropped=loop.chunks_dropped,
+            camera_to_command_p50_ms=c2c["p50"] * 1e3,
+            camera_to_command_p99_ms=c2c["p99"] * 1e3,
+            observation_to_chunk_p50_ms=o2c["p50"] * 1e3,
+            observation_to_chunk_p99_ms=o2c["p99"] * 1e3,
+            worker_pids=",".join(str(p) for p in worker.child_pids),
+        ),
+    )
 
     out = [cmd, inf]
     stats = loop.cameras.stats()
     for cam, age in loop.cameras.ages(now).items():
         s = stats[cam]
         stale = age is None or age > loop.cameras.max_age
-        out.append(StatusReport(
-            f"{node_name}: camera {cam}", cam, WARN if stale else OK,
-            "no frame yet" if age is None else (f"stale ({age * 1e3:.0f} ms)" if stale else "ok"),
-            _strings(age_ms=(age or 0.0) * 1e3, rate_hz=(1.0 / s["period"]) if s["period"] else 0.0,
-                     frames=s["frames"], dropped=s["dropped"], out_of_order=s["out_of_order"],
-                     unmatched_sets=loop.cameras.unmatched)))
+        out.append(
+            StatusReport(
+                f"{node_name}: camera {cam}",
+                cam,
+                WARN if stale else OK,
+                "no frame yet" if age is None else (f"stale ({age * 1e3:.0f} ms)" if stale else "ok"),
+                _strings(
+                    age_ms=(age or 0.0) * 1e3,
+                    rate_hz=(1.0 / s["period"]) if s["period"] else 0.0,
+                    frames=s["frames"],
+                    dropped=s["dropped"],
+                    out_of_order=s["out_of_order"],
+                    unmatched_sets=loop.cameras.unmatched,
+                ),
+            )
+        )
     for arm, age in loop.states.ages(now).items():
         stale = age is None or age > loop.states.max_age
-        out.append(StatusReport(
-            f"{node_name}: arm {arm} state", arm, WARN if stale else OK,
-            "no state yet" if age is None else (f"stale ({age * 1e3:.0f} ms)" if stale else "ok"),
-            _strings(age_ms=(age or 0.0) * 1e3)))
+        out.append(
+            StatusReport(
+                f"{node_name}: arm {arm} state",
+                arm,
+                WARN if stale else OK,
+                "no state yet" if age is None else (f"stale ({age * 1e3:.0f} ms)" if stale else "ok"),
+                _strings(age_ms=(age or 0.0) * 1e3),
+            )
+        )
     return out

@@ -35,16 +35,19 @@ class ArmDescription:
     source: str = ""
 
 
-def load_arm_description(path: str | Path, profile: str, joint_names: tuple[str, ...] | list[str],
-                         arms: int = 2) -> ArmDescription:
+def load_arm_description(
+    path: str | Path, profile: str, joint_names: tuple[str, ...] | list[str], arms: int = 2
+) -> ArmDescription:
     """Read `profile` from an arm description file (config/y1_arms.yaml format) for `arms` arms of 6 joints +
     gripper; `profile` may also be "real" or "sim" (the file's default_profile for that rig)."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise ArmDescriptionError(f"arm description {p} does not exist; set safety.arm_description to a "
-                                  f"file like config/{ARM_DESCRIPTION_FILE}") from None
+        raise ArmDescriptionError(
+            f"arm description {p} does not exist; set safety.arm_description to a "
+            f"file like config/{ARM_DESCRIPTION_FILE}"
+        ) from None
     except yaml.YAMLError as e:
         raise ArmDescriptionError(f"{p}: not valid YAML: {e}") from None
     profiles = (data or {}).get("profiles") or {}
@@ -62,18 +65,28 @@ def load_arm_description(path: str | Path, profile: str, joint_names: tuple[str,
         hi = [float(j["upper"]) for j in joints] + [float(grip["upper"])]
         vel = [float(prof["max_joint_velocity"])] * len(joints) + [float(grip["max_velocity"])]
     except (KeyError, TypeError, ValueError) as e:
-        raise ArmDescriptionError(f"{p}: profile {name!r} needs joints[{{lower, upper}}], max_joint_velocity and "
-                                  f"gripper{{lower, upper, max_velocity}} ({e})") from None
+        raise ArmDescriptionError(
+            f"{p}: profile {name!r} needs joints[{{lower, upper}}], max_joint_velocity and "
+            f"gripper{{lower, upper, max_velocity}} ({e})"
+        ) from None
     per_arm = len(lo)
     if len(joint_names) != per_arm * arms:
-        raise ArmDescriptionError(f"{p}: profile {name!r} describes {per_arm} entries per arm, but the command "
-                                  f"vector has {len(joint_names)} for {arms} arms")
+        raise ArmDescriptionError(
+            f"{p}: profile {name!r} describes {per_arm} entries per arm, but the command "
+            f"vector has {len(joint_names)} for {arms} arms"
+        )
     lower, upper = np.array(lo * arms), np.array(hi * arms)
     if np.any(lower >= upper) or np.any(np.array(vel) <= 0):
         raise ArmDescriptionError(f"{p}: profile {name!r} has a lower limit >= upper or a non-positive velocity")
     return ArmDescription(
-        profile=name, joint_names=tuple(joint_names), lower=lower, upper=upper, max_velocity=np.array(vel * arms),
-        gripper=dict(grip), gripper_index=tuple(per_arm * a + per_arm - 1 for a in range(arms)), source=str(p),
+        profile=name,
+        joint_names=tuple(joint_names),
+        lower=lower,
+        upper=upper,
+        max_velocity=np.array(vel * arms),
+        gripper=dict(grip),
+        gripper_index=tuple(per_arm * a + per_arm - 1 for a in range(arms)),
+        source=str(p),
     )
 
 
@@ -92,9 +105,12 @@ def measured_state_problem(desc: ArmDescription, q: np.ndarray, start: int = 0, 
     out = np.flatnonzero((q < lo - slack) | (q > hi + slack))
     if out.size:
         i = int(out[0])
-        return (f"measured {names[i]} = {q[i]:.4g} is outside its limits [{lo[i]:.4g}, {hi[i]:.4g}] by more than "
-                f"{margin:g} of the range" + (f" (and {out.size - 1} more)" if out.size > 1 else "")
-                + ": check the arm driver's units and joint order")
+        return (
+            f"measured {names[i]} = {q[i]:.4g} is outside its limits [{lo[i]:.4g}, {hi[i]:.4g}] by more than "
+            f"{margin:g} of the range"
+            + (f" (and {out.size - 1} more)" if out.size > 1 else "")
+            + ": check the arm driver's units and joint order"
+        )
     return ""
 
 
@@ -138,8 +154,7 @@ class SafetyFilter:
         names = [self.desc.joint_names[i] for i in np.flatnonzero(out != q)]
         return out, names
 
-    def step(self, target: np.ndarray | None, reasons: dict[str, str],
-             fallback: np.ndarray | None = None) -> Decision:
+    def step(self, target: np.ndarray | None, reasons: dict[str, str], fallback: np.ndarray | None = None) -> Decision:
         """One tick. `target`: the planned command (None: nothing planned); `reasons`: hold reasons from the
         inputs (empty: all fine); `fallback`: the measured arm state, the command to hold when none was sent yet."""
         self.ticks += 1

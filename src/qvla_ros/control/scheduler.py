@@ -60,8 +60,15 @@ class _Plan:
 class ChunkScheduler:
     """Thread-safe: the inference worker `add`s chunks, the control timer asks for `target(t)`."""
 
-    def __init__(self, n_joints: int, mode: str = "temporal_ensemble", decay: float = 1.0, new_weight: float = 0.5,
-                 ramp: float = 0.1, max_chunks: int = 16):
+    def __init__(
+        self,
+        n_joints: int,
+        mode: str = "temporal_ensemble",
+        decay: float = 1.0,
+        new_weight: float = 0.5,
+        ramp: float = 0.1,
+        max_chunks: int = 16,
+    ):
         if mode not in BLENDING_MODES:
             raise ValueError(f"blending mode {mode!r} is not one of {', '.join(BLENDING_MODES)}")
         if not 0.0 < new_weight <= 1.0:
@@ -96,7 +103,7 @@ class ChunkScheduler:
                 self._plans = [plan]
             elif self.mode == "temporal_ensemble":
                 keep = [p for p in self._plans if p.t_end >= now] if self.max_chunks > 1 else []
-                self._plans = keep[-(self.max_chunks - 1):] + [plan] if keep else [plan]
+                self._plans = keep[-(self.max_chunks - 1) :] + [plan] if keep else [plan]
             else:  # weighted_overlap
                 self._plans = [self._merge(self._plans[-1], plan, now) if self._plans else plan]
         return True

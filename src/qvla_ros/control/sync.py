@@ -97,20 +97,30 @@ class _StreamStats:
         if not self.ignored_run or self.ignored_last is None or self._last_stamp is None:
             return ""
         back = self._last_stamp - self.ignored_last[0]
-        return (f"frames arrive but their header stamps went backwards by {back:.3f} s "
-                f"({self.ignored_run} ignored since the last accepted frame)")
+        return (
+            f"frames arrive but their header stamps went backwards by {back:.3f} s "
+            f"({self.ignored_run} ignored since the last accepted frame)"
+        )
 
 
 class ApproxTimeSync:
     """Newest approximately-synchronized set of frames from `names`, refusing sets older than `max_age`."""
 
-    def __init__(self, names: list[str] | tuple[str, ...], slop: float, max_age: float, queue_size: int = 5,
-                 kind: str = "camera", restart_after: float | None = None):
+    def __init__(
+        self,
+        names: list[str] | tuple[str, ...],
+        slop: float,
+        max_age: float,
+        queue_size: int = 5,
+        kind: str = "camera",
+        restart_after: float | None = None,
+    ):
         if not names:
             raise ValueError("ApproxTimeSync needs at least one stream name")
         if slop < 0 or max_age <= 0 or queue_size < 1:
-            raise ValueError(f"slop must be >= 0, max_age > 0 and queue_size >= 1 "
-                             f"(got {slop}, {max_age}, {queue_size})")
+            raise ValueError(
+                f"slop must be >= 0, max_age > 0 and queue_size >= 1 (got {slop}, {max_age}, {queue_size})"
+            )
         self.names = tuple(names)
         self.slop = float(slop)
         self.max_age = float(max_age)
@@ -157,8 +167,10 @@ class ApproxTimeSync:
             elif age is None:
                 out[name] = f"{self.kind} '{name}': no message yet"
             elif age > self.max_age:
-                out[name] = (f"{self.kind} '{name}' stale: last message {age * 1e3:.0f} ms ago "
-                             f"(limit {self.max_age * 1e3:.0f} ms)")
+                out[name] = (
+                    f"{self.kind} '{name}' stale: last message {age * 1e3:.0f} ms ago "
+                    f"(limit {self.max_age * 1e3:.0f} ms)"
+                )
         return out
 
     def offsets(self) -> dict[str, float | None]:
@@ -196,18 +208,30 @@ class ApproxTimeSync:
         ref = sorted(newest.values())[len(newest) // 2]
         behind = ", ".join(f"{n} {(t - ref) * 1e3:+.0f} ms" for n, t in newest.items())
         offsets = {n: o for n, o in self.offsets().items() if o is not None}
-        why = (f"{self.kind}s out of sync: best spread {best_spread * 1e3:.0f} ms > slop {self.slop * 1e3:.0f} ms "
-               f"(newest stamps vs the median: {behind})")
+        why = (
+            f"{self.kind}s out of sync: best spread {best_spread * 1e3:.0f} ms > slop {self.slop * 1e3:.0f} ms "
+            f"(newest stamps vs the median: {behind})"
+        )
         if offsets and max(offsets.values()) - min(offsets.values()) > max(self.slop, self.max_age):
-            why += ("; header stamp - receipt time: " + ", ".join(f"{n} {o:+.3f} s" for n, o in offsets.items())
-                    + ": their clocks disagree (use one time source for every driver, or stamp on receipt)")
+            why += (
+                "; header stamp - receipt time: "
+                + ", ".join(f"{n} {o:+.3f} s" for n, o in offsets.items())
+                + ": their clocks disagree (use one time source for every driver, or stamp on receipt)"
+            )
         return SyncResult(False, reason=why)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Per stream: frames, out_of_order, dropped (estimated), period (typical, s; 0 if unknown)."""
         with self._lock:
-            return {n: {"frames": s.frames, "out_of_order": s.out_of_order, "dropped": s.dropped,
-                        "period": s.typical_period() or 0.0} for n, s in self._stats.items()}
+            return {
+                n: {
+                    "frames": s.frames,
+                    "out_of_order": s.out_of_order,
+                    "dropped": s.dropped,
+                    "period": s.typical_period() or 0.0,
+                }
+                for n, s in self._stats.items()
+            }
 
     def clear(self) -> None:
         with self._lock:

@@ -132,8 +132,11 @@ class CycleTimer:
         return d
 
     def summary(self) -> dict[str, float]:
-        out = {"body_p50": self.total.summary()["p50"], "body_p99": self.total.summary()["p99"],
-               "slow_ticks": self.slow_ticks}
+        out = {
+            "body_p50": self.total.summary()["p50"],
+            "body_p99": self.total.summary()["p99"],
+            "slow_ticks": self.slow_ticks,
+        }
         for name, st in self.sections.items():
             out[f"{name}_p99"] = st.summary()["p99"]
         return out

@@ -103,16 +103,23 @@ def _obs_to_frame(obs: Observation) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _obs_from_frame(header: dict, arrays: dict[str, np.ndarray]) -> Observation:
-    images = {k[len("image/"):]: v for k, v in arrays.items() if k.startswith("image/")}
-    return Observation(images=images, state=arrays["state"], instruction=header["instruction"],
-                       stamp=float(header["stamp"]))
+    images = {k[len("image/") :]: v for k, v in arrays.items() if k.startswith("image/")}
+    return Observation(
+        images=images, state=arrays["state"], instruction=header["instruction"], stamp=float(header["stamp"])
+    )
 
 
 def _info_of(runtime, path: str, load_seconds: float) -> PolicyInfo:
-    return PolicyInfo(camera_names=list(runtime.camera_names), joint_names=list(runtime.joint_names),
-                      horizon=int(runtime.horizon), step_period=float(runtime.step_period),
-                      model_id=str(runtime.model_id), path=str(path), quantization=dict(runtime.quantization_status()),
-                      load_seconds=load_seconds)
+    return PolicyInfo(
+        camera_names=list(runtime.camera_names),
+        joint_names=list(runtime.joint_names),
+        horizon=int(runtime.horizon),
+        step_period=float(runtime.step_period),
+        model_id=str(runtime.model_id),
+        path=str(path),
+        quantization=dict(runtime.quantization_status()),
+        load_seconds=load_seconds,
+    )
 
 
 def _load_runtime(path: str, device: str, warmup: bool, torch_threads: int):
@@ -165,11 +172,27 @@ class ProcessBackend:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", warmup: bool = True, torch_threads: int = 0, nice: int = 0,
-             load_timeout: float = 300.0, predict_timeout: float = 30.0, env: dict | None = None) -> ProcessBackend:
+    def load(
+        cls,
+        path: str,
+        device: str = "cpu",
+        warmup: bool = True,
+        torch_threads: int = 0,
+        nice: int = 0,
+        load_timeout: float = 300.0,
+        predict_timeout: float = 30.0,
+        env: dict | None = None,
+    ) -> ProcessBackend:
         t = time.perf_counter()
-        cmd = [sys.executable, "-m", "qvla_ros.control.worker", "--nice", str(nice),
-               "--torch-threads", str(torch_threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "qvla_ros.control.worker",
+            "--nice",
+            str(nice),
+            "--torch-threads",
+            str(torch_threads),
+        ]
         child_env = dict(os.environ if env is None else env)
         # the child finds qvla_ros the way this process did (a source checkout is not always installed)
         src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,9 +228,14 @@ class ProcessBackend:
                 raise WorkerError(f"the inference process died ({e}; rc={self.proc.poll()})") from e
         if not reply.get("ok"):
             raise WorkerError(reply.get("error", "predict failed"))
-        return PredictedChunk(actions=out["actions"], step_period=float(reply["step_period"]),
-                              stamp=float(reply["stamp"]), latency=float(reply["latency"]),
-                              model_id=str(reply["model_id"]), timing=dict(reply.get("timing", {})))
+        return PredictedChunk(
+            actions=out["actions"],
+            step_period=float(reply["step_period"]),
+            stamp=float(reply["stamp"]),
+            latency=float(reply["latency"]),
+            model_id=str(reply["model_id"]),
+            timing=dict(reply.get("timing", {})),
+        )
 
     @property
     def alive(self) -> bool:
@@ -236,8 +264,9 @@ def _read_with_timeout(proc: subprocess.Popen, timeout: float, what: str):
         return read_frame(proc.stdout)
     except EOFError:
         proc.wait(timeout=5)
-        raise WorkerError(f"the inference process exited while {what} (rc={proc.returncode}); "
-                          "its error is in the node's log") from None
+        raise WorkerError(
+            f"the inference process exited while {what} (rc={proc.returncode}); its error is in the node's log"
+        ) from None
 
 
 def _stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
@@ -271,12 +300,24 @@ class InferenceWorker:
     on_loaded(info): a policy was loaded (at start or by reload). check(info): '' or why the node refuses it.
     """
 
-    def __init__(self, mode: str, path: str, *, get_observation: Callable[[], tuple[Observation, object] | None],
-                 on_chunk: Callable[[PredictedChunk, object], None], on_error: Callable[[str, object], None],
-                 on_loaded: Callable[[PolicyInfo], None] = lambda info: None,
-                 check: Callable[[PolicyInfo], str] = lambda info: "", device: str = "cpu", warmup: bool = True,
-                 nice: int = 0, torch_threads: int = 0, min_interval: float = 0.0, poll_interval: float = 0.004,
-                 backend_factory: Callable[..., object] | None = None):
+    def __init__(
+        self,
+        mode: str,
+        path: str,
+        *,
+        get_observation: Callable[[], tuple[Observation, object] | None],
+        on_chunk: Callable[[PredictedChunk, object], None],
+        on_error: Callable[[str, object], None],
+        on_loaded: Callable[[PolicyInfo], None] = lambda info: None,
+        check: Callable[[PolicyInfo], str] = lambda info: "",
+        device: str = "cpu",
+        warmup: bool = True,
+        nice: int = 0,
+        torch_threads: int = 0,
+        min_interval: float = 0.0,
+        poll_interval: float = 0.004,
+        backend_factory: Callable[..., object] | None = None,
+    ):
         if mode not in BACKENDS and backend_factory is None:
             raise ValueError(f"worker mode {mode!r} is not one of {', '.join(BACKENDS)}")
         self.mode = mode
@@ -348,8 +389,9 @@ class InferenceWorker:
             except Exception as e:
                 return False, f"refused {path}: {e} (the running policy {self._model_id()} keeps running)"
             self._install(new, path)
-            return True, (f"loaded {new.info.model_id} from {path} in {new.info.load_seconds:.1f} s "
-                          f"({self.mode} worker)")
+            return True, (
+                f"loaded {new.info.model_id} from {path} in {new.info.load_seconds:.1f} s ({self.mode} worker)"
+            )
         finally:
             self._reload_lock.release()
 
@@ -478,8 +520,9 @@ def _serve(nice: int, torch_threads: int) -> int:
         if op == "load":
             t = time.perf_counter()
             try:
-                runtime = _load_runtime(header["path"], header.get("device", "cpu"), header.get("warmup", True),
-                                        torch_threads)
+                runtime = _load_runtime(
+                    header["path"], header.get("device", "cpu"), header.get("warmup", True), torch_threads
+                )
                 info = _info_of(runtime, header["path"], time.perf_counter() - t).__dict__
                 write_frame(proto_out, {"ok": True, "info": info})
             except Exception as e:
@@ -493,9 +536,18 @@ def _serve(nice: int, torch_threads: int) -> int:
             except Exception as e:
                 write_frame(proto_out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
                 continue
-            write_frame(proto_out, {"ok": True, "step_period": chunk.step_period, "stamp": chunk.stamp,
-                                    "latency": chunk.latency, "model_id": chunk.model_id, "timing": chunk.timing},
-                        {"actions": np.asarray(chunk.actions, dtype=np.float64)})
+            write_frame(
+                proto_out,
+                {
+                    "ok": True,
+                    "step_period": chunk.step_period,
+                    "stamp": chunk.stamp,
+                    "latency": chunk.latency,
+                    "model_id": chunk.model_id,
+                    "timing": chunk.timing,
+                },
+                {"actions": np.asarray(chunk.actions, dtype=np.float64)},
+            )
         else:
             write_frame(proto_out, {"ok": False, "error": f"unknown op {op!r}"})
 

@@ -1,6 +1,6 @@
 """Episodes on disk: rosbag2 + MCAP recordings of the rig (simulated or real), their writer and reader. No ROS.
 
-    from qvla_ros.episodes import EpisodeWriter, read_episode, EpisodeError, load_topic_config
+from qvla_ros.episodes import EpisodeWriter, read_episode, EpisodeError, load_topic_config
 """
 
 from qvla_ros.episodes.reader import (

@@ -17,8 +17,9 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvla-episodes", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="qvla-episodes", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     i = sub.add_parser("info", help="read episodes and summarize them (checks that they decode and align)")
     i.add_argument("paths", nargs="+", type=Path)
@@ -43,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             from qvla_ros.episodes.repair import repair_episode
 
             out, report = repair_episode(args.path, args.out)
-            print(f"wrote {out}: {report['messages_recovered']} messages recovered "
-                  f"(reading stopped at: {report['stopped_at']})")
+            print(
+                f"wrote {out}: {report['messages_recovered']} messages recovered "
+                f"(reading stopped at: {report['stopped_at']})"
+            )
             for d in report["dropped_chunks"]:
                 print(f"dropped {d['description']}: {d['problem']}")
             for problem in report["other_damage"]:

@@ -22,8 +22,16 @@ import threading
 import time
 from collections.abc import Callable
 
-KEYS = {b"\x1b[C": "right", b"\x1bOC": "right", b"\x1b[D": "left", b"\x1bOD": "left",
-        b"\x1b[A": "up", b"\x1bOA": "up", b"\x1b[B": "down", b"\x1bOB": "down"}
+KEYS = {
+    b"\x1b[C": "right",
+    b"\x1bOC": "right",
+    b"\x1b[D": "left",
+    b"\x1bOD": "left",
+    b"\x1b[A": "up",
+    b"\x1bOA": "up",
+    b"\x1b[B": "down",
+    b"\x1bOB": "down",
+}
 ESC_TIMEOUT_S = 0.05  # a lone ESC byte not followed by more within this is the Esc key (not an arrow's prefix)
 
 
@@ -41,8 +49,8 @@ class KeyParser:
         buf = self._pending + data
         i = 0
         while i < len(buf):
-            if buf[i:i + 1] == b"\x1b":
-                seq = buf[i:i + 3]
+            if buf[i : i + 1] == b"\x1b":
+                seq = buf[i : i + 3]
                 if len(seq) < 3:
                     if len(seq) == 2 and seq[1:2] not in (b"[", b"O"):
                         out.append("esc")  # ESC then another key: Esc pressed, then that key
@@ -56,7 +64,7 @@ class KeyParser:
                     out.append("esc")
                     i += 1
             else:
-                out.append(buf[i:i + 1].decode("latin-1"))
+                out.append(buf[i : i + 1].decode("latin-1"))
                 i += 1
         rest = buf[i:]
         if rest != self._pending or not rest:

@@ -73,7 +73,7 @@ def episode_index(name: str) -> int | None:
     """7 for 'episode_000007' (also 'episode_000007_repaired'), None for any other name."""
     if not name.startswith(EPISODE_PREFIX):
         return None
-    digits = name[len(EPISODE_PREFIX):].split("_", 1)[0]
+    digits = name[len(EPISODE_PREFIX) :].split("_", 1)[0]
     return int(digits) if digits.isdigit() else None
 
 
@@ -133,10 +133,17 @@ class _TopicStats:
         return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
 
     def as_dict(self, now: float) -> dict:
-        return {"messages": self.messages, "bytes": self.bytes, "rate_hz": round(self.mean_rate(), 3),
-                "drops": {"queue": self.queue_drops, "sequence_gaps": self.sequence_gaps,
-                          "middleware_lost": self.lost_events},
-                "dropped": self.dropped}
+        return {
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "rate_hz": round(self.mean_rate(), 3),
+            "drops": {
+                "queue": self.queue_drops,
+                "sequence_gaps": self.sequence_gaps,
+                "middleware_lost": self.lost_events,
+            },
+            "dropped": self.dropped,
+        }
 
     @property
     def dropped(self) -> int:
@@ -160,17 +167,33 @@ class EpisodeInfo:
     topics: dict
 
     def as_dict(self) -> dict:
-        return {"episode": self.index, "path": None if self.path is None else str(self.path),
-                "outcome": self.outcome, "success": self.success, "duration_s": round(self.duration_s, 3),
-                "messages": self.messages, "bytes": self.bytes, "file_bytes": self.file_bytes,
-                "dropped": self.dropped, "topics": self.topics}
+        return {
+            "episode": self.index,
+            "path": None if self.path is None else str(self.path),
+            "outcome": self.outcome,
+            "success": self.success,
+            "duration_s": round(self.duration_s, 3),
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "file_bytes": self.file_bytes,
+            "dropped": self.dropped,
+            "topics": self.topics,
+        }
 
 
 class _Episode:
     """The episode being recorded: its writer (used by the writer thread only) and its statistics."""
 
-    def __init__(self, index: int, path: Path, final: Path, writer: EpisodeWriter, start_wall: float,
-                 start_mono: float, instruction: str):
+    def __init__(
+        self,
+        index: int,
+        path: Path,
+        final: Path,
+        writer: EpisodeWriter,
+        start_wall: float,
+        start_mono: float,
+        instruction: str,
+    ):
         self.index = index
         self.path = path  # in .partial/
         self.final = final
@@ -199,10 +222,21 @@ class DatasetRecorder:
         on_flush: called (in the writer thread) with the per-topic flushed counts after each flush.
     """
 
-    def __init__(self, root: str | Path, topics: TopicConfig, *, metadata: dict | None = None,
-                 compress: bool = True, flush_every_s: float = 1.0, fsync: bool = True,
-                 min_free_bytes: int = 1 << 30, max_queue_bytes: int = 512 << 20, recover: str = "aside",
-                 on_flush: Callable[[dict], None] | None = None, clock_ns: Callable[[], int] = time.time_ns):
+    def __init__(
+        self,
+        root: str | Path,
+        topics: TopicConfig,
+        *,
+        metadata: dict | None = None,
+        compress: bool = True,
+        flush_every_s: float = 1.0,
+        fsync: bool = True,
+        min_free_bytes: int = 1 << 30,
+        max_queue_bytes: int = 512 << 20,
+        recover: str = "aside",
+        on_flush: Callable[[dict], None] | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ):
         if recover not in RECOVER_MODES:
             raise ValueError(f"recover must be one of {', '.join(RECOVER_MODES)}, got {recover!r}")
         if flush_every_s <= 0:
@@ -311,8 +345,7 @@ class DatasetRecorder:
                 continue
             entry = {"episode": episode_index(p.name), "path": str(p), "action": self.recover}
             if self.recover == "report":
-                entry["message"] = (f"interrupted episode {p} left as it is; recover it with `qvla-episodes "
-                                    f"repair {p}`")
+                entry["message"] = f"interrupted episode {p} left as it is; recover it with `qvla-episodes repair {p}`"
                 found.append(entry)
                 continue
             target_dir = self.root if self.recover == "keep" else self.root / RECOVERED_DIR
@@ -323,19 +356,26 @@ class DatasetRecorder:
                     raise EpisodeError(f"{target} exists already")
                 out, report = repair_episode(p, target)
                 shutil.rmtree(p)
-                entry.update(path=str(out), messages=report["messages_recovered"],
-                             stopped_at=report["stopped_at"], dropped_chunks=len(report["dropped_chunks"]),
-                             message=f"interrupted episode {p.name}: {report['messages_recovered']} messages "
-                                     f"recovered into {out}" + ("" if self.recover == "keep" else
-                                                                " (outside the dataset: move it in to use it)"))
+                entry.update(
+                    path=str(out),
+                    messages=report["messages_recovered"],
+                    stopped_at=report["stopped_at"],
+                    dropped_chunks=len(report["dropped_chunks"]),
+                    message=f"interrupted episode {p.name}: {report['messages_recovered']} messages "
+                    f"recovered into {out}"
+                    + ("" if self.recover == "keep" else " (outside the dataset: move it in to use it)"),
+                )
             except EpisodeError as e:
                 # nothing recoverable (e.g. killed before the first flush): set aside, say so
                 aside = self.root / RECOVERED_DIR / (p.name + "_unrecoverable")
                 aside.parent.mkdir(parents=True, exist_ok=True)
                 if not aside.exists():
                     shutil.move(str(p), str(aside))
-                entry.update(path=str(aside), messages=0, message=f"interrupted episode {p.name} could not be "
-                                                                  f"recovered ({e}); moved to {aside}")
+                entry.update(
+                    path=str(aside),
+                    messages=0,
+                    message=f"interrupted episode {p.name} could not be recovered ({e}); moved to {aside}",
+                )
             found.append(entry)
             self._log({"event": "recovered", **entry})
         try:
@@ -345,8 +385,12 @@ class DatasetRecorder:
         return found
 
     # ---------------------------------------------------------------- episodes (any thread)
-    def start(self, instruction: str = "", metadata: dict | None = None, instruction_cdr: bytes | None = None,
-              ) -> int:
+    def start(
+        self,
+        instruction: str = "",
+        metadata: dict | None = None,
+        instruction_cdr: bytes | None = None,
+    ) -> int:
         """Start recording the next episode; returns its index. `instruction_cdr`: the raw String message last
         received on the instruction topic (written at the start); `instruction`: a text to write instead."""
         with self._lock:
@@ -367,8 +411,13 @@ class DatasetRecorder:
             now_wall = time.time()
             meta = {
                 "source": "ros",
-                "recorder": {"version": RECORDER_VERSION, "host": socket.gethostname(), "compress": self.compress,
-                             "flush_every_s": self.flush_every_s, "fsync": self.fsync},
+                "recorder": {
+                    "version": RECORDER_VERSION,
+                    "host": socket.gethostname(),
+                    "compress": self.compress,
+                    "flush_every_s": self.flush_every_s,
+                    "fsync": self.fsync,
+                },
                 "episode_index": index,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now_wall)),
                 "time_base": "receive time, system clock (ns)",
@@ -377,8 +426,9 @@ class DatasetRecorder:
             }
             if instruction:
                 meta["instruction"] = instruction
-            writer = EpisodeWriter(partial, self.topics, metadata=meta, compress=self.compress,
-                                   flush_every_s=self.flush_every_s)
+            writer = EpisodeWriter(
+                partial, self.topics, metadata=meta, compress=self.compress, flush_every_s=self.flush_every_s
+            )
             try:
                 writer.open()
             except OSError as e:
@@ -405,8 +455,10 @@ class DatasetRecorder:
             st = ep.stats.get(topic)
             if st is None:
                 if topic not in self.known_topics:
-                    raise RecorderError(f"topic {topic} is not in {self.topics.source}: record only configured "
-                                        "topics (the episode format has no place for others)")
+                    raise RecorderError(
+                        f"topic {topic} is not in {self.topics.source}: record only configured "
+                        "topics (the episode format has no place for others)"
+                    )
                 st = ep.stats[topic] = _TopicStats()
             st.arrive(now)
             if self._queued_bytes + n > self.max_queue_bytes:
@@ -444,8 +496,9 @@ class DatasetRecorder:
             if self._episode is not None and self._episode.end_mono is None:
                 self._episode.end_mono = time.monotonic()
 
-    def stop(self, success: bool | None = None, metadata: dict | None = None, reason: str = "",
-             timeout: float = 60.0) -> EpisodeInfo:
+    def stop(
+        self, success: bool | None = None, metadata: dict | None = None, reason: str = "", timeout: float = 60.0
+    ) -> EpisodeInfo:
         """End the episode and keep it. success None: the last value seen on the success topic (`note_success`),
         else True (a kept demonstration). Waits until the file is closed and in place."""
         return self._end(keep=True, success=success, metadata=metadata, reason=reason, timeout=timeout)
@@ -464,8 +517,13 @@ class DatasetRecorder:
             success = ep.last_success if ep.last_success is not None else True
         done = threading.Event()
         result: dict = {}
-        self._queue.put(("end", ep, (keep, bool(success), dict(metadata or {}), reason or self._stop_reason,
-                                     self.clock_ns(), done, result)))
+        self._queue.put(
+            (
+                "end",
+                ep,
+                (keep, bool(success), dict(metadata or {}), reason or self._stop_reason, self.clock_ns(), done, result),
+            )
+        )
         if not done.wait(timeout):
             raise RecorderError(f"episode {ep.index} was not closed within {timeout:.0f} s (the disk is too slow?)")
         if "error" in result:
@@ -494,11 +552,16 @@ class DatasetRecorder:
             for t, s in ep.stats.items():
                 topics[t]["rate_hz"] = round(s.rate(now), 2)
             queued = self._queued_bytes
-        return {"episode": ep.index, "duration_s": (ep.end_mono or now) - ep.start_mono, "topics": topics,
-                "messages": sum(t["messages"] for t in topics.values()),
-                "bytes": sum(t["bytes"] for t in topics.values()),
-                "dropped": sum(t["dropped"] for t in topics.values()), "queued_bytes": queued,
-                "file_bytes": _dir_bytes(ep.path)}
+        return {
+            "episode": ep.index,
+            "duration_s": (ep.end_mono or now) - ep.start_mono,
+            "topics": topics,
+            "messages": sum(t["messages"] for t in topics.values()),
+            "bytes": sum(t["bytes"] for t in topics.values()),
+            "dropped": sum(t["dropped"] for t in topics.values()),
+            "queued_bytes": queued,
+            "file_bytes": _dir_bytes(ep.path),
+        }
 
     def status_line(self, names: dict[str, str] | None = None) -> str:
         """One line for a person at the robot: episode, duration, per-topic rates, drops, MB written."""
@@ -506,10 +569,14 @@ class DatasetRecorder:
         if not s:
             return f"not recording | next episode {self._next_index} | kept {self.kept}, discarded {self.discarded}"
         names = names or {}
-        rates = " ".join(f"{names.get(t, t.rsplit('/', 3)[-3] if t.count('/') >= 3 else t)} "
-                         f"{v['rate_hz']:.0f}Hz" for t, v in sorted(s["topics"].items()))
-        return (f"episode {s['episode']} {s['duration_s']:6.1f} s | {rates} | drops {s['dropped']} | "
-                f"{s['file_bytes'] / 1e6:.1f} MB")
+        rates = " ".join(
+            f"{names.get(t, t.rsplit('/', 3)[-3] if t.count('/') >= 3 else t)} {v['rate_hz']:.0f}Hz"
+            for t, v in sorted(s["topics"].items())
+        )
+        return (
+            f"episode {s['episode']} {s['duration_s']:6.1f} s | {rates} | drops {s['dropped']} | "
+            f"{s['file_bytes'] / 1e6:.1f} MB"
+        )
 
     # ---------------------------------------------------------------- the writer thread
     def _writer_loop(self) -> None:
@@ -533,8 +600,9 @@ class DatasetRecorder:
                         ep.writer.write_raw(topic, stamp, data)
                         if topic == self.topics.success.topic:
                             try:
-                                ep.last_success = bool(typestore().deserialize_cdr(bytes(data),
-                                                                                   "std_msgs/msg/Bool").data)
+                                ep.last_success = bool(
+                                    typestore().deserialize_cdr(bytes(data), "std_msgs/msg/Bool").data
+                                )
                             except Exception:
                                 pass
                 elif kind == "end":
@@ -547,8 +615,7 @@ class DatasetRecorder:
                     if self.on_flush is not None:
                         self.on_flush(dict(self._flushed))
                     if free_bytes(self.root) < self.min_free_bytes:
-                        self._stop_reason = (f"free disk space fell below the margin of "
-                                             f"{_human(self.min_free_bytes)}")
+                        self._stop_reason = f"free disk space fell below the margin of {_human(self.min_free_bytes)}"
             except Exception as e:  # a full disk, a bug: keep the thread alive, refuse new episodes, say why
                 self.writer_error = f"{type(e).__name__}: {e}"
                 if kind == "end":
@@ -567,8 +634,17 @@ class DatasetRecorder:
         elif instruction_cdr is not None:
             w.write_raw(self.topics.instruction.topic, stamp, instruction_cdr)
 
-    def _finish(self, ep: _Episode, keep: bool, success: bool, metadata: dict, reason: str, stamp: int,
-                done: threading.Event, result: dict) -> None:
+    def _finish(
+        self,
+        ep: _Episode,
+        keep: bool,
+        success: bool,
+        metadata: dict,
+        reason: str,
+        stamp: int,
+        done: threading.Event,
+        result: dict,
+    ) -> None:
         now = time.monotonic()
         try:
             with self._lock:
@@ -577,8 +653,13 @@ class DatasetRecorder:
             dropped = sum(t["dropped"] for t in topics.values())
             outcome = "kept" if keep else "discarded"
             w = ep.writer
-            extra = {"duration_s": round(duration, 3), "topics": topics, "dropped": dropped,
-                     "messages": sum(t["messages"] for t in topics.values()), **metadata}
+            extra = {
+                "duration_s": round(duration, 3),
+                "topics": topics,
+                "dropped": dropped,
+                "messages": sum(t["messages"] for t in topics.values()),
+                **metadata,
+            }
             if reason:
                 extra["stopped"] = reason
             if self.writer_error:
@@ -598,9 +679,17 @@ class DatasetRecorder:
             except OSError:
                 pass
             result["info"] = EpisodeInfo(
-                index=ep.index, path=path, outcome=outcome, success=success if keep else None,
-                duration_s=duration, messages=extra["messages"], bytes=sum(t["bytes"] for t in topics.values()),
-                file_bytes=file_bytes, dropped=dropped, topics=topics)
+                index=ep.index,
+                path=path,
+                outcome=outcome,
+                success=success if keep else None,
+                duration_s=duration,
+                messages=extra["messages"],
+                bytes=sum(t["bytes"] for t in topics.values()),
+                file_bytes=file_bytes,
+                dropped=dropped,
+                topics=topics,
+            )
         except Exception as e:
             result["error"] = f"closing episode {ep.index} ({ep.path}) failed: {type(e).__name__}: {e}"
         finally:

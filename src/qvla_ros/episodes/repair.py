@@ -25,7 +25,13 @@ from qvla_ros.episodes.errors import EpisodeError
 from qvla_ros.episodes.writer import CUSTOM_DATA_KEY, MCAP_MAGIC, open_bag, typestore
 
 _OP_FOOTER, _OP_SCHEMA, _OP_CHANNEL, _OP_MESSAGE, _OP_CHUNK, _OP_MESSAGE_INDEX, _OP_DATA_END = (
-    0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x0F,
+    0x02,
+    0x03,
+    0x04,
+    0x05,
+    0x06,
+    0x07,
+    0x0F,
 )
 
 

@@ -90,9 +90,7 @@ class TopicConfig:
         for c in self.cameras:
             if c.name == name:
                 return c
-        raise KeyError(
-            f"no camera {name!r} in {self.source or TOPICS_FILE} (cameras: {', '.join(self.camera_names)})"
-        )
+        raise KeyError(f"no camera {name!r} in {self.source or TOPICS_FILE} (cameras: {', '.join(self.camera_names)})")
 
     def arm_slice(self, name: str) -> slice:
         """Where arm `name`'s 7 entries sit in a 14-dim vector."""

@@ -38,8 +38,11 @@ _PTYPES = {
 def qos(name: str, depth: int | None = None) -> QoSProfile:
     """The QoS profiles named in config/topics.yaml."""
     if name == "sensor_data":
-        p = QoSProfile(depth=qos_profile_sensor_data.depth, reliability=ReliabilityPolicy.BEST_EFFORT,
-                       durability=DurabilityPolicy.VOLATILE)
+        p = QoSProfile(
+            depth=qos_profile_sensor_data.depth,
+            reliability=ReliabilityPolicy.BEST_EFFORT,
+            durability=DurabilityPolicy.VOLATILE,
+        )
     elif name == "reliable":
         p = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
     elif name == "transient_local":
@@ -59,11 +62,13 @@ def declare_schema(node: Node, schema: Schema, defaults: dict[str, Any]) -> dict
     """Declare every parameter of `schema` with its type, description and range (defaults from the parameter file;
     --params-file / -p overrides apply), then validate the values. ParameterError names the parameter."""
     for spec in schema.specs:
-        d = ParameterDescriptor(name=spec.name, type=_PTYPES[spec.type], description=spec.description,
-                                read_only=not spec.dynamic)
+        d = ParameterDescriptor(
+            name=spec.name, type=_PTYPES[spec.type], description=spec.description, read_only=not spec.dynamic
+        )
         if spec.range is not None and spec.type == "double":
-            d.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]),
-                                                         to_value=float(spec.range[1]))]
+            d.floating_point_range = [
+                FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]))
+            ]
         elif spec.range is not None and spec.type == "integer":
             d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]))]
         if spec.choices:
@@ -73,8 +78,9 @@ def declare_schema(node: Node, schema: Schema, defaults: dict[str, Any]) -> dict
         except Exception as e:  # rclpy raises several types for a wrongly typed or out-of-range override
             raise ParameterError(f"parameter {spec.name}: {e} ({spec.description})") from None
     values = {s.name: node.get_parameter(s.name).value for s in schema.specs}
-    return schema.validate({k: (list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v)
-                            for k, v in values.items()})
+    return schema.validate(
+        {k: (list(v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else v) for k, v in values.items()}
+    )
 
 
 def guard_dynamic(schema: Schema, current: dict[str, Any]):
@@ -88,8 +94,10 @@ def guard_dynamic(schema: Schema, current: dict[str, Any]):
             except ParameterError as e:
                 return SetParametersResult(successful=False, reason=str(e))
             if not spec.dynamic:
-                return SetParametersResult(successful=False, reason=f"{p.name} is fixed at start-up: restart the "
-                                           "node (or relaunch) to change it")
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{p.name} is fixed at start-up: restart the node (or relaunch) to change it",
+                )
             value = p.value
             update[p.name] = list(value) if hasattr(value, "__iter__") and not isinstance(value, str) else value
         try:

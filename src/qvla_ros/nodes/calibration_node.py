@@ -56,21 +56,32 @@ class CalibrationNode(Node):
         self.cfg = declare_schema(self, CALIBRATION_NODE, CALIBRATION_NODE.defaults())
         c = self.cfg
         if c["calibration.policy"] and not Path(c["calibration.policy"]).is_dir():
-            raise ParameterError(f"parameter calibration.policy: {c['calibration.policy']} does not exist (the "
-                                 "full-precision policy directory to calibrate; '' = goals name it)")
+            raise ParameterError(
+                f"parameter calibration.policy: {c['calibration.policy']} does not exist (the "
+                "full-precision policy directory to calibrate; '' = goals name it)"
+            )
         self.group = ReentrantCallbackGroup()
         self.busy = threading.Lock()
         self.child: subprocess.Popen | None = None
         self._ranges: dict[tuple, tuple[float, float]] = {}
         self.rejections = self.create_publisher(String, "~/goal_rejections", qos("transient_local"))
-        self.reload_client = self.create_client(ReloadPolicy, c["calibration.reload_service"],
-                                                callback_group=self.group)
-        self.server = ActionServer(self, Calibrate, "~/calibrate", execute_callback=self._execute,
-                                   goal_callback=self._on_goal, cancel_callback=lambda goal: CancelResponse.ACCEPT,
-                                   callback_group=self.group)
-        self.get_logger().info(f"Calibrate action on {self.resolve_topic_name('~/calibrate')} (default policy: "
-                               f"{c['calibration.policy'] or 'none: goals name it'}; reload via "
-                               f"{c['calibration.reload_service']})")
+        self.reload_client = self.create_client(
+            ReloadPolicy, c["calibration.reload_service"], callback_group=self.group
+        )
+        self.server = ActionServer(
+            self,
+            Calibrate,
+            "~/calibrate",
+            execute_callback=self._execute,
+            goal_callback=self._on_goal,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            callback_group=self.group,
+        )
+        self.get_logger().info(
+            f"Calibrate action on {self.resolve_topic_name('~/calibrate')} (default policy: "
+            f"{c['calibration.policy'] or 'none: goals name it'}; reload via "
+            f"{c['calibration.reload_service']})"
+        )
 
     # ---------------------------------------------------------------- goals
     def spec_of(self, goal) -> JobSpec:
@@ -83,15 +94,22 @@ class CalibrationNode(Node):
             root = Path(c["calibration.output_dir"]) if c["calibration.output_dir"] else Path(policy).parent
             out = str(root / f"{Path(policy).name}_calib_{goal.budget:g}b_{time.strftime('%Y%m%d-%H%M%S')}")
         return JobSpec(
-            policy=policy, recordings=list(goal.recordings), out=out, budget=float(goal.budget), bits=bits,
+            policy=policy,
+            recordings=list(goal.recordings),
+            out=out,
+            budget=float(goal.budget),
+            bits=bits,
             solver=goal.solver or c["calibration.solver"],
             samples_per_episode=goal.samples_per_episode or c["calibration.samples_per_episode"],
             max_episodes=goal.max_episodes or c["calibration.max_episodes"],
             validation_episodes=goal.validation_episodes or c["calibration.validation_episodes"],
-            validation_samples_per_episode=(goal.validation_samples_per_episode
-                                            or c["calibration.validation_samples_per_episode"]),
-            exact_fraction=c["calibration.exact_fraction"], rank_sample=c["calibration.rank_sample"],
-            seed=c["calibration.seed"], skip_failed=c["calibration.skip_failed"],
+            validation_samples_per_episode=(
+                goal.validation_samples_per_episode or c["calibration.validation_samples_per_episode"]
+            ),
+            exact_fraction=c["calibration.exact_fraction"],
+            rank_sample=c["calibration.rank_sample"],
+            seed=c["calibration.seed"],
+            skip_failed=c["calibration.skip_failed"],
             max_action_mse=c["calibration.max_action_mse"],
         )
 
@@ -109,16 +127,20 @@ class CalibrationNode(Node):
                 self._ranges[key] = check_budget(JobSpec(**{**spec.to_dict(), "budget": 16.0}))
             lo, hi = self._ranges[key]
             if spec.budget < lo - 1e-9:
-                raise JobError(f"budget {spec.budget:g} bits/weight cannot be met for {spec.policy} with bits "
-                               f"{list(spec.bits)}: the reachable range is {lo:.3f} .. {hi:.3f} bits/weight; raise the "
-                               "budget or add lower bit-widths")
+                raise JobError(
+                    f"budget {spec.budget:g} bits/weight cannot be met for {spec.policy} with bits "
+                    f"{list(spec.bits)}: the reachable range is {lo:.3f} .. {hi:.3f} bits/weight; raise the "
+                    "budget or add lower bit-widths"
+                )
         except (JobError, ValueError, OSError) as e:
             reason = " ".join(str(e).split())
             self.get_logger().error(f"goal rejected: {reason}")
             self.rejections.publish(String(data=reason))
             return GoalResponse.REJECT
-        self.get_logger().info(f"goal accepted: {spec.budget:g} bits/weight for {spec.policy}, "
-                               f"{len(spec.recordings)} recording path(s) -> {spec.out}")
+        self.get_logger().info(
+            f"goal accepted: {spec.budget:g} bits/weight for {spec.policy}, "
+            f"{len(spec.recordings)} recording path(s) -> {spec.out}"
+        )
         return GoalResponse.ACCEPT
 
     # ---------------------------------------------------------------- the job
@@ -135,8 +157,15 @@ class CalibrationNode(Node):
             self.busy.release()
 
     def _feedback(self, goal_handle, stage, progress, detail="", stage_progress=0.0, eta=-1.0) -> None:
-        goal_handle.publish_feedback(Calibrate.Feedback(stage=stage, progress=float(progress), detail=detail,
-                                                        stage_progress=float(stage_progress), eta_s=float(eta)))
+        goal_handle.publish_feedback(
+            Calibrate.Feedback(
+                stage=stage,
+                progress=float(progress),
+                detail=detail,
+                stage_progress=float(stage_progress),
+                eta_s=float(eta),
+            )
+        )
 
     def _run(self, goal_handle, goal, result):
         spec = self.spec_of(goal)
@@ -153,9 +182,16 @@ class CalibrationNode(Node):
         nice = c["calibration.nice"]
         log_path = Path(tempfile.gettempdir()) / f"qvla_calibration_{os.getpid()}.log"
         log = open(log_path, "w")
-        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
-                                      env=env, start_new_session=True,
-                                      preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        self.child = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        )
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(self.child.stdout, lines), daemon=True).start()
         outcome, error, started = None, "", {}
@@ -182,8 +218,14 @@ class CalibrationNode(Node):
                 continue
             kind = event.get("event")
             if kind == "progress":
-                self._feedback(goal_handle, event["stage"], event["progress"], event.get("detail", ""),
-                               event.get("stage_progress", 0.0), event.get("eta_s", -1.0))
+                self._feedback(
+                    goal_handle,
+                    event["stage"],
+                    event["progress"],
+                    event.get("detail", ""),
+                    event.get("stage_progress", 0.0),
+                    event.get("eta_s", -1.0),
+                )
             elif kind == "started":
                 started = event
                 if event.get("resumed"):
@@ -203,8 +245,9 @@ class CalibrationNode(Node):
             pass
         result.artifact_path = spec.out
         if rc == EXIT_CANCELLED or (cancel_sent and rc != EXIT_OK):
-            result.summary = (f"cancelled; {spec.out} is resumable: send the same goal again with output_path "
-                              f"{spec.out!r}")
+            result.summary = (
+                f"cancelled; {spec.out} is resumable: send the same goal again with output_path {spec.out!r}"
+            )
             self.get_logger().info(result.summary)
             goal_handle.canceled()
             return result
@@ -219,16 +262,20 @@ class CalibrationNode(Node):
             result.summary += f"\n(resumed an interrupted run; done before: {started.get('stages_done_before')})"
         if goal.reload:
             if rc == EXIT_VALIDATION or not outcome["passed"]:
-                result.reload_message = (f"not handed over: validation failed (action MSE {outcome['action_mse']:.3g} "
-                                         f"> calibration.max_action_mse {c['calibration.max_action_mse']:g})")
+                result.reload_message = (
+                    f"not handed over: validation failed (action MSE {outcome['action_mse']:.3g} "
+                    f"> calibration.max_action_mse {c['calibration.max_action_mse']:g})"
+                )
             else:
                 self._feedback(goal_handle, "reloading", 1.0, c["calibration.reload_service"], 0.0, 0.0)
                 result.reloaded, result.reload_message = self._reload(spec.out)
                 self._feedback(goal_handle, "reloading", 1.0, result.reload_message, 1.0, 0.0)
             (self.get_logger().info if result.reloaded else self.get_logger().warning)(result.reload_message)
         goal_handle.succeed()
-        self.get_logger().info(f"calibration done: {result.artifact_path}, {result.average_bits:.3f} bits/weight, "
-                               f"validation MSE {result.action_mse:.3g}")
+        self.get_logger().info(
+            f"calibration done: {result.artifact_path}, {result.average_bits:.3f} bits/weight, "
+            f"validation MSE {result.action_mse:.3g}"
+        )
         return result
 
     @staticmethod

@@ -71,8 +71,10 @@ def check_reference_path(path: str) -> None:
     """ParameterError naming monitor.reference_path unless it is a full-precision policy directory."""
     name = "monitor.reference_path"
     if not path:
-        raise ParameterError(f"parameter {name} is empty: give the full-precision policy to compare with "
-                             f"(-p {name}:=DIR, or reference:=DIR with qvla-bringup / ros2 launch)")
+        raise ParameterError(
+            f"parameter {name} is empty: give the full-precision policy to compare with "
+            f"(-p {name}:=DIR, or reference:=DIR with qvla-bringup / ros2 launch)"
+        )
     p = Path(path)
     if not p.is_dir():
         raise ParameterError(f"parameter {name}: {path} does not exist (or is not a directory)")
@@ -82,9 +84,11 @@ def check_reference_path(path: str) -> None:
 
     if is_artifact(p):
         source = recorded_source(p)
-        raise ParameterError(f"parameter {name}: {path} is a quantized qvla_quant artifact, not a full-precision "
-                             "policy; the reference must be the float policy"
-                             + (f" (this artifact was made from {source})" if source else ""))
+        raise ParameterError(
+            f"parameter {name}: {path} is a quantized qvla_quant artifact, not a full-precision "
+            "policy; the reference must be the float policy"
+            + (f" (this artifact was made from {source})" if source else "")
+        )
     missing = [f for f in (PROCESSOR_FILE, CONFIG_FILE, TENSORS_FILE) if not (p / f).is_file()]
     if missing:
         raise ParameterError(f"parameter {name}: {path} is not a policy directory (no {', '.join(missing)})")
@@ -103,9 +107,14 @@ class MonitorNode(Node):
         self.camera_names = list(c["cameras.names"])
         self.arm_output = make_arm_output(c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"])
         self.state_parser = JointStateParser(self.arm_names, self.joint_names)
-        self.logic = DeviationMonitor(self.joint_names, self.arm_names, self.camera_names,
-                                      frame_buffer=c["monitor.frame_buffer"], queue_depth=c["monitor.queue_depth"],
-                                      match_timeout=c["monitor.match_timeout"])
+        self.logic = DeviationMonitor(
+            self.joint_names,
+            self.arm_names,
+            self.camera_names,
+            frame_buffer=c["monitor.frame_buffer"],
+            queue_depth=c["monitor.queue_depth"],
+            match_timeout=c["monitor.match_timeout"],
+        )
         self.tracking = TrackingError(self.arm_names, c["monitor.tracking.max_gap"])
         try:
             self.thresholds = Thresholds({q: c[f"monitor.thresholds.{q}"] for q in QUANTITIES})
@@ -113,15 +122,21 @@ class MonitorNode(Node):
         except ValueError as e:
             raise ParameterError(str(e)) from None
         if c["monitor.fallback.path"] and not Path(c["monitor.fallback.path"]).exists():
-            raise ParameterError(f"parameter monitor.fallback.path: {c['monitor.fallback.path']} does not exist "
-                                 "('' turns the fallback off)")
+            raise ParameterError(
+                f"parameter monitor.fallback.path: {c['monitor.fallback.path']} does not exist "
+                "('' turns the fallback off)"
+            )
         self.fk = None
         self.markers_note = "off (monitor.markers.enabled is false)"
         if c["monitor.markers.enabled"]:
             try:
-                self.fk = GripperFK(c["monitor.markers.model"], c["monitor.markers.arm_joints"],
-                                    c["monitor.markers.tip_bodies"], c["monitor.markers.tip_offset"],
-                                    n_arms=len(self.arm_names))
+                self.fk = GripperFK(
+                    c["monitor.markers.model"],
+                    c["monitor.markers.arm_joints"],
+                    c["monitor.markers.tip_bodies"],
+                    c["monitor.markers.tip_offset"],
+                    n_arms=len(self.arm_names),
+                )
                 self.markers_note = f"gripper paths from {self.fk.model_path}"
             except ValueError as e:
                 raise ParameterError(f"monitor.markers: {e}") from None
@@ -161,10 +176,18 @@ class MonitorNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
 
         self.worker = InferenceWorker(
-            c["monitor.worker"], c["monitor.reference_path"], get_observation=self._next_observation,
-            on_chunk=self._on_reference, on_error=self._on_reference_error, on_loaded=self._on_loaded,
-            check=self._check_reference, device=c["monitor.device"], warmup=True, nice=c["monitor.worker_nice"],
-            torch_threads=c["monitor.torch_threads"], min_interval=c["monitor.min_interval"],
+            c["monitor.worker"],
+            c["monitor.reference_path"],
+            get_observation=self._next_observation,
+            on_chunk=self._on_reference,
+            on_error=self._on_reference_error,
+            on_loaded=self._on_loaded,
+            check=self._check_reference,
+            device=c["monitor.device"],
+            warmup=True,
+            nice=c["monitor.worker_nice"],
+            torch_threads=c["monitor.torch_threads"],
+            min_interval=c["monitor.min_interval"],
         )
         self.worker.start()
         self.create_timer(c["diagnostics.period"], self._publish_diagnostics)
@@ -172,8 +195,12 @@ class MonitorNode(Node):
         self.get_logger().info(
             f"reference {c['monitor.reference_path']} ({c['monitor.worker']} worker, {c['monitor.device']}) vs the "
             f"chunks on {c['monitor.chunk_topic']}; markers: {self.markers_note}; fallback: "
-            + (f"{c['monitor.fallback.path']} after {c['monitor.fallback.hold']:g} s at error"
-               if c["monitor.fallback.path"] else "off"))
+            + (
+                f"{c['monitor.fallback.path']} after {c['monitor.fallback.hold']:g} s at error"
+                if c["monitor.fallback.path"]
+                else "off"
+            )
+        )
 
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -200,15 +227,28 @@ class MonitorNode(Node):
     def _on_chunk(self, msg: ActionChunk) -> None:
         n = len(msg.joint_names)
         positions = np.asarray(msg.positions, dtype=np.float64)
-        actions = positions.reshape(int(msg.horizon), n) if n and positions.size == int(msg.horizon) * n else \
-            positions.reshape(1, -1)
+        actions = (
+            positions.reshape(int(msg.horizon), n)
+            if n and positions.size == int(msg.horizon) * n
+            else positions.reshape(1, -1)
+        )
         stamps = [stamp_ns(t.sec, t.nanosec) for t in msg.camera_stamps]
-        self.logic.add_chunk(ChunkRecord(
-            stamp=to_seconds(msg.header.stamp), episode=int(msg.episode), model_id=msg.model_id,
-            joint_names=list(msg.joint_names), actions=actions, instruction=msg.instruction,
-            camera_names=list(msg.camera_names), camera_stamps=stamps, state=np.asarray(msg.state, np.float64),
-            step_period=msg.step_period.sec + msg.step_period.nanosec * 1e-9,
-            header_ns=stamp_ns(msg.header.stamp.sec, msg.header.stamp.nanosec)), self.now())
+        self.logic.add_chunk(
+            ChunkRecord(
+                stamp=to_seconds(msg.header.stamp),
+                episode=int(msg.episode),
+                model_id=msg.model_id,
+                joint_names=list(msg.joint_names),
+                actions=actions,
+                instruction=msg.instruction,
+                camera_names=list(msg.camera_names),
+                camera_stamps=stamps,
+                state=np.asarray(msg.state, np.float64),
+                step_period=msg.step_period.sec + msg.step_period.nanosec * 1e-9,
+                header_ns=stamp_ns(msg.header.stamp.sec, msg.header.stamp.nanosec),
+            ),
+            self.now(),
+        )
 
     # ---------------------------------------------------------------- the reference (worker thread)
     def _next_observation(self):
@@ -251,8 +291,10 @@ class MonitorNode(Node):
 
     def _check_reference(self, info: PolicyInfo) -> str:
         if list(info.joint_names) != self.joint_names:
-            return (f"reference joint names {info.joint_names} differ from arms.joint_names {self.joint_names}: "
-                    "it is not a policy of this rig")
+            return (
+                f"reference joint names {info.joint_names} differ from arms.joint_names {self.joint_names}: "
+                "it is not a policy of this rig"
+            )
         if info.quantization.get("artifact_id", "fp") != "fp":
             return f"reference {info.path} is quantized ({info.quantization.get('artifact_id')}): not a float policy"
         return ""
@@ -269,8 +311,11 @@ class MonitorNode(Node):
         m.first_action_l2_total, m.chunk_l2_total = r.first_action_l2_total, r.chunk_l2_total
         m.cumulative_l2_total = r.cumulative_l2_total
         m.cumulative_first_action_l2_total = r.cumulative_first_action_l2_total
-        m.max_joint_deviation, m.max_joint_name, m.max_joint_step = (r.max_joint_deviation, r.max_joint_name,
-                                                                     r.max_joint_step)
+        m.max_joint_deviation, m.max_joint_name, m.max_joint_step = (
+            r.max_joint_deviation,
+            r.max_joint_name,
+            r.max_joint_step,
+        )
         m.tracking_l2 = [float(x) for x in tracking[0]]
         m.tracking_age = float(tracking[1])
         m.reference_latency = r.reference_latency
@@ -303,8 +348,7 @@ class MonitorNode(Node):
             return
         path = self.cfg["monitor.fallback.path"]
         worst = [f"{ch.name} {ch.message}" for ch in self.last_checks if ch.level >= ERROR]
-        self.fallback_message = (f"fallback requested: {path} (error held {self.fallback.hold:g} s: "
-                                 f"{'; '.join(worst)})")
+        self.fallback_message = f"fallback requested: {path} (error held {self.fallback.hold:g} s: {'; '.join(worst)})"
         self.get_logger().warning(self.fallback_message)
         if not self.reload_client.service_is_ready():
             self.fallback_message += f"; but {self.cfg['monitor.fallback.service']} is not available"
@@ -350,12 +394,21 @@ class MonitorNode(Node):
             ref.message = "no chunk compared yet" + (f": {self.logic.last_problem}" if self.logic.last_problem else "")
         else:
             ref.level = LEVEL[OK]
-            ref.message = f"{info.model_id if info else ''}: {counts['compared']} chunks compared, " \
-                          f"{counts['skipped']} skipped"
-        ref.values = kv(reference_id=info.model_id if info else "", status=self.worker.status,
-                        device=self.cfg["monitor.device"], latency_p50_ms=lat["p50"] * 1e3,
-                        latency_p99_ms=lat["p99"] * 1e3, **counts, last_problem=self.logic.last_problem,
-                        input_error=self.input_error, markers=self.markers_note, marker_updates=self.marker_updates)
+            ref.message = (
+                f"{info.model_id if info else ''}: {counts['compared']} chunks compared, {counts['skipped']} skipped"
+            )
+        ref.values = kv(
+            reference_id=info.model_id if info else "",
+            status=self.worker.status,
+            device=self.cfg["monitor.device"],
+            latency_p50_ms=lat["p50"] * 1e3,
+            latency_p99_ms=lat["p99"] * 1e3,
+            **counts,
+            last_problem=self.logic.last_problem,
+            input_error=self.input_error,
+            markers=self.markers_note,
+            marker_updates=self.marker_updates,
+        )
         arr.status = [ref]
         r = self.last_result
         checks = self.last_checks or self.thresholds.evaluate(deviation_values(None, self.last_tracking[0]))
@@ -377,10 +430,17 @@ class MonitorNode(Node):
             fb.level, fb.message = LEVEL[WARN], self.fallback_message
         else:
             fb.level = LEVEL[OK]
-            fb.message = (f"{state}: {self.cfg['monitor.fallback.path']} after {self.fallback.hold:g} s at error"
-                          if self.fallback.enabled else "off (monitor.fallback.path is '')")
-        fb.values = kv(path=self.cfg["monitor.fallback.path"], hold_s=self.fallback.hold, state=state,
-                       fired=self.fallback.fired_at is not None)
+            fb.message = (
+                f"{state}: {self.cfg['monitor.fallback.path']} after {self.fallback.hold:g} s at error"
+                if self.fallback.enabled
+                else "off (monitor.fallback.path is '')"
+            )
+        fb.values = kv(
+            path=self.cfg["monitor.fallback.path"],
+            hold_s=self.fallback.hold,
+            state=state,
+            fired=self.fallback.fired_at is not None,
+        )
         arr.status.append(fb)
         if self.context.ok():
             self.diag_pub.publish(arr)

@@ -70,8 +70,10 @@ class PolicyNode(Node):
         self.cfg = declare_schema(self, POLICY_NODE, POLICY_NODE.defaults())
         c = self.cfg
         if not c["policy.path"]:
-            raise ParameterError("parameter policy.path is empty: give the policy directory or artifact to run "
-                                 "(-p policy.path:=DIR, or policy:=DIR with qvla-bringup / ros2 launch)")
+            raise ParameterError(
+                "parameter policy.path is empty: give the policy directory or artifact to run "
+                "(-p policy.path:=DIR, or policy:=DIR with qvla-bringup / ros2 launch)"
+            )
         if not Path(c["policy.path"]).exists():
             raise ParameterError(f"parameter policy.path: {c['policy.path']} does not exist")
         self.joint_names = list(c["arms.joint_names"])
@@ -83,8 +85,13 @@ class PolicyNode(Node):
         self.period = 1.0 / self.rate_hz
         lead = c["output.trajectory_time_from_start"] or self.period
         self.arm_output = make_arm_output(
-            c["output.adapter"], self.arm_names, self.joint_names, c["output.topics"], time_from_start=lead,
-            joint_velocity=c["output.y1_joint_velocity"], gripper_velocity=c["output.y1_gripper_velocity"],
+            c["output.adapter"],
+            self.arm_names,
+            self.joint_names,
+            c["output.topics"],
+            time_from_start=lead,
+            joint_velocity=c["output.y1_joint_velocity"],
+            gripper_velocity=c["output.y1_gripper_velocity"],
             gripper_sdk_max=float(self.desc.gripper.get("sdk_max", 100.0)),
         )
         self.state_parser = JointStateParser(self.arm_names, self.joint_names)
@@ -105,8 +112,9 @@ class PolicyNode(Node):
 
         out_type = import_message_type(self.arm_output.msg_type)
         self.out_type = out_type
-        self.command_pubs = {o.topic: self.create_publisher(out_type, o.topic, qos("reliable"))
-                             for o in self.arm_output.arm_topics}
+        self.command_pubs = {
+            o.topic: self.create_publisher(out_type, o.topic, qos("reliable")) for o in self.arm_output.arm_topics
+        }
         self.chunk_pub = self.create_publisher(ActionChunk, "~/action_chunk", qos("reliable"))
         self.quant_pub = self.create_publisher(QuantizationStatus, "~/quantization_status", qos("transient_local"))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", qos("reliable"))
@@ -116,10 +124,18 @@ class PolicyNode(Node):
 
         # ---- inference off the control loop
         self.worker = InferenceWorker(
-            c["policy.worker"], c["policy.path"], get_observation=self._next_observation, on_chunk=self._on_chunk,
-            on_error=self._on_inference_error, on_loaded=self._on_loaded, check=self.loop.check_policy,
-            device=c["policy.device"], warmup=c["policy.warmup"], nice=c["policy.worker_nice"],
-            torch_threads=c["policy.torch_threads"], min_interval=c["policy.min_interval"],
+            c["policy.worker"],
+            c["policy.path"],
+            get_observation=self._next_observation,
+            on_chunk=self._on_chunk,
+            on_error=self._on_inference_error,
+            on_loaded=self._on_loaded,
+            check=self.loop.check_policy,
+            device=c["policy.device"],
+            warmup=c["policy.warmup"],
+            nice=c["policy.worker_nice"],
+            torch_threads=c["policy.torch_threads"],
+            min_interval=c["policy.min_interval"],
         )
         self.worker.start()
 
@@ -202,8 +218,10 @@ class PolicyNode(Node):
 
     def _on_loaded(self, info: PolicyInfo) -> None:
         self.loop.policy_loaded(info)
-        self.get_logger().info(f"policy {info.model_id} ready ({info.load_seconds:.1f} s; horizon {info.horizon} "
-                               f"x {info.step_period * 1e3:.1f} ms; cameras {', '.join(info.camera_names)})")
+        self.get_logger().info(
+            f"policy {info.model_id} ready ({info.load_seconds:.1f} s; horizon {info.horizon} "
+            f"x {info.step_period * 1e3:.1f} ms; cameras {', '.join(info.camera_names)})"
+        )
         q = info.quantization
         msg = QuantizationStatus()
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -278,13 +296,24 @@ class PolicyNode(Node):
 
     # ---------------------------------------------------------------- diagnostics
     def _publish_diagnostics(self) -> None:
-        reports = diagnostics(self.loop, self.now(), self.get_fully_qualified_name(), WorkerReport.of(self.worker),
-                              self.arm_output.name, self.realtime)
+        reports = diagnostics(
+            self.loop,
+            self.now(),
+            self.get_fully_qualified_name(),
+            WorkerReport.of(self.worker),
+            self.arm_output.name,
+            self.realtime,
+        )
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [
-            DiagnosticStatus(name=r.name, hardware_id=r.hardware_id, level=_LEVELS[r.level], message=r.message,
-                             values=[KeyValue(key=k, value=v) for k, v in r.values.items()])
+            DiagnosticStatus(
+                name=r.name,
+                hardware_id=r.hardware_id,
+                level=_LEVELS[r.level],
+                message=r.message,
+                values=[KeyValue(key=k, value=v) for k, v in r.values.items()],
+            )
             for r in reports
         ]
         self.diag_pub.publish(arr)
@@ -299,15 +328,19 @@ class PolicyNode(Node):
         if self.cfg["policy.worker"] == "thread":
             # inference in this process holds the GIL: a real-time thread waiting for it behind a normal-priority
             # holder is a priority inversion (bench/bench_runtime.py measured 2 s stalls)
-            self.get_logger().info("control.realtime_priority is not used with policy.worker thread (GIL priority "
-                                   "inversion); use the process worker for real-time scheduling")
+            self.get_logger().info(
+                "control.realtime_priority is not used with policy.worker thread (GIL priority "
+                "inversion); use the process worker for real-time scheduling"
+            )
             return
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(prio))
             self.realtime = f"SCHED_FIFO {prio}"
         except (AttributeError, PermissionError, OSError) as e:
-            self.get_logger().info(f"control thread runs with normal scheduling ({e}); for real-time priority give "
-                                   "the process CAP_SYS_NICE or an rtprio limit, or set control.realtime_priority:=0")
+            self.get_logger().info(
+                f"control thread runs with normal scheduling ({e}); for real-time priority give "
+                "the process CAP_SYS_NICE or an rtprio limit, or set control.realtime_priority:=0"
+            )
 
     def shutdown(self) -> None:
         self.worker.stop()
@@ -319,10 +352,14 @@ class PolicyServices(Node):
 
     def __init__(self, policy: PolicyNode):
         super().__init__(f"{policy.get_name()}_services", namespace=policy.get_namespace())
-        self.create_service(ReloadPolicy, policy.resolve_service_name("~/reload_policy"),
-                            self._guarded("reload_policy", policy._on_reload))
-        self.create_service(EpisodeControl, policy.resolve_service_name("~/episode"),
-                            self._guarded("episode", policy._on_episode))
+        self.create_service(
+            ReloadPolicy,
+            policy.resolve_service_name("~/reload_policy"),
+            self._guarded("reload_policy", policy._on_reload),
+        )
+        self.create_service(
+            EpisodeControl, policy.resolve_service_name("~/episode"), self._guarded("episode", policy._on_episode)
+        )
 
     def _guarded(self, name: str, callback):
         """A service callback that cannot kill the services thread: an exception is logged and answered with

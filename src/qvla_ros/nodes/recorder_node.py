@@ -53,16 +53,24 @@ class RecorderNode(Node):
         self.cfg = declare_schema(self, RECORDER_NODE, RECORDER_NODE.defaults())
         c = self.cfg
         if not c["recorder.dataset"]:
-            raise ParameterError("parameter recorder.dataset is empty: give the dataset directory to record into "
-                                 "(-p recorder.dataset:=DIR, or dataset:=DIR with qvla-bringup --launch record)")
+            raise ParameterError(
+                "parameter recorder.dataset is empty: give the dataset directory to record into "
+                "(-p recorder.dataset:=DIR, or dataset:=DIR with qvla-bringup --launch record)"
+            )
         self.topics = load_topic_config(c["recorder.topics_file"] or None)
         meta = {k: c[f"recorder.{k}"] for k in ("task", "rig", "teleoperator") if c[f"recorder.{k}"]}
         meta["topics"] = {t: {"type": ty} for t, ty in self.topics.all_topics().items()}
         self.recorder = DatasetRecorder(
-            c["recorder.dataset"], self.topics, metadata=meta, compress=c["recorder.compress"],
-            flush_every_s=c["recorder.flush_period"], fsync=c["recorder.fsync"],
-            min_free_bytes=int(c["recorder.min_free_gb"] * 1e9), max_queue_bytes=int(c["recorder.max_queue_mb"] * 1e6),
-            recover=c["recorder.recover"], on_flush=self._on_flush,
+            c["recorder.dataset"],
+            self.topics,
+            metadata=meta,
+            compress=c["recorder.compress"],
+            flush_every_s=c["recorder.flush_period"],
+            fsync=c["recorder.fsync"],
+            min_free_bytes=int(c["recorder.min_free_gb"] * 1e9),
+            max_queue_bytes=int(c["recorder.max_queue_mb"] * 1e6),
+            recover=c["recorder.recover"],
+            on_flush=self._on_flush,
         )
         self.recorder.open()  # RecorderError: disk margin, unwritable directory
         for entry in self.recorder.recovered:
@@ -88,13 +96,22 @@ class RecorderNode(Node):
             if topic == self.topics.metadata.topic:
                 continue  # the recorder writes the episode metadata itself
             msg_type = import_message_type(type_name)
-            profile = qos(c["recorder.camera_qos"] if topic in cameras else qos_of[topic],
-                          depth=10 if topic in cameras else 50)
+            profile = qos(
+                c["recorder.camera_qos"] if topic in cameras else qos_of[topic], depth=10 if topic in cameras else 50
+            )
             events = SubscriptionEventCallbacks(
-                message_lost=lambda info, t=topic: self.recorder.count_lost(t, int(info.total_count_change),
-                                                                            "middleware"))
-            self.create_subscription(msg_type, topic, lambda data, info, t=topic: self._on_message(t, data, info),
-                                     profile, raw=True, event_callbacks=events)
+                message_lost=lambda info, t=topic: self.recorder.count_lost(
+                    t, int(info.total_count_change), "middleware"
+                )
+            )
+            self.create_subscription(
+                msg_type,
+                topic,
+                lambda data, info, t=topic: self._on_message(t, data, info),
+                profile,
+                raw=True,
+                event_callbacks=events,
+            )
             self.subscribed.append(topic)
 
         # ---- control: episodes, the reset phase, keys (see Control)
@@ -102,15 +119,25 @@ class RecorderNode(Node):
         self.get_logger().info(
             f"recording {len(self.subscribed)} topics of {self.topics.source} into {c['recorder.dataset']} "
             f"(next episode {self.recorder.next_index}; "
-            + ("auto: " + (f"{c['recorder.episode_time']:g} s episodes, {c['recorder.reset_time']:g} s reset"
-                           if c["recorder.episode_time"] else "until stopped") if c["recorder.auto_start"]
-               else "waiting for EpisodeControl START on ~/episode") + ")")
+            + (
+                "auto: "
+                + (
+                    f"{c['recorder.episode_time']:g} s episodes, {c['recorder.reset_time']:g} s reset"
+                    if c["recorder.episode_time"]
+                    else "until stopped"
+                )
+                if c["recorder.auto_start"]
+                else "waiting for EpisodeControl START on ~/episode"
+            )
+            + ")"
+        )
 
     # ---------------------------------------------------------------- the hot path
     def _on_message(self, topic: str, data: bytes, info) -> None:
         stamp = info.get("received_timestamp") or time.time_ns()
-        gap = self.sequences.gap(topic, bytes(info.get("publisher_gid", {}).get("data", b"")),
-                                 info.get("publication_sequence_number"))
+        gap = self.sequences.gap(
+            topic, bytes(info.get("publisher_gid", {}).get("data", b"")), info.get("publication_sequence_number")
+        )
         if topic == self.topics.instruction.topic:
             self.instruction_cdr = data
         if not self.recorder.recording:
@@ -124,9 +151,14 @@ class RecorderNode(Node):
 
     def publish_status(self, flushed: dict | None = None, state: str = "") -> dict:
         s = self.recorder.status()
-        s = {"state": state or ("recording" if s else "idle"), "next_episode": self.recorder.next_index,
-             "kept": self.recorder.kept, "discarded": self.recorder.discarded, **s,
-             "flushed": flushed if flushed is not None else self.recorder.flushed_counts()}
+        s = {
+            "state": state or ("recording" if s else "idle"),
+            "next_episode": self.recorder.next_index,
+            "kept": self.recorder.kept,
+            "discarded": self.recorder.discarded,
+            **s,
+            "flushed": flushed if flushed is not None else self.recorder.flushed_counts(),
+        }
         if self.context.ok():
             try:
                 self.status_pub.publish(String(data=json.dumps(s, default=str)))
@@ -166,8 +198,10 @@ class Control(Node):
             self.keys = TerminalKeys(self._on_key)
             if self.keys.active:
                 self.keys.start()
-                self.get_logger().info("keys: right arrow = end the episode and keep it, left arrow = discard and "
-                                       "record again, Esc = stop recording")
+                self.get_logger().info(
+                    "keys: right arrow = end the episode and keep it, left arrow = discard and "
+                    "record again, Esc = stop recording"
+                )
         if self.cfg["recorder.auto_start"]:
             self.phase, self.phase_since = "reset", time.monotonic() - self.cfg["recorder.reset_time"]
 
@@ -176,21 +210,25 @@ class Control(Node):
         if self.rig is None:
             return None
         if not self.rig.wait_for_service(timeout_sec=min(timeout, 10.0)):
-            raise RecorderError(f"the rig's episode service {self.cfg['recorder.rig_service']} is not available "
-                                "(is the rig running? recorder.rig_service)")
+            raise RecorderError(
+                f"the rig's episode service {self.cfg['recorder.rig_service']} is not available "
+                "(is the rig running? recorder.rig_service)"
+            )
         done = threading.Event()
         fut = self.rig.call_async(EpisodeControl.Request(command=command, instruction=instruction))
         fut.add_done_callback(lambda f: done.set())
         if not done.wait(timeout):
-            raise RecorderError(f"the rig's episode service {self.cfg['recorder.rig_service']} did not answer within "
-                                f"{timeout:.0f} s")
+            raise RecorderError(
+                f"the rig's episode service {self.cfg['recorder.rig_service']} did not answer within {timeout:.0f} s"
+            )
         return fut.result()
 
     def start_episode(self, instruction: str = "") -> int:
         with self.lock:
             if self.rec.recorder.recording:
-                raise RecorderError(f"episode {self.rec.recorder.status().get('episode')} is recording: stop or "
-                                    "discard it first")
+                raise RecorderError(
+                    f"episode {self.rec.recorder.status().get('episode')} is recording: stop or discard it first"
+                )
             extra = {}
             res = self._call_rig(EpisodeControl.Request.START, instruction)
             if res is not None:
@@ -203,22 +241,26 @@ class Control(Node):
                 self.get_logger().warning(
                     f"no instruction received on {self.rec.topics.instruction.topic} yet: the episode will have none "
                     "(training and calibration need one); set recorder.instruction or give one with START",
-                    throttle_duration_sec=30.0)
-            index = self.rec.recorder.start(instruction=text, metadata=extra,
-                                            instruction_cdr=None if text else self.rec.instruction_cdr)
+                    throttle_duration_sec=30.0,
+                )
+            index = self.rec.recorder.start(
+                instruction=text, metadata=extra, instruction_cdr=None if text else self.rec.instruction_cdr
+            )
             self.phase, self.phase_since = "recording", time.monotonic()
             self.episode_started = time.monotonic()
             self.get_logger().info(f"episode {index} recording" + (f" ({res.episode_id})" if res else ""))
             return index
 
-    def end_episode(self, keep: bool, outcome: int = EpisodeControl.Request.OUTCOME_UNSPECIFIED,
-                    reason: str = "") -> dict:
+    def end_episode(
+        self, keep: bool, outcome: int = EpisodeControl.Request.OUTCOME_UNSPECIFIED, reason: str = ""
+    ) -> dict:
         with self.lock:
             if not self.rec.recorder.recording:
                 raise RecorderError("no episode is recording")
             self.rec.recorder.cut()  # the episode ends now, not after the rig has answered
-            success = {EpisodeControl.Request.OUTCOME_SUCCESS: True,
-                       EpisodeControl.Request.OUTCOME_FAILURE: False}.get(outcome)
+            success = {EpisodeControl.Request.OUTCOME_SUCCESS: True, EpisodeControl.Request.OUTCOME_FAILURE: False}.get(
+                outcome
+            )
             extra = {}
             if self.rig is not None:
                 try:
@@ -231,14 +273,20 @@ class Control(Node):
                         extra["seed"] = rig_outcome["seed"]
                 except RecorderError as e:
                     self.get_logger().warning(f"no outcome from the rig: {e}")
-            info = (self.rec.recorder.stop(success=success, metadata=extra, reason=reason) if keep
-                    else self.rec.recorder.discard())
+            info = (
+                self.rec.recorder.stop(success=success, metadata=extra, reason=reason)
+                if keep
+                else self.rec.recorder.discard()
+            )
             self.phase, self.phase_since = "reset", time.monotonic()
             self.get_logger().info(
-                f"episode {info.index} {info.outcome}" + (f" -> {info.path}" if info.path else "")
+                f"episode {info.index} {info.outcome}"
+                + (f" -> {info.path}" if info.path else "")
                 + f": {info.duration_s:.1f} s, {info.messages} messages, {info.file_bytes / 1e6:.1f} MB, "
-                f"{info.dropped} dropped" + (f", success={info.success}" if keep else "")
-                + (f" ({reason})" if reason else ""))
+                f"{info.dropped} dropped"
+                + (f", success={info.success}" if keep else "")
+                + (f" ({reason})" if reason else "")
+            )
             self.rec.publish_status(state="reset")
             return info.as_dict()
 
@@ -248,8 +296,10 @@ class Control(Node):
                 self.end_episode(True, reason=why)
             if self.phase != "done":
                 self.phase = "done"
-                self.get_logger().info(f"recording stopped ({why}): {self.rec.recorder.kept} episode(s) kept, "
-                                       f"{self.rec.recorder.discarded} discarded in {self.cfg['recorder.dataset']}")
+                self.get_logger().info(
+                    f"recording stopped ({why}): {self.rec.recorder.kept} episode(s) kept, "
+                    f"{self.rec.recorder.discarded} discarded in {self.cfg['recorder.dataset']}"
+                )
                 self.rec.publish_status(state="done")
                 if self.cfg["recorder.exit_when_done"]:
                     self.rec.finished.set()
@@ -266,8 +316,10 @@ class Control(Node):
             elif request.command in (EpisodeControl.Request.STOP, EpisodeControl.Request.DISCARD):
                 info = self.end_episode(request.command == EpisodeControl.Request.STOP, request.outcome)
                 response.success, response.episode_id = True, f"episode_{info['episode']:06d}"
-                response.message = json.dumps({k: v for k, v in info.items() if k != "topics"} | {
-                    "dropped_by_topic": {t: v["dropped"] for t, v in info["topics"].items()}})
+                response.message = json.dumps(
+                    {k: v for k, v in info.items() if k != "topics"}
+                    | {"dropped_by_topic": {t: v["dropped"] for t, v in info["topics"].items()}}
+                )
             else:
                 response.success = False
                 response.message = f"unknown command {request.command} (START=0, STOP=1, DISCARD=2)"
@@ -303,15 +355,21 @@ class Control(Node):
                 self.get_logger().error(f"the writer failed: {self.rec.recorder.writer_error}")
                 self.finish("writer failed")
                 return
-            if (self.phase == "recording" and c["recorder.episode_time"] > 0
-                    and now - self.episode_started >= c["recorder.episode_time"]):
+            if (
+                self.phase == "recording"
+                and c["recorder.episode_time"] > 0
+                and now - self.episode_started >= c["recorder.episode_time"]
+            ):
                 self.end_episode(True, reason=f"episode_time {c['recorder.episode_time']:g} s reached")
                 if c["recorder.num_episodes"] and self.rec.recorder.kept >= c["recorder.num_episodes"]:
                     self.finish(f"{c['recorder.num_episodes']} episodes kept")
                 elif not c["recorder.auto_start"]:
                     self.phase = "idle"
-            elif (self.phase == "reset" and c["recorder.auto_start"]
-                  and now - self.phase_since >= c["recorder.reset_time"]):
+            elif (
+                self.phase == "reset"
+                and c["recorder.auto_start"]
+                and now - self.phase_since >= c["recorder.reset_time"]
+            ):
                 if c["recorder.num_episodes"] and self.rec.recorder.kept >= c["recorder.num_episodes"]:
                     self.finish(f"{c['recorder.num_episodes']} episodes kept")
                 else:
@@ -351,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         control = Control(node)
         control_executor = SingleThreadedExecutor()
         control_executor.add_node(control)
-        control_thread = threading.Thread(target=spin, args=(control_executor,), name="qvla-recorder-control",
-                                          daemon=True)
+        control_thread = threading.Thread(
+            target=spin, args=(control_executor,), name="qvla-recorder-control", daemon=True
+        )
         control_thread.start()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -377,4 +436,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -102,8 +102,9 @@ class SimRigNode(Node):
                 self.teleop = make_teleop(self.rig)
             except ValueError as e:  # no scripted teleoperator for this task
                 raise ParameterError(f"parameter sim.teleop: {e}") from None
-            self.teleop_pubs = {o.topic: self.create_publisher(cmd_type, o.topic, qos("reliable"))
-                                for o in self.arm_output.arm_topics}
+            self.teleop_pubs = {
+                o.topic: self.create_publisher(cmd_type, o.topic, qos("reliable")) for o in self.arm_output.arm_topics
+            }
             self.teleop_type = cmd_type
             self.create_timer(1.0 / c["sim.command_hz"], self._teleop_tick)
         self.create_timer(1.0, self._diagnostics)
@@ -122,9 +123,14 @@ class SimRigNode(Node):
 
     def _make_rig(self):
         c = self.cfg
-        kw = dict(task=c["sim.task"], image_size=(c["sim.image_height"], c["sim.image_width"]),
-                  camera_names=tuple(self.camera_names), control_hz=c["sim.control_hz"],
-                  command_hz=c["sim.command_hz"], seed=c["sim.seed"])
+        kw = dict(
+            task=c["sim.task"],
+            image_size=(c["sim.image_height"], c["sim.image_width"]),
+            camera_names=tuple(self.camera_names),
+            control_hz=c["sim.control_hz"],
+            command_hz=c["sim.command_hz"],
+            seed=c["sim.seed"],
+        )
         if c["sim.backend"] == "kinematic":
             from qvla_ros.sim.kinematic_rig import KinematicRig
 
@@ -185,7 +191,7 @@ class SimRigNode(Node):
         q = self.rig.observe(render=False).qpos if self.command is None else self.command.copy()
         for i, arm in enumerate(self.arm_names):
             if arm in self.pending:
-                q[i * 7:(i + 1) * 7] = self.pending[arm]
+                q[i * 7 : (i + 1) * 7] = self.pending[arm]
         self.pending.clear()
         self.command = self.rig.command(q)
         self.commands += 1
@@ -205,9 +211,9 @@ class SimRigNode(Node):
         for i, pub in enumerate(self.state_pubs):
             msg = JointState()
             msg.header.stamp = stamp
-            msg.name = self.joint_names[i * 7:(i + 1) * 7]
-            msg.position = obs.qpos[i * 7:(i + 1) * 7].tolist()
-            msg.velocity = obs.qvel[i * 7:(i + 1) * 7].tolist()
+            msg.name = self.joint_names[i * 7 : (i + 1) * 7]
+            msg.position = obs.qpos[i * 7 : (i + 1) * 7].tolist()
+            msg.velocity = obs.qvel[i * 7 : (i + 1) * 7].tolist()
             pub.publish(msg)
         if succeeded and not self.success:
             self.success = True
@@ -279,10 +285,14 @@ class SimRigNode(Node):
         elif request.command in (EpisodeControl.Request.STOP, EpisodeControl.Request.DISCARD):
             with self.lock:
                 seed = self.rig.seed
-                outcome = {"episode_id": f"{self.cfg['sim.task']}-{seed}", "seed": seed,
-                           "succeeded": bool(self.rig.episode_success),
-                           "max_reward": int(self.rig.max_reward_reached), "sim_time": float(self.rig.time),
-                           "commands": self.commands}
+                outcome = {
+                    "episode_id": f"{self.cfg['sim.task']}-{seed}",
+                    "seed": seed,
+                    "succeeded": bool(self.rig.episode_success),
+                    "max_reward": int(self.rig.max_reward_reached),
+                    "sim_time": float(self.rig.time),
+                    "commands": self.commands,
+                }
             response.success = True
             response.episode_id = outcome["episode_id"]
             response.message = json.dumps(outcome)
@@ -299,15 +309,26 @@ class SimRigNode(Node):
 
     def _diagnostics(self) -> None:
         name = self.get_fully_qualified_name()
-        st = DiagnosticStatus(name=f"{name}: rig", hardware_id=name, level=DiagnosticStatus.OK,
-                              message=f"episode {self.episode}, sim time {self.rig.time:.1f} s")
+        st = DiagnosticStatus(
+            name=f"{name}: rig",
+            hardware_id=name,
+            level=DiagnosticStatus.OK,
+            message=f"episode {self.episode}, sim time {self.rig.time:.1f} s",
+        )
         timing = self.rig.timing()
-        values = {"camera_rate_hz": self.camera_rate.rate(), "commands": self.commands,
-                  "bad_commands": self.bad_commands, "succeeded": self.success,
-                  "cameras_enabled": ",".join(str(x).lower() for x in self.cfg["sim.cameras_enabled"])}
+        values = {
+            "camera_rate_hz": self.camera_rate.rate(),
+            "commands": self.commands,
+            "bad_commands": self.bad_commands,
+            "succeeded": self.success,
+            "cameras_enabled": ",".join(str(x).lower() for x in self.cfg["sim.cameras_enabled"]),
+        }
         if timing is not None:
-            values.update(step_ms_p95=timing.step_ms.get("p95", 0.0), render_ms_p95=timing.render_ms.get("p95", 0.0),
-                          stale_command_ticks=timing.stale_ticks)
+            values.update(
+                step_ms_p95=timing.step_ms.get("p95", 0.0),
+                render_ms_p95=timing.render_ms.get("p95", 0.0),
+                stale_command_ticks=timing.stale_ticks,
+            )
         if not all(self.cfg["sim.cameras_enabled"]):
             st.level, st.message = DiagnosticStatus.WARN, "a camera is switched off (sim.cameras_enabled)"
         st.values = [KeyValue(key=k, value=(f"{v:.4g}" if isinstance(v, float) else str(v))) for k, v in values.items()]

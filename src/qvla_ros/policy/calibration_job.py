@@ -46,8 +46,15 @@ from qvla_quant.files import is_artifact
 STAGES = ("reading", "sampling", "proxy", "exact", "allocating", "packing", "validating")
 # rough shares of the job's time (measured on the committed policy with small sample counts); used for the
 # overall progress and the time estimate, which then follows the measured rate
-STAGE_WEIGHTS = {"reading": 0.12, "sampling": 0.03, "proxy": 0.25, "exact": 0.35, "allocating": 0.05,
-                 "packing": 0.08, "validating": 0.12}
+STAGE_WEIGHTS = {
+    "reading": 0.12,
+    "sampling": 0.03,
+    "proxy": 0.25,
+    "exact": 0.35,
+    "allocating": 0.05,
+    "packing": 0.08,
+    "validating": 0.12,
+}
 STATE_FILE = "calibration_state.json"
 SENSITIVITY_DIR = "sensitivity"
 REPORT_DIR = "report"
@@ -119,8 +126,10 @@ class JobSpec:
         if not p.is_dir():
             raise JobError(f"policy {self.policy} does not exist (expected a full-precision policy directory)")
         if is_artifact(p):
-            raise JobError(f"policy {self.policy} is already a quantized artifact: calibrate the full-precision "
-                           "policy it was made from")
+            raise JobError(
+                f"policy {self.policy} is already a quantized artifact: calibrate the full-precision "
+                "policy it was made from"
+            )
         if not self.out:
             raise JobError("no output directory given")
         out = Path(self.out)
@@ -128,8 +137,10 @@ class JobSpec:
             raise JobError(f"output {self.out} is the policy directory itself: choose a new directory")
         state = _read_state(out)
         if is_artifact(out) and (state is None or state.get("complete")):
-            raise JobError(f"output {self.out} already holds a finished artifact: choose a new output directory "
-                           "(artifacts are never overwritten)")
+            raise JobError(
+                f"output {self.out} already holds a finished artifact: choose a new output directory "
+                "(artifacts are never overwritten)"
+            )
         if out.exists() and not out.is_dir():
             raise JobError(f"output {self.out} exists and is not a directory")
 
@@ -164,8 +175,9 @@ def expand_recordings(paths) -> tuple[list[Path], list[tuple[str, str]]]:
         elif p.is_dir():
             found = list_episodes(p)
             if not found:
-                skipped.append((str(p), "a directory without episodes (no metadata.yaml, .mcap or episode_* "
-                                        "folders in it)"))
+                skipped.append(
+                    (str(p), "a directory without episodes (no metadata.yaml, .mcap or episode_* folders in it)")
+                )
             episodes += found
         else:
             skipped.append((str(p), "not an episode (expected a rosbag2 directory or a dataset directory)"))
@@ -179,8 +191,9 @@ def expand_recordings(paths) -> tuple[list[Path], list[tuple[str, str]]]:
 
 
 # ---------------------------------------------------------------------------- the reachable budget range
-def budget_range(policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 0.5,
-                 adapter=None) -> tuple[float, float]:
+def budget_range(
+    policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 0.5, adapter=None
+) -> tuple[float, float]:
     """(lowest, highest) average bits per weight a plan for this policy can have with this bit set and pruning
     guard, before any calibration (dead rows found by the calibration can lower the lowest one a little).
     adapter: the policy's qvla_quant adapter if already loaded."""
@@ -205,11 +218,13 @@ def budget_range(policy: str | Path, bits=BIT_SET, max_pruned_fraction: float = 
             meta = info.desc()
             items.append((meta, torch.ones(info.out_features, len(bits), dtype=torch.float64)))
         else:
-            fixed[info.name] = LayerPlan(info.name, info.role, info.kind, info.out_features, info.fan_in,
-                                         [int(rule)] * info.out_features)
+            fixed[info.name] = LayerPlan(
+                info.name, info.role, info.kind, info.out_features, info.fan_in, [int(rule)] * info.out_features
+            )
     config = AllocationConfig(bits=bits, max_pruned_fraction=max_pruned_fraction)
-    problem = AllocationProblem.from_tables(items, bits, 16.0, config, fixed=fixed,
-                                            dead_layers=set(adapter.known_dead_layers()))
+    problem = AllocationProblem.from_tables(
+        items, bits, 16.0, config, fixed=fixed, dead_layers=set(adapter.known_dead_layers())
+    )
     lowest = problem.total_bits(problem.lowest_bits()) / problem.n_weights
     highest = problem.total_bits(torch.full((len(problem.s),), 16, dtype=torch.int64)) / problem.n_weights
     return float(lowest), float(highest)
@@ -285,9 +300,17 @@ class Progress:
         p = self.overall(fraction)
         elapsed = now - self.t0
         eta = self.eta(fraction, p, now)
-        self.emit({"event": "progress", "stage": self.stage, "progress": round(p, 4),
-                   "stage_progress": round(min(max(fraction, 0.0), 1.0), 4), "eta_s": round(eta, 1),
-                   "detail": detail, "elapsed_s": round(elapsed, 1)})
+        self.emit(
+            {
+                "event": "progress",
+                "stage": self.stage,
+                "progress": round(p, 4),
+                "stage_progress": round(min(max(fraction, 0.0), 1.0), 4),
+                "eta_s": round(eta, 1),
+                "detail": detail,
+                "elapsed_s": round(elapsed, 1),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------- state on disk
@@ -341,8 +364,13 @@ def _read_recordings(spec: JobSpec, episodes: list[Path], processor, progress: P
     for i, path in enumerate(episodes):
         progress.update(i / max(1, len(episodes)), f"{path.name} ({len(usable)} usable so far)")
         if len(usable) >= want:
-            skipped.append((str(path), f"not needed (max_episodes {spec.max_episodes} + validation_episodes "
-                                       f"{spec.validation_episodes} already usable)"))
+            skipped.append(
+                (
+                    str(path),
+                    f"not needed (max_episodes {spec.max_episodes} + validation_episodes "
+                    f"{spec.validation_episodes} already usable)",
+                )
+            )
             continue
         try:
             ep = read_episode(path, horizon=cfg.chunk_size)
@@ -354,12 +382,18 @@ def _read_recordings(spec: JobSpec, episodes: list[Path], processor, progress: P
             continue
         missing = [c for c in cfg.camera_names if c not in ep.camera_names]
         if missing:
-            skipped.append((str(path), f"camera(s) {missing} missing (episode has {list(ep.camera_names)}, the "
-                                       f"policy needs {list(cfg.camera_names)})"))
+            skipped.append(
+                (
+                    str(path),
+                    f"camera(s) {missing} missing (episode has {list(ep.camera_names)}, the "
+                    f"policy needs {list(cfg.camera_names)})",
+                )
+            )
             continue
         if list(ep.joint_names) != list(cfg.joint_names):
-            skipped.append((str(path), f"joint names {list(ep.joint_names)} differ from the policy's "
-                                       f"{list(cfg.joint_names)}"))
+            skipped.append(
+                (str(path), f"joint names {list(ep.joint_names)} differ from the policy's {list(cfg.joint_names)}")
+            )
             continue
         if spec.skip_failed and ep.success is False:
             skipped.append((str(path), "the demonstration is marked failed (skip_failed)"))
@@ -370,8 +404,12 @@ def _read_recordings(spec: JobSpec, episodes: list[Path], processor, progress: P
         rng = np.random.default_rng(spec.seed + 7919 * len(usable))
 
         def obs(s):
-            return Observation(images={c: s.images[c] for c in cfg.camera_names}, state=s.state,
-                               instruction=s.instruction, stamp=s.timestamp)
+            return Observation(
+                images={c: s.images[c] for c in cfg.camera_names},
+                state=s.state,
+                instruction=s.instruction,
+                stamp=s.timestamp,
+            )
 
         u = _Usable(path, len(ep.samples))
         u.calib = [(int(j), obs(ep.samples[j])) for j in _pick(len(ep.samples), spec.samples_per_episode, rng)]
@@ -383,8 +421,7 @@ def _read_recordings(spec: JobSpec, episodes: list[Path], processor, progress: P
     return usable
 
 
-def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
-            cancel: threading.Event | None = None) -> dict:
+def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None, cancel: threading.Event | None = None) -> dict:
     """Run the whole job (module docstring); returns the result dict. Raises JobError, Cancelled."""
     emit = emit or (lambda e: None)
     spec.check()
@@ -398,20 +435,31 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     resumed = False
     if state is not None:
         if state.get("key") != key:
-            raise JobError(f"output {out} holds an unfinished calibration of other inputs (policy, recordings or "
-                           "settings differ): choose a new output directory, or delete it to start over")
+            raise JobError(
+                f"output {out} holds an unfinished calibration of other inputs (policy, recordings or "
+                "settings differ): choose a new output directory, or delete it to start over"
+            )
         resumed = True
     elif out.exists() and any(out.iterdir()):
-        raise JobError(f"output {out} exists and is not empty (and holds no calibration to resume): choose a new "
-                       "output directory")
+        raise JobError(
+            f"output {out} exists and is not empty (and holds no calibration to resume): choose a new output directory"
+        )
     from qvla_ros.policy.quantize import policy_adapter
 
     progress.begin("reading", f"loading {spec.policy}")  # the policy's loading counts as reading
     processor, adapter = policy_adapter(spec.policy)
     lo, hi = check_budget(spec, adapter)
     stages_before = list((state or {}).get("stages_done", []))
-    emit({"event": "started", "out": str(out), "resumed": resumed, "stages_done_before": stages_before,
-          "budget_range": [lo, hi], "episodes": len(episodes)})
+    emit(
+        {
+            "event": "started",
+            "out": str(out),
+            "resumed": resumed,
+            "stages_done_before": stages_before,
+            "budget_range": [lo, hi],
+            "episodes": len(episodes),
+        }
+    )
 
     from qvla_quant.allocation import BudgetError, allocate_plan
     from qvla_quant.config import AllocationConfig, CalibrationConfig
@@ -445,12 +493,18 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     sources = [(u.path.name, j) for u in calib_eps for j, _ in u.calib]
     batches = []
     for i in range(0, len(obs), spec.batch_size):
-        batches.append(processor.batch(obs[i:i + spec.batch_size]))
+        batches.append(processor.batch(obs[i : i + spec.batch_size]))
         progress.update((i + spec.batch_size) / len(obs), f"{min(i + spec.batch_size, len(obs))}/{len(obs)} samples")
 
     # ---- proxy, exact
-    cfg = CalibrationConfig(bits=spec.bits, exact_fraction=spec.exact_fraction, rank_sample=spec.rank_sample,
-                            seed=spec.seed, store_dir=str(out / SENSITIVITY_DIR), progress=False)
+    cfg = CalibrationConfig(
+        bits=spec.bits,
+        exact_fraction=spec.exact_fraction,
+        rank_sample=spec.rank_sample,
+        seed=spec.seed,
+        store_dir=str(out / SENSITIVITY_DIR),
+        progress=False,
+    )
     stage_of = {"proxy": "proxy", "exact": "exact"}
 
     def on_progress(stage: str, done: int, total: int) -> None:
@@ -474,16 +528,25 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     # ---- allocating
     progress.begin("allocating", f"budget {spec.budget:g} bits/weight, {spec.solver}")
     try:
-        plan = allocate_plan(sens, spec.budget, AllocationConfig(bits=spec.bits, solver=spec.solver,
-                                                                 max_pruned_fraction=spec.max_pruned_fraction))
+        plan = allocate_plan(
+            sens,
+            spec.budget,
+            AllocationConfig(bits=spec.bits, solver=spec.solver, max_pruned_fraction=spec.max_pruned_fraction),
+        )
     except BudgetError as e:
         raise JobError(f"{e} (policy {spec.policy})") from None
     progress.update(1.0, f"{plan.average_bits():.3f} bits/weight")
 
     # ---- packing
     progress.begin("packing", str(out))
-    calib_info = {"samples": len(sources), "episodes": sorted({n for n, _ in sources}), "sources": sources,
-                  "config": cfg.to_dict(), "job": spec.to_dict(), "held_out": [str(u.path) for u in valid_eps]}
+    calib_info = {
+        "samples": len(sources),
+        "episodes": sorted({n for n, _ in sources}),
+        "sources": sources,
+        "config": cfg.to_dict(),
+        "job": spec.to_dict(),
+        "held_out": [str(u.path) for u in valid_eps],
+    }
     write_quantized_policy(spec.policy, plan, out, extra={"calibration": calib_info}, plots_of=None)
     progress.update(1.0, "artifact written")
     state["stages_done"] = sorted(set(state["stages_done"]) | {"allocating", "packing"})
@@ -507,17 +570,31 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
     table = format_table(summary_rows(plan, dtype))
     passed = not (spec.max_action_mse > 0 and validation["action_mse"] > spec.max_action_mse)
     result = {
-        "artifact_path": str(out), "budget": spec.budget, "budget_range": [lo, hi],
-        "average_bits": plan.average_bits(), "average_bits_with_overhead": with_overhead,
-        "pruned_fraction": plan.pruned_fraction(), "summary": table, "validation": validation,
-        "validation_text": validation_text(validation, spec.max_action_mse), "action_mse": validation["action_mse"],
-        "passed": passed, "report_path": str(report_dir), "plots": [str(p) for p in plots],
-        "skipped": [f"{p}: {r}" for p, r in skipped], "resumed": resumed, "stages_done_before": stages_before,
+        "artifact_path": str(out),
+        "budget": spec.budget,
+        "budget_range": [lo, hi],
+        "average_bits": plan.average_bits(),
+        "average_bits_with_overhead": with_overhead,
+        "pruned_fraction": plan.pruned_fraction(),
+        "summary": table,
+        "validation": validation,
+        "validation_text": validation_text(validation, spec.max_action_mse),
+        "action_mse": validation["action_mse"],
+        "passed": passed,
+        "report_path": str(report_dir),
+        "plots": [str(p) for p in plots],
+        "skipped": [f"{p}: {r}" for p, r in skipped],
+        "resumed": resumed,
+        "stages_done_before": stages_before,
         "stage_times_s": {k: round(v, 3) for k, v in progress.times.items()},
-        "calibration_samples": len(sources), "calibration_episodes": [str(u.path) for u in calib_eps],
-        "sensitivity_report": {k: sens.report.get(k) for k in ("n_channels", "n_layers", "n_samples", "n_exact_top",
-                                                                "dead_layers", "time_s", "rank_correlation")},
-        "weight_bytes": summary.get("parameter_bytes_after"), "fp_weight_bytes": summary.get("parameter_bytes_before"),
+        "calibration_samples": len(sources),
+        "calibration_episodes": [str(u.path) for u in calib_eps],
+        "sensitivity_report": {
+            k: sens.report.get(k)
+            for k in ("n_channels", "n_layers", "n_samples", "n_exact_top", "dead_layers", "time_s", "rank_correlation")
+        },
+        "weight_bytes": summary.get("parameter_bytes_after"),
+        "fp_weight_bytes": summary.get("parameter_bytes_before"),
     }
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.json").write_text(json.dumps(result, indent=1, default=str))
@@ -530,8 +607,14 @@ def run_job(spec: JobSpec, emit: Callable[[dict], None] | None = None,
 
 
 # ---------------------------------------------------------------------------- validation
-def validate_artifact(policy, artifact, episodes: list[_Usable], progress: Progress | None = None,
-                      held_out: bool = True, batch_size: int = 8) -> dict:
+def validate_artifact(
+    policy,
+    artifact,
+    episodes: list[_Usable],
+    progress: Progress | None = None,
+    held_out: bool = True,
+    batch_size: int = 8,
+) -> dict:
     """Teacher-forced action error of `artifact` vs the full-precision `policy` on the episodes' validation
     samples (the recorded observations, both policies with the same fixed noise). Per sample: the mean squared
     error over the chunk (joint units) and the L2 norm of the chunk difference (Eq. 4 for one prediction); per
@@ -549,7 +632,7 @@ def validate_artifact(policy, artifact, episodes: list[_Usable], progress: Progr
         recorded = np.stack([a for _, _, a in u.valid])
         a_fp, a_q = [], []
         for i in range(0, len(obs), batch_size):
-            part = obs[i:i + batch_size]
+            part = obs[i : i + batch_size]
             a_fp.append(fp.processor.actions_from_model(fp.sample_model_actions(fp.model_inputs(part))))
             a_q.append(q.processor.actions_from_model(q.sample_model_actions(q.model_inputs(part))))
             done += len(part)
@@ -557,25 +640,38 @@ def validate_artifact(policy, artifact, episodes: list[_Usable], progress: Progr
                 progress.update(done / max(1, total), f"{done}/{total} held-out samples")
         a_fp, a_q = np.concatenate(a_fp), np.concatenate(a_q)
         d = (a_q - a_fp).reshape(len(obs), -1)
-        mse = (d ** 2).mean(1)
+        mse = (d**2).mean(1)
         l2 = np.linalg.norm(d, axis=1)
         h = min(a_fp.shape[1], recorded.shape[1])
         fp_err = ((a_fp[:, :h] - recorded[:, :h]) ** 2).reshape(len(obs), -1).mean(1)
         all_mse.append(mse)
         all_l2.append(l2)
         fp_mse_to_recorded.append(fp_err)
-        per_episode.append({"episode": str(u.path), "samples": [j for j, _, _ in u.valid],
-                            "mse": mse.tolist(), "l2": l2.tolist(), "cumulative_l2": np.cumsum(l2).tolist(),
-                            "mean_mse": float(mse.mean())})
+        per_episode.append(
+            {
+                "episode": str(u.path),
+                "samples": [j for j, _, _ in u.valid],
+                "mse": mse.tolist(),
+                "l2": l2.tolist(),
+                "cumulative_l2": np.cumsum(l2).tolist(),
+                "mean_mse": float(mse.mean()),
+            }
+        )
     mse = np.concatenate(all_mse)
     l2 = np.concatenate(all_l2)
     return {
-        "held_out": held_out, "episodes": len(episodes), "samples": int(mse.size),
-        "action_mse": float(mse.mean()), "action_mse_max": float(mse.max()),
-        "action_rmse": float(np.sqrt(mse.mean())), "chunk_l2_mean": float(l2.mean()),
+        "held_out": held_out,
+        "episodes": len(episodes),
+        "samples": int(mse.size),
+        "action_mse": float(mse.mean()),
+        "action_mse_max": float(mse.max()),
+        "action_rmse": float(np.sqrt(mse.mean())),
+        "chunk_l2_mean": float(l2.mean()),
         "cumulative_l2_mean": float(np.mean([e["cumulative_l2"][-1] for e in per_episode])),
         "fp_mse_to_recorded": float(np.concatenate(fp_mse_to_recorded).mean()),
-        "fp_model": fp.model_id, "quantized_model": q.model_id, "per_episode": per_episode,
+        "fp_model": fp.model_id,
+        "quantized_model": q.model_id,
+        "per_episode": per_episode,
     }
 
 
@@ -583,12 +679,16 @@ def validation_text(v: dict, threshold: float = 0.0) -> str:
     where = "held-out" if v["held_out"] else "NOT held out (only one usable recording)"
     gate = ""
     if threshold > 0:
-        gate = (f"; {'PASSED' if v['action_mse'] <= threshold else 'FAILED'} the limit {threshold:g} "
-                "(calibration.max_action_mse)")
-    return (f"teacher-forced action error vs full precision on {v['samples']} samples of {v['episodes']} {where} "
-            f"episode(s): MSE {v['action_mse']:.3g} (max {v['action_mse_max']:.3g}, RMSE {v['action_rmse']:.3g} "
-            f"rad), chunk L2 {v['chunk_l2_mean']:.3g}, cumulative over an episode {v['cumulative_l2_mean']:.3g}; "
-            f"FP vs the recorded commands: MSE {v['fp_mse_to_recorded']:.3g}" + gate)
+        gate = (
+            f"; {'PASSED' if v['action_mse'] <= threshold else 'FAILED'} the limit {threshold:g} "
+            "(calibration.max_action_mse)"
+        )
+    return (
+        f"teacher-forced action error vs full precision on {v['samples']} samples of {v['episodes']} {where} "
+        f"episode(s): MSE {v['action_mse']:.3g} (max {v['action_mse_max']:.3g}, RMSE {v['action_rmse']:.3g} "
+        f"rad), chunk L2 {v['chunk_l2_mean']:.3g}, cumulative over an episode {v['cumulative_l2_mean']:.3g}; "
+        f"FP vs the recorded commands: MSE {v['fp_mse_to_recorded']:.3g}" + gate
+    )
 
 
 def format_report(r: dict) -> str:
@@ -627,8 +727,14 @@ def write_plots(plan, sens, validation: dict, directory) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(roles, [plan.average_bits(r) for r in roles], color=[ROLE_COLORS.get(r, "k") for r in roles])
     for i, r in enumerate(roles):
-        ax.text(i, plan.average_bits(r), f"{plan.average_bits(r):.2f}\n{100 * plan.pruned_fraction(r):.0f}% pruned",
-                ha="center", va="bottom", fontsize=7)
+        ax.text(
+            i,
+            plan.average_bits(r),
+            f"{plan.average_bits(r):.2f}\n{100 * plan.pruned_fraction(r):.0f}% pruned",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.axhline(plan.budget, color="k", ls="--", lw=0.8, label=f"budget {plan.budget:g}")
     ax.set_ylabel("average bits per weight")
     ax.set_title("bits per role")
@@ -686,10 +792,13 @@ def _bits(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvla-calibrate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Stages: " + ", ".join(STAGES) + ". Exit codes: 0 done, 2 error, 3 validation "
-                                       "failed (--max-action-mse), 130 interrupted (run again to resume).")
+    p = argparse.ArgumentParser(
+        prog="qvla-calibrate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Stages: " + ", ".join(STAGES) + ". Exit codes: 0 done, 2 error, 3 validation "
+        "failed (--max-action-mse), 130 interrupted (run again to resume).",
+    )
     p.add_argument("--spec", type=Path, help="a JSON job spec (what the calibration node writes); prints JSON lines")
     p.add_argument("--policy", help="full-precision policy directory")
     p.add_argument("--episodes", nargs="+", help="episode directories or dataset directories of episodes")
@@ -740,20 +849,35 @@ def main(argv: list[str] | None = None) -> int:
             missing = [f"--{n}" for n in ("policy", "episodes", "budget", "out") if getattr(args, n) is None]
             if missing:
                 raise JobError(f"missing {', '.join(missing)} (or give --spec FILE)")
-            spec = JobSpec(policy=args.policy, recordings=args.episodes, out=args.out, budget=args.budget,
-                           bits=args.bits, solver=args.solver, samples_per_episode=args.samples_per_episode,
-                           max_episodes=args.max_episodes, validation_episodes=args.validation_episodes,
-                           validation_samples_per_episode=args.validation_samples_per_episode,
-                           exact_fraction=args.exact_fraction, rank_sample=args.rank_sample, seed=args.seed,
-                           skip_failed=args.skip_failed, max_action_mse=args.max_action_mse)
+            spec = JobSpec(
+                policy=args.policy,
+                recordings=args.episodes,
+                out=args.out,
+                budget=args.budget,
+                bits=args.bits,
+                solver=args.solver,
+                samples_per_episode=args.samples_per_episode,
+                max_episodes=args.max_episodes,
+                validation_episodes=args.validation_episodes,
+                validation_samples_per_episode=args.validation_samples_per_episode,
+                exact_fraction=args.exact_fraction,
+                rank_sample=args.rank_sample,
+                seed=args.seed,
+                skip_failed=args.skip_failed,
+                max_action_mse=args.max_action_mse,
+            )
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
         result = run_job(spec, emit, cancel)
     except Cancelled:
-        emit({"event": "cancelled", "message": f"interrupted; run the same job again to resume from {args.out or ''}"
-              .rstrip()})
+        emit(
+            {
+                "event": "cancelled",
+                "message": f"interrupted; run the same job again to resume from {args.out or ''}".rstrip(),
+            }
+        )
         if not json_lines:
             print("qvla-calibrate: interrupted (the same command resumes it)", file=sys.stderr)
         return EXIT_CANCELLED

@@ -54,24 +54,40 @@ class EvalReport:
         return float(np.mean([e.success for e in self.episodes])) if self.episodes else float("nan")
 
     def summary(self) -> dict:
-        d = {"policy": self.policy, "reference": self.reference, "task": self.task, "episodes": len(self.episodes),
-             "successes": int(sum(e.success for e in self.episodes)), "success_rate": self.success_rate,
-             "mean_latency_ms": float(np.mean([e.mean_latency_ms for e in self.episodes])),
-             "wall_s": self.wall_s}
+        d = {
+            "policy": self.policy,
+            "reference": self.reference,
+            "task": self.task,
+            "episodes": len(self.episodes),
+            "successes": int(sum(e.success for e in self.episodes)),
+            "success_rate": self.success_rate,
+            "mean_latency_ms": float(np.mean([e.mean_latency_ms for e in self.episodes])),
+            "wall_s": self.wall_s,
+        }
         if self.reference:
             dev = [e.cumulative_deviation for e in self.episodes]
             d["mean_cumulative_deviation"] = float(np.mean(dev))
             d["mean_cumulative_first_action_deviation"] = float(
-                np.mean([e.cumulative_first_action_deviation for e in self.episodes]))
+                np.mean([e.cumulative_first_action_deviation for e in self.episodes])
+            )
         return d
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "episodes": [asdict(e) for e in self.episodes]}
 
 
-def run_episode(rig, policy: PolicyRuntime, seed: int, *, steps: int = 240, replan_every: int = 10,
-                reference: PolicyRuntime | None = None, stop_on_success: bool = False,
-                blending: str = "latest", ensemble_decay: float = 2.0) -> EpisodeResult:
+def run_episode(
+    rig,
+    policy: PolicyRuntime,
+    seed: int,
+    *,
+    steps: int = 240,
+    replan_every: int = 10,
+    reference: PolicyRuntime | None = None,
+    stop_on_success: bool = False,
+    blending: str = "latest",
+    ensemble_decay: float = 2.0,
+) -> EpisodeResult:
     """One closed-loop episode of `steps` 30 Hz command ticks in `rig` (a qvla_ros.sim.rig.SimRig).
 
     The sim waits for each prediction (no inference latency here: this measures the policy, the ROS benchmarks
@@ -106,17 +122,33 @@ def run_episode(rig, policy: PolicyRuntime, seed: int, *, steps: int = 240, repl
             break
         obs = rig.observe()
     return EpisodeResult(
-        seed=seed, success=bool(rig.episode_success), max_reward=rig.max_reward_reached, steps=k + 1,
-        predictions=len(latencies), mean_latency_ms=1e3 * float(np.mean(latencies)),
+        seed=seed,
+        success=bool(rig.episode_success),
+        max_reward=rig.max_reward_reached,
+        steps=k + 1,
+        predictions=len(latencies),
+        mean_latency_ms=1e3 * float(np.mean(latencies)),
         cumulative_deviation=cum if reference is not None else None,
-        cumulative_first_action_deviation=cum_first if reference is not None else None, deviation_curve=curve,
+        cumulative_first_action_deviation=cum_first if reference is not None else None,
+        deviation_curve=curve,
     )
 
 
-def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_cube", reference=None,
-             steps: int = 240, replan_every: int = 10, image_size=(240, 320), progress: bool = True,
-             policy_name: str = "", reference_name: str | None = None, blending: str = "latest",
-             cache: EpisodeCache | None = None) -> EvalReport:
+def evaluate(
+    policy: PolicyRuntime,
+    seeds: list[int],
+    *,
+    task: str = "transfer_cube",
+    reference=None,
+    steps: int = 240,
+    replan_every: int = 10,
+    image_size=(240, 320),
+    progress: bool = True,
+    policy_name: str = "",
+    reference_name: str | None = None,
+    blending: str = "latest",
+    cache: EpisodeCache | None = None,
+) -> EvalReport:
     """Closed-loop episodes of `policy` on `seeds`, in order.
 
     cache: episodes already in it are taken from it, each new one is added as soon as it ends, so a stopped
@@ -135,8 +167,17 @@ def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_c
             if seed not in todo:
                 results.append(EpisodeResult(**cache.get(seed)))
             else:
-                results.append(run_episode(rig, policy, seed, steps=steps, replan_every=replan_every,
-                                           reference=reference, blending=blending))
+                results.append(
+                    run_episode(
+                        rig,
+                        policy,
+                        seed,
+                        steps=steps,
+                        replan_every=replan_every,
+                        reference=reference,
+                        blending=blending,
+                    )
+                )
                 if cache is not None:
                     cache.add(asdict(results[-1]))
             bar.set_postfix(success=f"{sum(r.success for r in results)}/{len(results)}")
@@ -146,7 +187,7 @@ def evaluate(policy: PolicyRuntime, seeds: list[int], *, task: str = "transfer_c
 
 
 def parse_seeds(text: str) -> list[int]:
-    """"1000-1049" or "1,2,5" -> list of ints."""
+    """ "1000-1049" or "1,2,5" -> list of ints."""
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -168,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="transfer_cube")
     p.add_argument("--steps", type=int, default=240, help="30 Hz command ticks per episode (240 = 8 s)")
     p.add_argument("--replan-every", type=int, default=10, help="command ticks between predictions")
-    p.add_argument("--blending", default="latest", choices=("latest", "temporal_ensemble", "weighted_overlap"),
-                   help="how overlapping chunks are played out (the policy node's scheduler)")
+    p.add_argument(
+        "--blending",
+        default="latest",
+        choices=("latest", "temporal_ensemble", "weighted_overlap"),
+        help="how overlapping chunks are played out (the policy node's scheduler)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
@@ -180,9 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as exc:  # PolicyFormatError, qvla_quant's ArtifactError, missing files
         print(f"qvla-eval: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    report = evaluate(policy, seeds, task=args.task, reference=reference, steps=args.steps,
-                      replan_every=args.replan_every, policy_name=args.policy, reference_name=args.reference,
-                      blending=args.blending)
+    report = evaluate(
+        policy,
+        seeds,
+        task=args.task,
+        reference=reference,
+        steps=args.steps,
+        replan_every=args.replan_every,
+        policy_name=args.policy,
+        reference_name=args.reference,
+        blending=args.blending,
+    )
     print(json.dumps(report.summary(), indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

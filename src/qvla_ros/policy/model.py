@@ -70,21 +70,37 @@ def small_pi0_config(spec: SmallPi0Spec, vocab_size: int, image_token_id: int):
         vlm_config=dict(
             model_type="paligemma",
             text_config=dict(
-                model_type="gemma", hidden_size=w, num_hidden_layers=spec.layers, intermediate_size=4 * w,
-                num_attention_heads=spec.heads, num_key_value_heads=1, head_dim=w // spec.heads,
+                model_type="gemma",
+                hidden_size=w,
+                num_hidden_layers=spec.layers,
+                intermediate_size=4 * w,
+                num_attention_heads=spec.heads,
+                num_key_value_heads=1,
+                head_dim=w // spec.heads,
                 vocab_size=vocab_size,
             ),
             vision_config=dict(
-                model_type="siglip_vision_model", hidden_size=vw, intermediate_size=4 * vw,
-                num_hidden_layers=spec.vision_layers, num_attention_heads=spec.heads, patch_size=spec.patch_size,
-                image_size=spec.image_size, vision_use_head=False, projection_dim=w,
+                model_type="siglip_vision_model",
+                hidden_size=vw,
+                intermediate_size=4 * vw,
+                num_hidden_layers=spec.vision_layers,
+                num_attention_heads=spec.heads,
+                patch_size=spec.patch_size,
+                image_size=spec.image_size,
+                vision_use_head=False,
+                projection_dim=w,
             ),
             projection_dim=w,
             image_token_id=image_token_id,
         ),
         dit_config=dict(
-            model_type="gemma", hidden_size=w, num_hidden_layers=spec.layers, intermediate_size=4 * w,
-            num_attention_heads=spec.heads, num_key_value_heads=1, head_dim=w // spec.heads,
+            model_type="gemma",
+            hidden_size=w,
+            num_hidden_layers=spec.layers,
+            intermediate_size=4 * w,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=1,
+            head_dim=w // spec.heads,
         ),
         chunk_size=spec.chunk_size,
         max_state_dim=spec.state_dim,
@@ -101,8 +117,10 @@ def check_policy_dir(path: str | Path) -> Path:
 
     path = Path(path)
     if not path.is_dir():
-        raise PolicyFormatError(f"policy directory {path} does not exist (train one with `qvla-train`, or pass the "
-                                "directory of a π0 checkpoint in transformers' format)")
+        raise PolicyFormatError(
+            f"policy directory {path} does not exist (train one with `qvla-train`, or pass the "
+            "directory of a π0 checkpoint in transformers' format)"
+        )
     try:
         if (path / "model.safetensors").is_file():
             check_checkpoint_dir(path)
@@ -112,8 +130,10 @@ def check_policy_dir(path: str | Path) -> Path:
         raise PolicyFormatError(str(exc)) from None
     missing = [name for name in MODEL_FILES if not (path / name).is_file()]
     if missing:
-        raise PolicyFormatError(f"{path} is not a π0 policy directory: missing {', '.join(missing)} "
-                                "(expected transformers' save_pretrained output + processor.json + tokenizer.json)")
+        raise PolicyFormatError(
+            f"{path} is not a π0 policy directory: missing {', '.join(missing)} "
+            "(expected transformers' save_pretrained output + processor.json + tokenizer.json)"
+        )
     return path
 
 
@@ -137,8 +157,10 @@ def load_pi0_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = t
     try:
         config = PI0Config.from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise PolicyFormatError(f"{path / 'config.json'} is not a π0 config ({' '.join(str(exc).split())}): "
-                                "copy the policy again or re-save it") from None
+        raise PolicyFormatError(
+            f"{path / 'config.json'} is not a π0 config ({' '.join(str(exc).split())}): "
+            "copy the policy again or re-save it"
+        ) from None
     try:
         model = load_pretrained_strict(PI0ForConditionalGeneration, path, config=config, dtype=dtype)
     except CheckpointError as exc:
@@ -154,8 +176,10 @@ def check_model_matches_processor(model, processor: Pi0Processor, where: str | P
     if vision.image_size != c.image_size:
         problems.append(f"image size {c.image_size} vs the vision tower's {vision.image_size}")
     if (vision.image_size // vision.patch_size) ** 2 != c.tokens_per_image:
-        problems.append(f"{c.tokens_per_image} tokens per image vs the vision tower's "
-                        f"{(vision.image_size // vision.patch_size) ** 2}")
+        problems.append(
+            f"{c.tokens_per_image} tokens per image vs the vision tower's "
+            f"{(vision.image_size // vision.patch_size) ** 2}"
+        )
     if mc.max_state_dim != c.max_state_dim or mc.max_action_dim != c.max_action_dim:
         problems.append("state/action dims differ")
     if mc.chunk_size != c.chunk_size:

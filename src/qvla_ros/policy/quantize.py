@@ -48,19 +48,23 @@ def episode_observations(episode_paths, samples_per_episode: int, horizon: int, 
         offset = int(rng.integers(0, max(1, n // k)))
         for i in np.linspace(offset, n - 1, k).astype(int):
             s = ep.samples[i]
-            yield Path(path).name, int(i), Observation(images=dict(s.images), state=s.state,
-                                                       instruction=s.instruction, stamp=s.timestamp)
+            yield (
+                Path(path).name,
+                int(i),
+                Observation(images=dict(s.images), state=s.state, instruction=s.instruction, stamp=s.timestamp),
+            )
 
 
-def calibration_batches(episode_paths, processor: Pi0Processor, samples_per_episode: int = 4,
-                        batch_size: int = 8, seed: int = 0) -> CalibrationData:
+def calibration_batches(
+    episode_paths, processor: Pi0Processor, samples_per_episode: int = 4, batch_size: int = 8, seed: int = 0
+) -> CalibrationData:
     obs, sources = [], []
     for name, i, o in episode_observations(episode_paths, samples_per_episode, processor.config.chunk_size, seed):
         obs.append(o)
         sources.append((name, i))
     if not obs:
         raise ValueError("no calibration samples: the episode list is empty")
-    batches = [processor.batch(obs[i:i + batch_size]) for i in range(0, len(obs), batch_size)]
+    batches = [processor.batch(obs[i : i + batch_size]) for i in range(0, len(obs), batch_size)]
     return CalibrationData(batches, sources)
 
 
@@ -72,8 +76,17 @@ def policy_adapter(policy_dir):
     return processor, Pi0Adapter(load_pi0_model(policy_dir), action_dim=len(processor.config.joint_names))
 
 
-def calibrate_policy(policy_dir, episode_paths, *, calibration=None, samples_per_episode: int = 4,
-                     batch_size: int = 8, seed: int = 0, store_dir=None, loaded=None):
+def calibrate_policy(
+    policy_dir,
+    episode_paths,
+    *,
+    calibration=None,
+    samples_per_episode: int = 4,
+    batch_size: int = 8,
+    seed: int = 0,
+    store_dir=None,
+    loaded=None,
+):
     """Action-space sensitivities of a policy on samples of the episodes. Returns (Sensitivity, info dict).
 
     loaded: (processor, adapter) of `policy_dir` already in memory (`policy_adapter`), so a caller that goes on
@@ -85,13 +98,16 @@ def calibrate_policy(policy_dir, episode_paths, *, calibration=None, samples_per
     data = calibration_batches(episode_paths, processor, samples_per_episode, batch_size, seed)
     cfg = calibration or CalibrationConfig(store_dir=None if store_dir is None else str(store_dir), seed=seed)
     sensitivity = calibrate(adapter, data.batches, cfg)
-    info = {"samples": len(data.sources), "episodes": sorted({n for n, _ in data.sources}),
-            "calibration_s": time.time() - t0, "config": cfg.to_dict()}
+    info = {
+        "samples": len(data.sources),
+        "episodes": sorted({n for n, _ in data.sources}),
+        "calibration_s": time.time() - t0,
+        "config": cfg.to_dict(),
+    }
     return sensitivity, info
 
 
-def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, plots_of=None,
-                           adapter=None) -> Path:
+def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, plots_of=None, adapter=None) -> Path:
     """Pack the policy with `plan` and write an artifact that PolicyRuntime loads (+ the processor files).
 
     plots_of: a Sensitivity to plot beside the plan's bit allocation (sensitivity map), or None.
@@ -114,8 +130,18 @@ def write_quantized_policy(policy_dir, plan, out, *, extra: dict | None = None, 
     return path
 
 
-def quantize_policy(policy_dir, episode_paths, out, budget: float, *, calibration=None, allocation=None,
-                    samples_per_episode: int = 4, batch_size: int = 8, seed: int = 0) -> tuple[Path, dict]:
+def quantize_policy(
+    policy_dir,
+    episode_paths,
+    out,
+    budget: float,
+    *,
+    calibration=None,
+    allocation=None,
+    samples_per_episode: int = 4,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> tuple[Path, dict]:
     """Calibrate on the episodes, allocate under `budget`, write the packed artifact to `out`.
 
     calibration / allocation: qvla_quant CalibrationConfig / AllocationConfig (defaults: the paper's two-stage
@@ -126,20 +152,34 @@ def quantize_policy(policy_dir, episode_paths, out, budget: float, *, calibratio
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = policy_adapter(policy_dir)  # the float model, loaded once for calibration and packing
-    sensitivity, info = calibrate_policy(policy_dir, episode_paths, calibration=calibration,
-                                         samples_per_episode=samples_per_episode, batch_size=batch_size, seed=seed,
-                                         store_dir=out / "sensitivity", loaded=loaded)
+    sensitivity, info = calibrate_policy(
+        policy_dir,
+        episode_paths,
+        calibration=calibration,
+        samples_per_episode=samples_per_episode,
+        batch_size=batch_size,
+        seed=seed,
+        store_dir=out / "sensitivity",
+        loaded=loaded,
+    )
     t1 = time.time()
     plan = allocate(sensitivity, budget, allocation or AllocationConfig())
-    path = write_quantized_policy(policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity,
-                                  adapter=loaded[1])
+    path = write_quantized_policy(
+        policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity, adapter=loaded[1]
+    )
     from qvla_quant.artifact import artifact_summary
 
     stored = artifact_summary(path)  # the per-row overhead beside the plan's average bits
-    summary = {"artifact": str(path), "budget": budget, "average_bits": plan.average_bits(),
-               "overhead_bits_per_weight": stored.get("overhead_bits_per_weight"),
-               "average_bits_stored": stored.get("average_bits_stored"),
-               "pruned_fraction": plan.pruned_fraction(), "allocation_s": time.time() - t1, **info}
+    summary = {
+        "artifact": str(path),
+        "budget": budget,
+        "average_bits": plan.average_bits(),
+        "overhead_bits_per_weight": stored.get("overhead_bits_per_weight"),
+        "average_bits_stored": stored.get("average_bits_stored"),
+        "pruned_fraction": plan.pruned_fraction(),
+        "allocation_s": time.time() - t1,
+        **info,
+    }
     (out / "calibration_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return path, summary
 
@@ -155,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--solver", choices=("greedy", "lagrangian"), default="greedy")
     p.add_argument("--bits", default="0,2,4,8,16", help="candidate bit-widths per channel")
     p.add_argument("--prune-abs-threshold", type=float, help="never prune a channel whose s(0) is above this")
-    p.add_argument("--prune-rel-threshold", type=float,
-                   help="never prune a channel whose s(0) is above this times its layer's median s(0)")
+    p.add_argument(
+        "--prune-rel-threshold",
+        type=float,
+        help="never prune a channel whose s(0) is above this times its layer's median s(0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from qvla_quant import AllocationConfig, BudgetError
@@ -165,11 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         episodes = sorted(x for x in Path(args.episodes).iterdir() if not x.name.startswith("."))[: args.max_episodes]
         bits = tuple(int(b) for b in args.bits.split(","))
-        path, summary = quantize_policy(args.policy, episodes, args.out, args.budget,
-                                        allocation=AllocationConfig(bits=bits, solver=args.solver,
-                                                                    prune_abs_threshold=args.prune_abs_threshold,
-                                                                    prune_rel_threshold=args.prune_rel_threshold),
-                                        samples_per_episode=args.samples_per_episode, seed=args.seed)
+        path, summary = quantize_policy(
+            args.policy,
+            episodes,
+            args.out,
+            args.budget,
+            allocation=AllocationConfig(
+                bits=bits,
+                solver=args.solver,
+                prune_abs_threshold=args.prune_abs_threshold,
+                prune_rel_threshold=args.prune_rel_threshold,
+            ),
+            samples_per_episode=args.samples_per_episode,
+            seed=args.seed,
+        )
     except (ValueError, OSError, KeyError, BudgetError, EpisodeError) as exc:
         print(f"qvla-policy-quantize: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -33,9 +33,18 @@ def is_quantized_artifact(path: str | Path) -> bool:
 
 
 class PolicyRuntime:
-    def __init__(self, model, processor: Pi0Processor, *, model_id: str, device: str = "cpu",
-                 noise_seed: int = 0, num_steps: int | None = None, quantization: dict | None = None,
-                 source: Path | None = None):
+    def __init__(
+        self,
+        model,
+        processor: Pi0Processor,
+        *,
+        model_id: str,
+        device: str = "cpu",
+        noise_seed: int = 0,
+        num_steps: int | None = None,
+        quantization: dict | None = None,
+        source: Path | None = None,
+    ):
         self.model = model
         self.processor = processor
         self.model_id = model_id
@@ -44,8 +53,11 @@ class PolicyRuntime:
         self.source = source
         self._quantization = quantization
         mc = model.config
-        self._dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype if any(
-            True for _ in model.parameters()) else torch.float32
+        self._dtype = (
+            next(p for p in model.parameters() if p.is_floating_point()).dtype
+            if any(True for _ in model.parameters())
+            else torch.float32
+        )
         gen = torch.Generator().manual_seed(noise_seed)
         self.noise = torch.randn(1, mc.chunk_size, mc.max_action_dim, generator=gen)
         # one predict at a time per runtime (torch modules are not re-entrant across threads)
@@ -53,8 +65,15 @@ class PolicyRuntime:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", warmup: bool = True, noise_seed: int = 0,
-             num_steps: int | None = None, cache_dequantized: bool = False) -> PolicyRuntime:
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        warmup: bool = True,
+        noise_seed: int = 0,
+        num_steps: int | None = None,
+        cache_dequantized: bool = False,
+    ) -> PolicyRuntime:
         """Load a policy directory or a qvla_quant artifact.
 
         cache_dequantized (artifacts only): dequantize the packed rows once and keep them in the compute dtype.
@@ -65,8 +84,9 @@ class PolicyRuntime:
         if not path.exists():
             raise PolicyFormatError(f"policy path {path} does not exist")
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise PolicyFormatError(f"device {device!r} requested but CUDA is not available on this machine; "
-                                    "use device:=cpu")
+            raise PolicyFormatError(
+                f"device {device!r} requested but CUDA is not available on this machine; use device:=cpu"
+            )
         processor = Pi0Processor.load(path)
         if is_quantized_artifact(path):
             model, quant = _load_quantized(path, device)
@@ -78,8 +98,16 @@ class PolicyRuntime:
             quant = None
             model_id = path.name
         check_model_matches_processor(model, processor, path)
-        runtime = cls(model, processor, model_id=model_id, device=device, noise_seed=noise_seed,
-                      num_steps=num_steps, quantization=quant, source=path)
+        runtime = cls(
+            model,
+            processor,
+            model_id=model_id,
+            device=device,
+            noise_seed=noise_seed,
+            num_steps=num_steps,
+            quantization=quant,
+            source=path,
+        )
         if warmup:
             runtime.warmup()
         return runtime
@@ -104,8 +132,10 @@ class PolicyRuntime:
     # ---------------------------------------------------------------- inference
     def model_inputs(self, observations: list[Observation]) -> dict[str, torch.Tensor]:
         batch = self.processor.batch(observations)
-        return {k: (v.to(self.device, self._dtype) if v.is_floating_point() else v.to(self.device))
-                for k, v in batch.items()}
+        return {
+            k: (v.to(self.device, self._dtype) if v.is_floating_point() else v.to(self.device))
+            for k, v in batch.items()
+        }
 
     @torch.no_grad()
     def sample_model_actions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,8 +158,12 @@ class PolicyRuntime:
             raise FloatingPointError(f"policy {self.model_id} produced non-finite actions")
         t3 = time.perf_counter()
         return PredictedChunk(
-            actions=actions, step_period=self.step_period, stamp=obs.stamp, latency=t3 - t0,
-            model_id=self.model_id, timing={"preprocess": t1 - t0, "model": t2 - t1, "postprocess": t3 - t2},
+            actions=actions,
+            step_period=self.step_period,
+            stamp=obs.stamp,
+            latency=t3 - t0,
+            model_id=self.model_id,
+            timing={"preprocess": t1 - t0, "model": t2 - t1, "postprocess": t3 - t2},
         )
 
     def warmup(self, instruction: str = "warm up") -> float:
@@ -137,7 +171,8 @@ class PolicyRuntime:
         c = self.processor.config
         blank = Observation(
             images={name: np.zeros((c.image_size, c.image_size, 3), np.uint8) for name in c.camera_names},
-            state=np.asarray(c.state_norm.mean, dtype=np.float64), instruction=instruction,
+            state=np.asarray(c.state_norm.mean, dtype=np.float64),
+            instruction=instruction,
         )
         return self.predict(blank).latency
 
@@ -147,9 +182,16 @@ class PolicyRuntime:
         if self._quantization is not None:
             return dict(self._quantization)
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"artifact_id": "fp", "average_bits": float(8 * next(self.model.parameters()).element_size()),
-                "roles": [], "role_average_bits": [], "pruned_fraction": 0.0, "weight_bytes": int(n_bytes),
-                "fp_weight_bytes": int(n_bytes), "plan_hash": ""}
+        return {
+            "artifact_id": "fp",
+            "average_bits": float(8 * next(self.model.parameters()).element_size()),
+            "roles": [],
+            "role_average_bits": [],
+            "pruned_fraction": 0.0,
+            "weight_bytes": int(n_bytes),
+            "fp_weight_bytes": int(n_bytes),
+            "plan_hash": "",
+        }
 
 
 def _load_quantized(path: Path, device: str):

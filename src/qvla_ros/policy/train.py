@@ -120,8 +120,14 @@ def initial_object_xy(metadata: dict) -> np.ndarray | None:
     return np.asarray(poses, dtype=np.float32).reshape(-1, 7)[:, :2].reshape(-1)
 
 
-def load_samples(episode_paths: list[Path], camera_names: list[str], image_size: int, horizon: int,
-                 rate_hz: float = 30.0, progress: bool = True) -> SampleSet:
+def load_samples(
+    episode_paths: list[Path],
+    camera_names: list[str],
+    image_size: int,
+    horizon: int,
+    rate_hz: float = 30.0,
+    progress: bool = True,
+) -> SampleSet:
     from tqdm import tqdm
 
     from qvla_ros.episodes.reader import read_episode
@@ -132,7 +138,7 @@ def load_samples(episode_paths: list[Path], camera_names: list[str], image_size:
         episode = read_episode(path, horizon=horizon, rate_hz=rate_hz)
         xy = initial_object_xy(episode.metadata)
         for start in range(0, len(episode.samples), 64):
-            block = episode.samples[start:start + 64]
+            block = episode.samples[start : start + 64]
             cams = np.stack([s.images[name] for s in block for name in camera_names])
             small = resize_uint8(cams, image_size)
             images.append(small.reshape(len(block), len(camera_names), *small.shape[1:]).clone())
@@ -154,8 +160,16 @@ def load_samples(episode_paths: list[Path], camera_names: list[str], image_size:
     for i, v in enumerate(obj_xy):
         if v is not None and len(v) == width:
             objects[i] = v
-    return SampleSet(torch.cat(images), np.stack(states), np.stack(actions), np.asarray(instr_idx),
-                     instructions, np.asarray(ep_idx), np.asarray(stamps, dtype=np.float64), objects)
+    return SampleSet(
+        torch.cat(images),
+        np.stack(states),
+        np.stack(actions),
+        np.asarray(instr_idx),
+        instructions,
+        np.asarray(ep_idx),
+        np.asarray(stamps, dtype=np.float64),
+        objects,
+    )
 
 
 def _release_freed_memory() -> None:
@@ -170,9 +184,15 @@ def _release_freed_memory() -> None:
         pass
 
 
-def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shift: int,
-               rng: np.random.Generator, wrist_dropout: float = 0.0,
-               state_dropout: float = 0.0) -> dict[str, torch.Tensor]:
+def make_batch(
+    samples: SampleSet,
+    idx: np.ndarray,
+    processor: Pi0Processor,
+    shift: int,
+    rng: np.random.Generator,
+    wrist_dropout: float = 0.0,
+    state_dropout: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Model inputs + normalized target actions for the samples `idx` (with random-shift augmentation,
     wrist-camera dropout and state dropout, see TrainConfig)."""
     imgs = samples.images[torch.as_tensor(idx)]  # [B, n, S, S, 3] uint8
@@ -186,7 +206,9 @@ def make_batch(samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, shi
         b, n, c, s, _ = x.shape
         flat = F.pad(x.reshape(b * n, c, s, s), (shift,) * 4, mode="replicate")
         offs = rng.integers(0, 2 * shift + 1, size=(b * n, 2))
-        x = torch.stack([flat[i, :, oy:oy + s, ox:ox + s] for i, (oy, ox) in enumerate(offs)]).reshape(b, n, c, s, s)
+        x = torch.stack([flat[i, :, oy : oy + s, ox : ox + s] for i, (oy, ox) in enumerate(offs)]).reshape(
+            b, n, c, s, s
+        )
     pixel_values = x / 127.5 - 1.0
     ids, mask = processor.text_tensors([samples.instructions[i] for i in samples.instruction_idx[idx]])
     state = processor.state_tensor(list(samples.state[idx]))
@@ -214,8 +236,10 @@ class ObjectLocalizationAux:
         known = np.isfinite(samples.object_xy).all(axis=1) & (samples.object_xy.shape[1] > 0)
         usable = known & (samples.timestamps < cfg.object_aux_until_s)
         if not usable[train_idx].any():
-            raise ValueError("object_aux_weight > 0 but no training episode's metadata gives initial object poses "
-                             "(sim recordings do); train with --object-aux-weight 0")
+            raise ValueError(
+                "object_aux_weight > 0 but no training episode's metadata gives initial object poses "
+                "(sim recordings do); train with --object-aux-weight 0"
+            )
         self.usable = usable
         fit = samples.object_xy[train_idx[usable[train_idx]]]
         self.mean, self.std = fit.mean(0), fit.std(0) + 1e-6
@@ -265,8 +289,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def validation_loss(model, samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, batch_size: int,
-                    seed: int = 1234) -> float:
+def validation_loss(
+    model, samples: SampleSet, idx: np.ndarray, processor: Pi0Processor, batch_size: int, seed: int = 1234
+) -> float:
     """Flow-matching loss on held-out samples with fixed noise and times (comparable across checkpoints)."""
     if len(idx) == 0:
         return float("nan")
@@ -274,7 +299,7 @@ def validation_loss(model, samples: SampleSet, idx: np.ndarray, processor: Pi0Pr
     model.eval()
     total, n = 0.0, 0
     for start in range(0, len(idx), batch_size):
-        sel = idx[start:start + batch_size]
+        sel = idx[start : start + batch_size]
         batch = make_batch(samples, sel, processor, 0, np.random.default_rng(0))
         b = len(sel)
         noise = torch.randn(b, model.config.chunk_size, model.config.max_action_dim, generator=gen)
@@ -319,13 +344,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         processor = Pi0Processor.load(cfg.init_from)
         model = load_pi0_model(cfg.init_from).train()
         if model.config.chunk_size != spec.chunk_size or processor.config.image_size != spec.image_size:
-            raise ValueError(f"--init-from {cfg.init_from} has chunk size {model.config.chunk_size} and image size "
-                             f"{processor.config.image_size}; the spec asks for {spec.chunk_size} / {spec.image_size}")
+            raise ValueError(
+                f"--init-from {cfg.init_from} has chunk size {model.config.chunk_size} and image size "
+                f"{processor.config.image_size}; the spec asks for {spec.chunk_size} / {spec.image_size}"
+            )
         source_info = Path(cfg.init_from) / "train_config.json"
-        state = {"step": 0, "history": [], "init_from": str(cfg.init_from),
-                 # provenance of the starting weights travels with the fine-tuned policy
-                 "init_from_config": read_json_file(source_info, "the source's training record")
-                 if source_info.is_file() else None}
+        state = {
+            "step": 0,
+            "history": [],
+            "init_from": str(cfg.init_from),
+            # provenance of the starting weights travels with the fine-tuned policy
+            "init_from_config": read_json_file(source_info, "the source's training record")
+            if source_info.is_file()
+            else None,
+        }
     else:
         state_norm = Normalizer.fit(samples.state[train_idx])
         action_norm = Normalizer.fit(samples.actions[train_idx])
@@ -335,8 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         model = PI0ForConditionalGeneration(config).train()
         state = {"step": 0, "history": []}
     # data never seen at fit time must still tokenize: every instruction of the samples is in the vocabulary
-    unknown = [t for t in samples.instructions
-               if processor.tokenizer.token_to_id("<unk>") in processor.prompt_ids(t)]
+    unknown = [t for t in samples.instructions if processor.tokenizer.token_to_id("<unk>") in processor.prompt_ids(t)]
     if unknown:
         raise ValueError(f"instructions not in the policy's vocabulary: {unknown}")
 
@@ -348,20 +379,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     params = list(model.parameters()) + (list(aux.head.parameters()) if aux else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume and (out / "optimizer.safetensors").is_file():
-        _load_optimizer(opt, read_tensors_file(out / "optimizer.safetensors"),
-                        read_json_file(out / "optimizer.json", "the optimizer state"))
+        _load_optimizer(
+            opt,
+            read_tensors_file(out / "optimizer.safetensors"),
+            read_json_file(out / "optimizer.json", "the optimizer state"),
+        )
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[train] {len(train_idx)} train / {len(val_idx)} val samples from {len(episode_paths)} episodes; "
-          f"model {n_params / 1e6:.2f} M params; steps {state['step']} -> {cfg.steps}", flush=True)
+    print(
+        f"[train] {len(train_idx)} train / {len(val_idx)} val samples from {len(episode_paths)} episodes; "
+        f"model {n_params / 1e6:.2f} M params; steps {state['step']} -> {cfg.steps}",
+        flush=True,
+    )
 
     def checkpoint(step: int, val: float | None) -> None:
-        info = {"train_config": cfg.to_dict(), "step": step, "val_loss": val,
-                # checkpoints are fine-tuned from too: the lineage must survive in every saved policy
-                "init_from_config": state.get("init_from_config"),
-                "n_train_samples": int(len(train_idx)), "n_val_samples": int(len(val_idx)),
-                "episodes": [p.name for p in episode_paths],
-                "val_episodes": sorted(episode_paths[i].name for i in val_eps)}
+        info = {
+            "train_config": cfg.to_dict(),
+            "step": step,
+            "val_loss": val,
+            # checkpoints are fine-tuned from too: the lineage must survive in every saved policy
+            "init_from_config": state.get("init_from_config"),
+            "n_train_samples": int(len(train_idx)),
+            "n_val_samples": int(len(val_idx)),
+            "episodes": [p.name for p in episode_paths],
+            "val_episodes": sorted(episode_paths[i].name for i in val_eps),
+        }
         tmp = out / "last.tmp"
         save_policy(tmp, model, processor, info)
         tensors, meta = _optimizer_tensors(opt)
@@ -380,8 +422,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     rng = np.random.default_rng([cfg.seed, state["step"]])
     torch.manual_seed(cfg.seed + state["step"])
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", disable=not progress, unit="step",
-               mininterval=5.0)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="train", disable=not progress, unit="step", mininterval=5.0)
     step, t_start, ema, aux_ema = state["step"], time.time(), None, None
     model.train()
     while step < cfg.steps:
@@ -407,8 +448,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(loss=f"{ema:.4f}", **extra, lr=f"{lr_at(step, cfg):.1e}", refresh=False)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             val = validation_loss(model, samples, val_idx, processor, cfg.batch_size)
-            state["history"].append({"step": step, "train_loss_ema": ema, "val_loss": val,
-                                     "object_aux_loss_ema": aux_ema, "elapsed_s": time.time() - t_start})
+            state["history"].append(
+                {
+                    "step": step,
+                    "train_loss_ema": ema,
+                    "val_loss": val,
+                    "object_aux_loss_ema": aux_ema,
+                    "elapsed_s": time.time() - t_start,
+                }
+            )
             aux_text = "" if aux_ema is None else f", localization loss (ema) {aux_ema:.4f}"
             print(f"[train] step {step}: train loss (ema) {ema:.4f}, val loss {val:.4f}{aux_text}", flush=True)
             checkpoint(step, val)
@@ -416,11 +464,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     final = out / "final"
     if final.exists():
         _rmtree(final)
-    save_policy(final, model.eval(), processor,
-                {"train_config": cfg.to_dict(), "step": step, "history": state["history"],
-                 "init_from_config": state.get("init_from_config"),
-                 "episodes": [p.name for p in episode_paths],
-                 "val_episodes": sorted(episode_paths[i].name for i in val_eps)})
+    save_policy(
+        final,
+        model.eval(),
+        processor,
+        {
+            "train_config": cfg.to_dict(),
+            "step": step,
+            "history": state["history"],
+            "init_from_config": state.get("init_from_config"),
+            "episodes": [p.name for p in episode_paths],
+            "val_episodes": sorted(episode_paths[i].name for i in val_eps),
+        },
+    )
     return final
 
 
@@ -431,8 +487,10 @@ def read_json_file(path: Path, what: str):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found ({what})") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({one_line(exc)}): the file holding {what} is damaged; "
-                         "restore it from a copy (or train again)") from None
+        raise ValueError(
+            f"{path} is not valid JSON ({one_line(exc)}): the file holding {what} is damaged; "
+            "restore it from a copy (or train again)"
+        ) from None
 
 
 def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
@@ -443,8 +501,10 @@ def read_tensors_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"{path} cannot be read as safetensors ({one_line(exc)}): the file is damaged; delete it "
-                         "to resume without it, or start the run again") from None
+        raise ValueError(
+            f"{path} cannot be read as safetensors ({one_line(exc)}): the file is damaged; delete it "
+            "to resume without it, or start the run again"
+        ) from None
 
 
 def train_config_of(path: Path, spec_only: bool = False) -> TrainConfig:
@@ -456,8 +516,10 @@ def train_config_of(path: Path, spec_only: bool = False) -> TrainConfig:
             return TrainConfig(episodes="", out="", spec=SmallPi0Spec(**record["train_config"]["spec"]))
         return TrainConfig.from_dict(record["train_config"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path} does not hold a qvla-train training record ({one_line(exc)}); pass --spec "
-                         "explicitly, or point at a directory written by qvla-train") from None
+        raise ValueError(
+            f"{path} does not hold a qvla-train training record ({one_line(exc)}); pass --spec "
+            "explicitly, or point at a directory written by qvla-train"
+        ) from None
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -500,16 +562,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     p.add_argument("--shift-augment", type=int, default=TrainConfig.shift_augment)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--spec", default="{}", help='JSON overrides of the model size, e.g. \'{"width": 192}\'')
+    p.add_argument("--spec", default="{}", help="JSON overrides of the model size, e.g. '{\"width\": 192}'")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", help="fine-tune: start from this policy directory's weights and processor")
     p.add_argument("--warmup-steps", type=int, default=TrainConfig.warmup_steps)
-    p.add_argument("--wrist-dropout", type=float, default=TrainConfig.wrist_dropout,
-                   help="probability of blanking a sample's wrist cameras (forces use of the top camera)")
-    p.add_argument("--state-dropout", type=float, default=TrainConfig.state_dropout,
-                   help="probability of replacing a sample's state input by the dataset mean")
-    p.add_argument("--object-aux-weight", type=float, default=TrainConfig.object_aux_weight,
-                   help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)")
+    p.add_argument(
+        "--wrist-dropout",
+        type=float,
+        default=TrainConfig.wrist_dropout,
+        help="probability of blanking a sample's wrist cameras (forces use of the top camera)",
+    )
+    p.add_argument(
+        "--state-dropout",
+        type=float,
+        default=TrainConfig.state_dropout,
+        help="probability of replacing a sample's state input by the dataset mean",
+    )
+    p.add_argument(
+        "--object-aux-weight",
+        type=float,
+        default=TrainConfig.object_aux_weight,
+        help="weight of the auxiliary object-localization loss (sim recordings; 0 = off)",
+    )
     args = p.parse_args(argv)
     from qvla_ros.episodes.reader import EpisodeError
 
@@ -522,16 +596,30 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 spec = SmallPi0Spec(**json.loads(args.spec))
             except (ValueError, TypeError) as exc:
-                raise ValueError(f"--spec {args.spec!r} is not a JSON object of SmallPi0Spec fields "
-                                 f"({one_line(exc)})") from None
+                raise ValueError(
+                    f"--spec {args.spec!r} is not a JSON object of SmallPi0Spec fields ({one_line(exc)})"
+                ) from None
             if args.init_from and args.spec == "{}":  # the source's own sizes
                 spec = train_config_of(Path(args.init_from) / "train_config.json", spec_only=True).spec
-            cfg = TrainConfig(episodes=args.episodes, out=args.out, spec=spec, steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
-                              val_episodes=args.val_episodes, checkpoint_every=args.checkpoint_every,
-                              shift_augment=args.shift_augment, threads=args.threads, init_from=args.init_from,
-                              warmup_steps=args.warmup_steps, object_aux_weight=args.object_aux_weight,
-                              wrist_dropout=args.wrist_dropout, state_dropout=args.state_dropout)
+            cfg = TrainConfig(
+                episodes=args.episodes,
+                out=args.out,
+                spec=spec,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                data_seed=args.data_seed,
+                val_episodes=args.val_episodes,
+                checkpoint_every=args.checkpoint_every,
+                shift_augment=args.shift_augment,
+                threads=args.threads,
+                init_from=args.init_from,
+                warmup_steps=args.warmup_steps,
+                object_aux_weight=args.object_aux_weight,
+                wrist_dropout=args.wrist_dropout,
+                state_dropout=args.state_dropout,
+            )
         final = train(cfg, resume=args.resume)
     except (ValueError, OSError, TypeError, EpisodeError) as exc:  # PolicyFormatError, bad files, bad --spec
         print(f"qvla-train: error: {one_line(exc)}", file=sys.stderr)

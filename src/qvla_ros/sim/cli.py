@@ -67,11 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, type=Path, help="output directory (created; existing episodes are kept)")
     r.add_argument("-n", "--episodes", type=_positive, default=10, help="successful episodes to add (default 10)")
     r.add_argument("--seed0", type=_nonnegative, default=0, help="first seed to try (default 0)")
-    r.add_argument("--max-attempts", type=_positive, default=None,
-                   help="give up after this many tries (default 2N + 10)")
+    r.add_argument(
+        "--max-attempts", type=_positive, default=None, help="give up after this many tries (default 2N + 10)"
+    )
     r.add_argument("--image-size", type=_image_size, default=(240, 320), help="HEIGHTxWIDTH (default 240x320)")
-    r.add_argument("--command-mode", choices=("interpolate", "hold"), default="interpolate",
-                   help="how 30 Hz commands reach the 50 Hz physics (default interpolate)")
+    r.add_argument(
+        "--command-mode",
+        choices=("interpolate", "hold"),
+        default="interpolate",
+        help="how 30 Hz commands reach the 50 Hz physics (default interpolate)",
+    )
     r.add_argument("--topics", type=Path, default=None, help="topic configuration (default config/topics.yaml)")
     r.add_argument("--no-compress", action="store_true", help="store MCAP chunks uncompressed")
     r.add_argument("--keep-failed", action="store_true", help="also keep failed episodes (marked success=false)")
@@ -85,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="PNG file to write")
     s.add_argument("--seed", type=_nonnegative, default=0)
     s.add_argument("--image-size", type=_image_size, default=(240, 320))
-    s.add_argument("--cameras", type=_cameras, default=("top", "left_wrist", "right_wrist"),
-                   help="comma-separated camera names (default top,left_wrist,right_wrist)")
+    s.add_argument(
+        "--cameras",
+        type=_cameras,
+        default=("top", "left_wrist", "right_wrist"),
+        help="comma-separated camera names (default top,left_wrist,right_wrist)",
+    )
     return p
 
 
@@ -138,8 +147,9 @@ def cmd_record_demos(args) -> int:
             if res.path is not None:
                 index += 1
                 total_bytes += res.bytes
-            bar.set_postfix(tries=attempts, ok=f"{kept + res.success}/{attempts}", last=f"{res.wall_s:.1f}s",
-                            refresh=False)
+            bar.set_postfix(
+                tries=attempts, ok=f"{kept + res.success}/{attempts}", last=f"{res.wall_s:.1f}s", refresh=False
+            )
             if res.success:
                 kept += 1
                 bar.update(1)
@@ -150,8 +160,11 @@ def cmd_record_demos(args) -> int:
         f"(expert success {rate:.0%}), {total_bytes / 1e6:.1f} MB, {time.perf_counter() - t0:.0f} s"
     )
     if kept < args.episodes:
-        print(f"qvla-sim: error: only {kept} of {args.episodes} episodes succeeded within {max_attempts} attempts; "
-              "raise --max-attempts", file=sys.stderr)
+        print(
+            f"qvla-sim: error: only {kept} of {args.episodes} episodes succeeded within {max_attempts} attempts; "
+            "raise --max-attempts",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

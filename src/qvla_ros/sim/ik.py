@@ -10,10 +10,10 @@ import mujoco
 import numpy as np
 
 ARM_JOINTS = {
-    "left": [f"vx300s_left/{j}" for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle",
-                                          "wrist_rotate")],
-    "right": [f"vx300s_right/{j}" for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle",
-                                            "wrist_rotate")],
+    "left": [f"vx300s_left/{j}" for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")],
+    "right": [
+        f"vx300s_right/{j}" for j in ("waist", "shoulder", "elbow", "forearm_roll", "wrist_angle", "wrist_rotate")
+    ],
 }
 # The fingertip centre in the gripper_link frame (x points from the wrist to the fingers, y is the pinch axis).
 TIP_OFFSET = np.array([0.15, 0.0, 0.0])

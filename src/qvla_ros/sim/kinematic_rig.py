@@ -27,9 +27,16 @@ class KinematicObservation:
 
 
 class KinematicRig:
-    def __init__(self, task: str = "transfer_cube", image_size: tuple[int, int] = (240, 320),
-                 camera_names: tuple[str, ...] = ("top", "left_wrist", "right_wrist"), control_hz: float = 50,
-                 command_hz: float = 30, seed: int | None = None, time_constant: float = 0.05):
+    def __init__(
+        self,
+        task: str = "transfer_cube",
+        image_size: tuple[int, int] = (240, 320),
+        camera_names: tuple[str, ...] = ("top", "left_wrist", "right_wrist"),
+        control_hz: float = 50,
+        command_hz: float = 30,
+        seed: int | None = None,
+        time_constant: float = 0.05,
+    ):
         self.task = task
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.camera_names = tuple(camera_names)

@@ -82,6 +82,7 @@ def record_episode(
     t0 = time.perf_counter()
     writer = EpisodeWriter(partial, cfg, metadata=_metadata(rig, expert, seed), compress=compress)
     with writer:
+
         def on_physics(r: SimRig) -> None:
             if r.time == 0.0:
                 stamp = sim_stamp_ns(0.0)

@@ -39,12 +39,29 @@ INSTRUCTIONS = {
     "insertion": "pick up the peg and the socket and insert the peg into the socket",
 }
 # The scene's cameras by the rig's names (the real rig's external camera is called `top` here too).
-CAMERAS = {"top": "top", "left_wrist": "left_wrist", "right_wrist": "right_wrist", "angle": "angle",
-           "front_close": "front_close"}
+CAMERAS = {
+    "top": "top",
+    "left_wrist": "left_wrist",
+    "right_wrist": "right_wrist",
+    "angle": "angle",
+    "front_close": "front_close",
+}
 DEFAULT_CAMERAS = ("top", "left_wrist", "right_wrist")
 JOINT_NAMES = (
-    "left_joint1", "left_joint2", "left_joint3", "left_joint4", "left_joint5", "left_joint6", "left_gripper",
-    "right_joint1", "right_joint2", "right_joint3", "right_joint4", "right_joint5", "right_joint6", "right_gripper",
+    "left_joint1",
+    "left_joint2",
+    "left_joint3",
+    "left_joint4",
+    "left_joint5",
+    "left_joint6",
+    "left_gripper",
+    "right_joint1",
+    "right_joint2",
+    "right_joint3",
+    "right_joint4",
+    "right_joint5",
+    "right_joint6",
+    "right_gripper",
 )
 # gym-aloha's start pose and its puppet finger stroke (one finger's slide joint, m) for normalized opening 0..1.
 START_ARM_QPOS = (0.0, -0.96, 1.16, 0.0, -0.3, 0.0)
@@ -344,8 +361,10 @@ class SimRig:
         d = self.data
         return np.concatenate(
             [
-                d.qpos[ARM_QPOS["left"]], [normalized_from_finger(d.qpos[FINGER_QPOS["left"]])],
-                d.qpos[ARM_QPOS["right"]], [normalized_from_finger(d.qpos[FINGER_QPOS["right"]])],
+                d.qpos[ARM_QPOS["left"]],
+                [normalized_from_finger(d.qpos[FINGER_QPOS["left"]])],
+                d.qpos[ARM_QPOS["right"]],
+                [normalized_from_finger(d.qpos[FINGER_QPOS["right"]])],
             ]
         )
 
@@ -354,8 +373,10 @@ class SimRig:
         scale = 1.0 / (FINGER_OPEN - FINGER_CLOSED)
         return np.concatenate(
             [
-                d.qvel[ARM_QPOS["left"]], [d.qvel[FINGER_QPOS["left"]] * scale],
-                d.qvel[ARM_QPOS["right"]], [d.qvel[FINGER_QPOS["right"]] * scale],
+                d.qvel[ARM_QPOS["left"]],
+                [d.qvel[FINGER_QPOS["left"]] * scale],
+                d.qvel[ARM_QPOS["right"]],
+                [d.qvel[FINGER_QPOS["right"]] * scale],
             ]
         )
 
@@ -403,8 +424,11 @@ class SimRig:
                 r = mujoco.Renderer(self.model, height=h, width=w)
             except Exception as e:  # the GL backends raise a variety of types
                 raise RigError(_gl_error_message(e)) from e
-            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                         mujoco.mjtRndFlag.mjRND_SKYBOX):
+            for flag in (
+                mujoco.mjtRndFlag.mjRND_SHADOW,
+                mujoco.mjtRndFlag.mjRND_REFLECTION,
+                mujoco.mjtRndFlag.mjRND_SKYBOX,
+            ):
                 r.scene.flags[flag] = 0
             self._renderer = r
         return self._renderer

@@ -50,8 +50,10 @@ def make_teleop(rig, kind: str = "scripted"):
     if not hasattr(rig, "model"):  # the kinematic stand-in: no scene to script against
         return SweepTeleop()
     if rig.task != "transfer_cube":
-        raise ValueError(f"no scripted teleoperator for task {rig.task!r} (only transfer_cube); set sim.teleop "
-                         "false and drive the rig from your own node")
+        raise ValueError(
+            f"no scripted teleoperator for task {rig.task!r} (only transfer_cube); set sim.teleop "
+            "false and drive the rig from your own node"
+        )
     from qvla_ros.sim.expert import TransferCubeExpert
 
     return TransferCubeExpert()
