@@ -7,6 +7,8 @@ time, for budgets {8, 6, 4, 3, 2.5}.
     .venv/bin/python bench/bench_quant.py --alloc-only    # only the allocation section: solvers' time and gaps (~3 min)
     .venv/bin/python bench/bench_quant.py --calibration-timing --timing-episodes /tmp/demos
                                   # only calibration of the committed policy with/without the reused VLM prefix
+    .venv/bin/python bench/bench_quant.py --groups 128    # only QVLA with/without grouped choices on the committed
+                                  # policy, teacher-forced on recorded episodes, at 3 and 2.5 bits (~15 min, 2 cores)
 
 What is measured, and what is not:
 - The policies are RANDOM-WEIGHT π0s (transformers' PI0ForConditionalGeneration) fed random-but-fixed inputs in the
@@ -42,6 +44,19 @@ What is measured, and what is not:
   processor the robot uses), two-stage aligned proxy for all channels, exact for the top --timing-exact-fraction,
   once with the VLM prefix reused for the action expert's exact passes (CalibrationConfig.prefix_cache) and once
   without, in the same process; prints both times and the largest difference of the two sensitivity tables.
+- `--groups G[,G2]` (issue 11, group-wise scales chosen per row): models/sim_transfer_cube_fp (a trained policy)
+  calibrated on recorded episodes of data/demos (--groups-calib-episodes episodes x --groups-samples-per-episode
+  observations, the processor the robot uses; two-stage, aligned proxy, exact for the top --groups-exact-fraction
+  per column and 64 random pairs), once per-row only and once per group size with the grouped columns
+  (CalibrationConfig.group_size); then QVLA (greedy, lagrangian) at --groups-budgets (3, 2.5) without grouped
+  choices (the per-row calibration), with them, and with them switched off on the grouped calibration's own tables
+  (AllocationConfig(groups=False): the same numbers, so the difference is the choice alone), beside uniform RTN
+  W3 per-row and W2 grouped. Action MSE: teacher forcing, i.e. the policy's action chunk on recorded observations
+  of --groups-eval-episodes other episodes (the robot's processor, the adapter's fixed noise), against the FP
+  policy's chunk on the same observations; not a closed-loop rollout. "avg bits" is the plan's budget measure (a
+  grouped row's extra scales and zero points included), "stored" the packed bits per planned weight (bf16 copy:
+  codes, fp32 scales, uint8 zeros, int32 row indices, 16-bit rows), "grouped" the share of planned rows stored
+  with group-wise scales.
 - Allocation section (after the models, or alone with `--alloc-only`): time and gap to the lower bound of the paper's
   greedy and of the optimal solver ("lagrangian": Lagrangian sweep + exact repair of the open core) on (a) a
   synthetic problem of 10 M channels x 5 bit choices shaped like measured sensitivities (log-normal gains per
@@ -317,13 +332,21 @@ def compare_solvers(label: str, make_problem, budgets) -> list[dict]:
                 f"{(a['total_error'] - a['dual_bound']) / a['dual_bound']:+.1e}; {a['core_channels']} channels "
                 "left to the exact repair")  # fmt: skip
         greedy, g_wall, g_cpu = _timed(lambda p=problem: greedy_allocate(p))
-        g_err = problem.error(greedy.bits)
-        for solver, w, c, bits, err, extra in (
-            ("lagrangian", wall, cpu, result.bits, a["total_error"], note),
-            ("greedy", g_wall, g_cpu, greedy.bits, g_err, f"{g_err / a['total_error']:.2f}x the optimal error"),
+        g_err = problem.error(greedy.bits, greedy.grouped)
+        for solver, w, c, bits, grouped, err, extra in (
+            ("lagrangian", wall, cpu, result.bits, result.grouped, a["total_error"], note),
+            (
+                "greedy",
+                g_wall,
+                g_cpu,
+                greedy.bits,
+                greedy.grouped,
+                g_err,
+                f"{g_err / a['total_error']:.2f}x the optimal error",
+            ),
         ):
             gap = (err - lower) / lower if lower > 0 else 0.0
-            avg = problem.total_bits(bits) / problem.n_weights
+            avg = problem.total_bits(bits, grouped) / problem.n_weights
             print(f"{budget:>6g}  {solver:<10} {build_wall:>7.2f} {w:>7.2f} {c:>7.2f} {avg:>8.4f} {err:>11.5g} "
                   f"{lower:>11.5g} {gap:>9.2e}  {extra}", flush=True)  # fmt: skip
             rows.append({"set": label, "budget": budget, "solver": solver, "build_s": build_wall, "wall_s": w,
@@ -363,6 +386,81 @@ def run_allocation(args) -> list[dict]:
             args.alloc_budgets,
         )
     return rows
+
+
+def run_groups(args) -> dict:
+    """`--groups`: QVLA with and without grouped choices on the committed policy at --groups-budgets (module
+    docstring): teacher-forced action MSE vs FP, the plan's average bits and the stored bits per weight."""
+    from qvla_quant.baselines import grouped_plan
+    from qvla_ros.policy.quantize import calibration_batches, policy_adapter
+
+    policy = Path(args.timing_policy)
+    episodes = sorted(p for p in Path(args.timing_episodes).iterdir() if p.is_dir())
+    n_cal, n_eval = args.groups_calib_episodes, args.groups_eval_episodes
+    if len(episodes) < n_cal + n_eval:
+        raise SystemExit(f"--groups needs {n_cal + n_eval} episodes in {args.timing_episodes}, found {len(episodes)}")
+    processor, adapter = policy_adapter(policy)
+    per = args.groups_samples_per_episode
+    calib = calibration_batches(episodes[:n_cal], processor, per, 8, seed=0).batches
+    evals = calibration_batches(episodes[n_cal : n_cal + n_eval], processor, per, 8, seed=1).batches
+    n_calib, n_evals = (sum(adapter.batch_size(b) for b in x) for x in (calib, evals))
+    reference = [adapter.predict(b) for b in evals]
+    scale = sum(float(r.pow(2).mean()) for r in reference) / len(reference)
+    print(f"\n=== group-wise scales chosen per row: {policy.name}, calibration {n_calib} observations of {n_cal} "
+          f"recorded episodes, evaluation (teacher forcing) {n_evals} observations of {n_eval} other episodes; "
+          f"action MSE vs FP; mean FP action^2 {scale:.4g} ===", flush=True)  # fmt: skip
+    sens, calib_s = {}, {}
+    for g in (None, *args.groups):
+        config = CalibrationConfig(
+            exact_fraction=args.groups_exact_fraction, rank_sample=64, channels_per_pass=args.channels_per_pass,
+            progress=not args.quiet, group_size=g,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        sens[g] = calibrate(adapter, calib, config)
+        calib_s[g] = time.perf_counter() - t0
+        r = sens[g].report
+        print(f"calibration {'per-row' if g is None else f'g{g}'}: {calib_s[g]:.1f} s, columns "
+              f"{[c.label for c in sens[g].choices]}, {r['n_exact_rows']} rows exact, spearman(exact, aligned) "
+              f"{r['rank_correlation']['aligned']['all']:.3f} on {r['rank_correlation']['aligned']['n']} pairs",
+              flush=True)  # fmt: skip
+    template = allocate(sens[None], 16.0)  # the layer set QVLA plans, for the RTN rows
+    clip = QuantConfig(weight=WeightQuantConfig())
+    rows = []
+
+    def add(budget, method, plan, note=""):
+        mse, _, overhead, secs = evaluate(adapter, plan, evals, reference)
+        n_rows = sum(lp.out_features for lp in plan.layers.values())
+        grouped = sum(sum(lp.grouped or []) for lp in plan.layers.values()) / n_rows
+        rows.append({"budget": budget, "method": method, "avg_bits": plan.average_bits(),
+                     "stored_bits": plan.average_bits() + overhead, "grouped": grouped, "mse": mse,
+                     "rel_mse": mse / scale, "note": note, "eval_s": secs})  # fmt: skip
+        row = rows[-1]
+        print(f"{budget:>6g}  {method:<26} {row['avg_bits']:>8.3f} {row['stored_bits']:>7.3f} {grouped:>7.1%} "
+              f"{mse:>11.3e} {mse / scale:>10.2e}  {note}", flush=True)  # fmt: skip
+
+    head = f"{'budget':>6}  {'method':<26} {'avg bits':>8} {'stored':>7} {'grouped':>7} {'action MSE':>11} " \
+           f"{'MSE/E[a^2]':>10}  note"  # fmt: skip
+    print(f"{head}\n{'-' * len(head)}", flush=True)
+    labels = {"greedy": "qvla-greedy", "lagrangian": "qvla-lagr"}
+    for budget in args.groups_budgets:
+        for solver in ("greedy", "lagrangian"):
+            plan = allocate(sens[None], budget, AllocationConfig(solver=solver))
+            error = plan.info["allocation"]["total_error"]
+            add(budget, labels[solver], plan, f"per-row calibration; error {error:.3e}")
+            for g in args.groups:
+                for groups in (True, False):
+                    plan = allocate(sens[g], budget, AllocationConfig(solver=solver, groups=groups))
+                    a = plan.info["allocation"]
+                    name = f"{labels[solver]} g{g}" + ("" if groups else " off")
+                    what = "grouped choices" if groups else "same tables, grouped choices off"
+                    add(budget, name, plan, f"{what}; error {a['total_error']:.3e}")
+        if budget == 3.0:
+            add(3.0, "rtn-channel W3+clip", uniform_plan(template, 3, quant=clip))
+        if budget == 2.5:
+            for g in args.groups:
+                add(2.5, f"rtn-group{g} W2+clip", grouped_plan(template, 2, g, quant=clip), "nearest uniform point")
+    return {"block": "groups", "policy": str(policy), "n_calib": n_calib, "n_eval": n_evals,
+            "calibration_s": {str(k): v for k, v in calib_s.items()}, "rows": rows}  # fmt: skip
 
 
 def run_calibration_timing(args) -> dict:
@@ -443,24 +541,46 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-per-pass", type=int, default=32)
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--baselines", default="awq,gptq,smoothquant,module",
-                        help="LLM-derived baseline rows (qvla_quant.llm_baselines); '' for none")
-    parser.add_argument("--rtn-groups", action="store_true",
-                        help="only the RTN block: per-row W8/W4/W3/W2 vs group-wise (g 128, 64); no calibration")
+    parser.add_argument(
+        "--baselines",
+        default="awq,gptq,smoothquant,module",
+        help="LLM-derived baseline rows (qvla_quant.llm_baselines); '' for none",
+    )
+    parser.add_argument(
+        "--rtn-groups",
+        action="store_true",
+        help="only the RTN block: per-row W8/W4/W3/W2 vs group-wise (g 128, 64); no calibration",
+    )
     parser.add_argument("--alloc-only", action="store_true", help="only the allocation section (solvers' time, gaps)")
     parser.add_argument("--alloc-channels", type=int, default=10_000_000, help="channels of the synthetic problem")
     parser.add_argument("--alloc-budgets", default="4,3,2", help="budgets of the allocation section")
     parser.add_argument("--alloc-policy", default=str(Path(__file__).resolve().parents[1] / "models" /
                         "sim_transfer_cube_fp"), help="policy whose layers it uses too ('': none)")  # fmt: skip
-    parser.add_argument("--calibration-timing", action="store_true",
-                        help="only issue 11.5's block: calibration of --timing-policy with and without the VLM prefix")
+    parser.add_argument(
+        "--calibration-timing",
+        action="store_true",
+        help="only issue 11.5's block: calibration of --timing-policy with and without the VLM prefix",
+    )
     parser.add_argument("--timing-policy", default=str(Path(__file__).resolve().parents[1] / "models" /
                         "sim_transfer_cube_fp"))  # fmt: skip
-    parser.add_argument("--timing-episodes", default=str(Path(__file__).resolve().parents[1] / "data" / "demos"),
-                        help="recorded episodes (qvla-sim record-demos --out data/demos)")
+    parser.add_argument(
+        "--timing-episodes",
+        default=str(Path(__file__).resolve().parents[1] / "data" / "demos"),
+        help="recorded episodes (qvla-sim record-demos --out data/demos)",
+    )
     parser.add_argument("--timing-samples-per-episode", type=int, default=4)
     parser.add_argument("--timing-exact-fraction", type=float, default=0.05)
     parser.add_argument("--timing-rank-sample", type=int, default=64)
+    parser.add_argument(
+        "--groups",
+        help="only the grouped-choice block: QVLA with/without grouped choices at these "
+        "group sizes (e.g. 128 or 128,64) on --timing-policy, episodes from --timing-episodes",
+    )
+    parser.add_argument("--groups-budgets", default="3,2.5")
+    parser.add_argument("--groups-calib-episodes", type=int, default=4)
+    parser.add_argument("--groups-eval-episodes", type=int, default=4)
+    parser.add_argument("--groups-samples-per-episode", type=int, default=2)
+    parser.add_argument("--groups-exact-fraction", type=float, default=0.01)
     args = parser.parse_args(argv)
     args.budgets = tuple(float(b) for b in args.budgets.split(","))
     args.alloc_budgets = tuple(float(b) for b in args.alloc_budgets.split(","))
@@ -468,6 +588,13 @@ def main(argv=None) -> int:
     args.exact_fraction = {"tiny": 0.05, "large": 0.005}
     torch.set_num_threads(args.threads)
     results = []
+    if args.groups:
+        args.groups = tuple(int(g) for g in args.groups.split(","))
+        args.groups_budgets = tuple(float(b) for b in args.groups_budgets.split(","))
+        results = [run_groups(args)]
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        return 0
     if args.calibration_timing:
         results = [run_calibration_timing(args)]
         if args.json:

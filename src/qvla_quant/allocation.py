@@ -7,11 +7,22 @@ over weights is what memory follows). Per-row scale/zero overhead is not counted
 separately). Eq. 7 is then a multiple-choice knapsack: each channel c picks one width b (cost b * K_c bits, error
 s_c(b)), total cost <= floor(budget * weights), minimum total error.
 
+Grouped choices: when the sensitivity has grouped columns (`CalibrationConfig.group_size` g) and
+`AllocationConfig.groups` allows them, a row at a candidate width b in GROUPED_BITS may also take "bg" (group-wise
+scales), at its plan cost b * K + 40 * (ceil(K / g) - 1) (`quantizer.row_choice_costs`: the extra fp32 scales and
+uint8 zero points are in the budget, so budgets stay exact in `Plan.average_bits`). The choices of every row are
+then the columns in ascending cost (0, 2, 2g, 4, 4g, 8, 16: with g >= 64 a grouped variant costs less than one more
+bit), their costs no longer proportional to the bits. A layer whose rows fit in one group (K <= g) has no grouped
+choice (it would be the per-row row under another name). Without grouped columns every number below is what it was.
+
 Greedy demotion (`solver="greedy"`, the paper's Sec. 3.3.2): every channel starts at 16 bits; stages
 16 -> 8 -> 4 -> 2 -> 0 (consecutive members of the candidate bit set, e.g. {2, 4, 8, 16} has no pruning stage);
 within a stage the channels still at b_hi are demoted in ascending order of
     rho = (s^(b_lo) - s^(b_hi)) / ((b_hi - b_lo) * K)            (action error added per weight-bit saved)
 ties broken by (layer name, row index), and the run stops right after the demotion that makes the budget hold.
+With grouped choices the stages run over the choices in descending cost, 16 -> 8 -> 4g -> 4 -> 2g -> 2 -> 0,
+rho being the error added per plan bit saved (cost(hi) - cost(lo) in the denominator); a row without the grouped
+choice (K <= g) goes straight to the next per-row width in that stage.
 Before the first stage, rows that are dead (s = 0 at every bit: their layer never reaches the action, or the row
 is all zeros) are pruned first, in (layer name, row) order, under the same stopping rule: the paper's stage order
 would otherwise keep provably useless rows at 8 bits whenever the budget is >= 2.
@@ -29,12 +40,17 @@ at the first demotion that reaches the budget, never later. A budget below the l
 guards and the fixed layers allow raises `BudgetError` naming that minimum.
 
 Optimal (`solver="lagrangian"`, the name kept from the Lagrangian heuristic it replaces, so that configs, plans
-("qvla-lagrangian") and CLI choices keep working and mean "the best allocation"), in three steps:
+("qvla-lagrangian") and CLI choices keep working and mean "the best allocation"), in three steps. Below, b K_c is
+the cost of choice b of channel c; with grouped choices it is that choice's plan cost c_c(b) (b K_c plus its extra
+scales and zero points): nothing in the three steps or their bounds needs costs proportional to the bits (weak
+duality holds for any costs, the relaxed minimizer's cost falls with lambda for any costs, and the reduced-cost
+identity is an identity), only integer costs ascending with the column (ties to the cheaper choice).
 1. Lagrangian relaxation of the budget with a multiplier lambda >= 0 (the caps kept): each channel takes argmin_b
    s_c(b) + lambda b K_c (ties to fewer bits), a vertex of the lower convex hull of its (cost, error) points; in a
    layer whose cap binds, the rows that gain most from pruning keep 0 bits and the others take their best non-zero
    width (exact for that layer). With B the bits available to the allocated layers (rounded down to a multiple of
-   gcd(bits) * gcd(fan-ins), which every allocation's cost is), its value
+   gcd(bits) * gcd(fan-ins), which every allocation's cost is; with grouped choices, of the gcd of every choice's
+   cost in every layer), its value
        L(lambda) = sum_c min_b [s_c(b) + lambda b K_c] - lambda * B
    is a lower bound on the optimum for every lambda, and the smallest lambda whose choice meets the budget
    maximizes it (the LP relaxation: every channel at a hull vertex but one fractional channel). It is found by
@@ -74,7 +90,7 @@ from qvla_quant.config import ActivationQuantConfig, AllocationConfig, QuantConf
 from qvla_quant.fingerprint import fingerprint_id
 from qvla_quant.layers import LayerDesc
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import KEEP_BITS, PRUNE_BITS
+from qvla_quant.quantizer import KEEP_BITS, PRUNE_BITS, RowChoice, row_choice_costs
 from qvla_quant.roles import PlanTemplate
 from qvla_quant.sensitivity_store import Sensitivity
 
@@ -87,7 +103,12 @@ class BudgetError(ValueError):
 @dataclass
 class AllocationProblem:
     """The flattened problem: C channels of the allocated layers, their sensitivities at the candidate bits
-    (ascending), guards, fixed layers, and the budget as an integer number of bits."""
+    (ascending), guards, fixed layers, and the budget as an integer number of bits.
+
+    With grouped choices (module docstring), the columns of s are `choices` in ascending cost, `bits` their widths
+    (a width appears twice, per-row and grouped), `group_size` g and `overhead` [C] the extra plan bits of a grouped
+    row, 40 * (ceil(K/g) - 1) (0: the layer's rows fit in one group, its grouped columns are not allowed). Without,
+    choices are the per-row `bits` and overhead is None."""
 
     layers: list[LayerDesc]
     bits: tuple[int, ...]
@@ -104,10 +125,23 @@ class AllocationProblem:
     n_weights: int
     fixed_bits: int
     config: AllocationConfig = field(default_factory=AllocationConfig)
+    choices: tuple[RowChoice, ...] = ()
+    group_size: int | None = None
+    overhead: torch.Tensor | None = None  # [C] int64
+
+    def __post_init__(self):
+        if not self.choices:
+            self.choices = tuple(RowChoice(b) for b in self.bits)
+        self.column_bits = torch.tensor(self.bits, dtype=torch.int64)
+        self.column_grouped = torch.tensor([c.grouped for c in self.choices], dtype=torch.bool)
 
     @property
     def auto_limit(self) -> int:
         return self.limit - self.fixed_bits
+
+    @property
+    def has_groups(self) -> bool:
+        return self.overhead is not None
 
     @classmethod
     def from_tables(
@@ -119,8 +153,12 @@ class AllocationProblem:
         *,
         fixed: dict[str, LayerPlan] | None = None,
         dead_layers: set[str] | frozenset = frozenset(),
+        group_size: int | None = None,
     ) -> AllocationProblem:
-        """tables: name -> (fan_in, s [out, len(bits)]) or [(LayerDesc, s)]; `bits` label the columns of s."""
+        """tables: name -> (fan_in, s [out, len(bits)]) or [(LayerDesc, s)]; `bits` label the columns of s: bit-widths
+        (per-row), or row choices (RowChoice or labels such as "4g": grouped columns need the `group_size` they
+        were measured with). The candidates are the per-row `config.bits` and, when `config.groups`, the grouped
+        columns of those widths."""
         config = config or AllocationConfig()
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
             raise BudgetError(f"budget must be a finite number of bits per weight, got {budget!r}")
@@ -129,13 +167,28 @@ class AllocationProblem:
         items = tables if isinstance(tables, list) else [
             (LayerDesc(name, "other", "linear", s.shape[0], int(k)), s) for name, (k, s) in tables.items()
         ]  # fmt: skip
-        missing = [b for b in config.bits if b not in bits]
-        if missing:
+        columns = [b if isinstance(b, RowChoice) else RowChoice.parse(b) for b in bits]
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"sensitivity columns {[c.label for c in columns]} name a row choice twice")
+        if any(c.grouped for c in columns) and group_size is None:
             raise ValueError(
-                f"no sensitivity for candidate bit-widths {missing} (measured: {list(bits)}); calibrate with them "
+                f"sensitivity columns {[c.label for c in columns if c.grouped]} are grouped: give the group_size "
+                "they were calibrated with"
+            )
+        missing = [b for b in config.bits if RowChoice(b) not in columns]
+        if missing:
+            measured = [c.bits for c in columns] if not any(c.grouped for c in columns) else [c.label for c in columns]
+            raise ValueError(
+                f"no sensitivity for candidate bit-widths {missing} (measured: {measured}); calibrate with them "
                 "or drop them from the allocation bits"
             )
-        cols = [list(bits).index(b) for b in config.bits]
+        choices = [RowChoice(b) for b in config.bits]
+        if config.groups:
+            choices += [c for c in columns if c.grouped and c.bits in config.bits]
+        choices = sorted(choices)  # ascending cost (the quantizer's order)
+        if not any(c.grouped for c in choices):
+            group_size = None
+        cols = [columns.index(c) for c in choices]
         layers, s_parts = [], []
         for meta, s in items:
             s = torch.as_tensor(s, dtype=torch.float64)
@@ -148,12 +201,13 @@ class AllocationProblem:
         s = torch.cat(s_parts) if s_parts else torch.zeros(0, len(bits), dtype=torch.float64)
         sizes = torch.tensor([m.out_features for m in layers], dtype=torch.int64)
         starts = torch.cumsum(sizes, 0) - sizes
-        if not bool(torch.isfinite(s).all()):
-            bad = next(m.name for m, si in zip(layers, s_parts) if not bool(torch.isfinite(si).all()))
-            raise ValueError(f"{bad}: sensitivities must be finite")
         del s_parts
         if cols != list(range(len(bits))):
-            s = s[:, cols].contiguous()
+            s = s[:, cols].contiguous()  # the candidates only: another column may be anything
+        if not bool(torch.isfinite(s).all()):
+            first = int((~torch.isfinite(s)).any(1).nonzero()[0])
+            bad = layers[int(torch.searchsorted(starts + sizes, first, right=True))].name
+            raise ValueError(f"{bad}: sensitivities must be finite")
         layer_of = torch.repeat_interleave(torch.arange(len(layers)), sizes)
         row = torch.arange(len(s)) - starts[layer_of]
         fan = torch.tensor([m.fan_in for m in layers], dtype=torch.int64)[layer_of]
@@ -166,6 +220,9 @@ class AllocationProblem:
         if config.prune_abs_threshold is not None or config.prune_rel_threshold is not None:
             for a, n in zip(starts.tolist(), sizes.tolist()):
                 protected[a : a + n] = _guarded(s[a : a + n], dead[a : a + n], config)
+        overhead = None
+        if group_size is not None:
+            overhead = _layer_overheads(layers, choices, group_size)[layer_of]
         caps = [math.floor(config.max_pruned_fraction * m.out_features + 1e-9) for m in layers]
         fixed = dict(fixed or {})
         n_weights = sum(m.out_features * m.fan_in for m in layers) + sum(lp.n_weights for lp in fixed.values())
@@ -174,7 +231,7 @@ class AllocationProblem:
         limit = math.floor(Fraction(repr(float(budget))) * n_weights)
         return cls(
             layers=layers,
-            bits=config.bits,
+            bits=tuple(c.bits for c in choices),
             s=s,
             layer_of=layer_of,
             row=row,
@@ -188,6 +245,9 @@ class AllocationProblem:
             n_weights=n_weights,
             fixed_bits=sum(lp.total_bits for lp in fixed.values()),
             config=config,
+            choices=tuple(choices),
+            group_size=group_size,
+            overhead=overhead,
         )
 
     @classmethod
@@ -214,17 +274,62 @@ class AllocationProblem:
                 fixed[name] = LayerPlan(
                     name, meta.role, meta.kind, meta.out_features, meta.fan_in, [rule] * meta.out_features
                 )
-        return cls.from_tables(items, sens.bits, budget, config, fixed=fixed, dead_layers=set(sens.dead_layers))
+        return cls.from_tables(
+            items, sens.choices, budget, config, fixed=fixed, dead_layers=set(sens.dead_layers),
+            group_size=sens.group_size,
+        )  # fmt: skip
+
+    # ---- costs of the choices (column j of channel c: bits_j K_c, plus overhead_c when j is grouped)
+    def cost_matrix(self, rows=slice(None)) -> torch.Tensor:
+        """Plan bits of every choice of the channels `rows` (a slice or an index tensor): [n, nb] int64."""
+        cost = self.column_bits[None, :] * self.fan[rows, None]
+        if self.overhead is not None:
+            cost = cost + self.column_grouped.long()[None, :] * self.overhead[rows, None]
+        return cost
+
+    def cost_at(self, col, rows=slice(None)) -> torch.Tensor:
+        """Plan bits of the channels `rows` at column(s) `col` (an int, or one column per row): [n] int64."""
+        col = torch.as_tensor(col, dtype=torch.int64)
+        cost = self.column_bits[col] * self.fan[rows]
+        if self.overhead is not None:
+            cost = cost + self.column_grouped.long()[col] * self.overhead[rows]
+        return cost
+
+    def forbidden(self, rows=slice(None)) -> torch.Tensor | None:
+        """The choices the channels `rows` may not take as far as groups go ([n, nb] bool; None: none): a layer
+        whose rows fit in one group has no grouped choice. (Pruning guards are separate: `protected`, the caps.)"""
+        if self.overhead is None:
+            return None
+        return self.column_grouped[None, :] & (self.overhead[rows] == 0)[:, None]
+
+    def columns_of(self, bits: torch.Tensor, grouped: torch.Tensor | None = None) -> torch.Tensor:
+        """The column of each channel's (bits, grouped) choice; ValueError for a choice that is not a column."""
+        column_of = torch.full((KEEP_BITS + 1, 2), -1, dtype=torch.int64)
+        for j, c in enumerate(self.choices):
+            column_of[c.bits, int(c.grouped)] = j
+        g = torch.zeros_like(bits, dtype=torch.long) if grouped is None else grouped.long()
+        cols = column_of[bits.long(), g]
+        if bool((cols < 0).any()):
+            i = int((cols < 0).nonzero()[0])
+            label = RowChoice(int(bits[i]), bool(g[i])).label
+            labels = [c.label for c in self.choices]
+            raise ValueError(f"channel {i}: row choice {label!r} is not a candidate ({labels})")
+        return cols
 
     # ---- helpers
-    def total_bits(self, bits: torch.Tensor) -> int:
-        return int((bits.long() * self.fan).sum()) + self.fixed_bits
+    def total_bits(self, bits: torch.Tensor, grouped: torch.Tensor | None = None) -> int:
+        """Plan bits of an allocation (per-channel bits and, with grouped choices, grouped flags), fixed layers
+        included."""
+        total = int((bits.long() * self.fan).sum()) + self.fixed_bits
+        if grouped is not None and bool(grouped.any()):
+            if self.overhead is None:
+                raise ValueError("grouped rows in an allocation of a problem without grouped choices")
+            total += int((grouped.long() * self.overhead).sum())
+        return total
 
-    def error(self, bits: torch.Tensor) -> float:
+    def error(self, bits: torch.Tensor, grouped: torch.Tensor | None = None) -> float:
         """Total sensitivity of an allocation (the objective of Eq. 7)."""
-        column_of = torch.zeros(KEEP_BITS + 1, dtype=torch.int64)
-        column_of[torch.tensor(self.bits)] = torch.arange(len(self.bits))
-        cols = column_of[bits.long()]
+        cols = self.columns_of(bits, grouped)
         return float(self.s.gather(1, cols[:, None]).sum()) if len(cols) else 0.0
 
     def lowest_bits(self) -> torch.Tensor:
@@ -261,6 +366,22 @@ class AllocationProblem:
                 f"{len(self.fixed)} fixed-bit layer(s) holding {self.fixed_bits / self.n_weights:.4f} bits/weight); "
                 "raise the budget or relax these"
             )
+
+
+def _layer_overheads(layers: list[LayerDesc], choices: list[RowChoice], group_size: int) -> torch.Tensor:
+    """Per layer, the extra plan bits of a grouped row over b * K (`quantizer.row_choice_costs`, the one definition
+    of the costs); the solvers rely on it being the same for every grouped width of a layer, and per-row rows
+    costing b * K, which is checked here."""
+    out = []
+    for m in layers:
+        costs = row_choice_costs(m.fan_in, choices, group_size)
+        extra = {cost - c.bits * m.fan_in for c, cost in zip(choices, costs) if c.grouped}
+        plain = all(cost == c.bits * m.fan_in for c, cost in zip(choices, costs) if not c.grouped)
+        if len(extra) != 1 or not plain:
+            raise RuntimeError(f"{m.name}: row costs {costs} of {[c.label for c in choices]} are not b * K plus one "
+                               "grouped overhead: the allocation solvers assume that form")  # fmt: skip
+        out.append(extra.pop())
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _guarded(s: torch.Tensor, dead: torch.Tensor, config: AllocationConfig) -> torch.Tensor:
@@ -311,67 +432,78 @@ def _rank_within(groups: torch.Tensor) -> torch.Tensor:
 class AllocationResult:
     bits: torch.Tensor  # [C] chosen bits
     info: dict
+    grouped: torch.Tensor | None = None  # [C] bool: group-wise scales (None: a problem without grouped choices)
 
 
 def greedy_allocate(problem: AllocationProblem) -> AllocationResult:
-    """The paper's staged greedy demotion (module docstring)."""
+    """The paper's staged greedy demotion (module docstring), over the problem's choices (columns) in descending
+    cost: the stage from column hi moves the channels still there to their next cheaper allowed choice."""
     problem.check_reachable()
-    bits = torch.full((len(problem.s),), KEEP_BITS, dtype=torch.int64)
-    total = problem.total_bits(bits)
-    name_rank = _name_rank(problem)
-    col = {b: i for i, b in enumerate(problem.bits)}
+    p = problem
+    nb = len(p.choices)
+    col = torch.full((len(p.s),), nb - 1, dtype=torch.int64)  # every channel at 16 bits (the costliest column)
+    total = int(p.cost_at(nb - 1).sum()) + p.fixed_bits
+    name_rank = _name_rank(p)
     last_step = 0
     demotions = 0
     stage_log = []
 
-    def demote(order: torch.Tensor, lo: int, savings: torch.Tensor) -> bool:
-        """Demote `order` to `lo` one by one until the budget holds; True when it does."""
+    def demote(order: torch.Tensor, lo, savings: torch.Tensor) -> tuple[bool, int]:
+        """Demote `order` to column(s) `lo` (one, or one per row) one by one until the budget holds; (whether it
+        does, rows demoted)."""
         nonlocal total, last_step, demotions
         if len(order) == 0:
-            return total <= problem.limit
+            return total <= p.limit, 0
         cum = savings.cumsum(0)
-        need = total - problem.limit
+        need = total - p.limit
         hit = (cum >= need).nonzero()
         stop = int(hit[0]) + 1 if len(hit) else len(order)
-        bits[order[:stop]] = lo
+        col[order[:stop]] = lo if isinstance(lo, int) else lo[:stop]
         total -= int(cum[stop - 1])
         last_step = int(savings[stop - 1])
         demotions += stop
-        return total <= problem.limit
+        return total <= p.limit, stop
 
-    done = total <= problem.limit
-    if not done and PRUNE_BITS in problem.bits:
-        dead_idx = problem.dead.nonzero().squeeze(1)
-        order = dead_idx[_lexsort(name_rank[dead_idx], problem.row[dead_idx])]
-        done = demote(order, PRUNE_BITS, (KEEP_BITS - PRUNE_BITS) * problem.fan[order])
-        stage_log.append({"stage": "dead->0", "demoted": int((bits[dead_idx] == PRUNE_BITS).sum())})
-    desc = sorted(problem.bits, reverse=True)
-    for hi, lo in zip(desc, desc[1:]):
+    done = total <= p.limit
+    pruning = p.choices[0].bits == PRUNE_BITS
+    if not done and pruning:
+        dead_idx = p.dead.nonzero().squeeze(1)
+        order = dead_idx[_lexsort(name_rank[dead_idx], p.row[dead_idx])]
+        done, n = demote(order, 0, p.cost_at(nb - 1, order) - p.cost_at(0, order))
+        stage_log.append({"stage": "dead->0", "demoted": n})
+    for hi in range(nb - 1, 0, -1):
         if done:
             break
-        cand = bits == hi
-        if lo == PRUNE_BITS:
-            cand &= ~problem.protected
+        cand = col == hi
+        if hi == 1 and pruning:
+            cand &= ~p.protected
         idx = cand.nonzero().squeeze(1)
-        rho = (problem.s[idx, col[lo]] - problem.s[idx, col[hi]]) / ((hi - lo) * problem.fan[idx]).double()
-        order = idx[_lexsort(rho, name_rank[idx], problem.row[idx])]
-        if lo == PRUNE_BITS:
+        lo = hi - 1  # one column for all, or one per row:
+        if p.has_groups and p.choices[hi - 1].grouped:  # a row without that grouped choice goes on to its twin
+            lo = hi - 1 - (p.overhead[idx] == 0).long()
+        saving = p.cost_at(hi, idx) - p.cost_at(lo, idx)  # plan bits saved: (b_hi - b_lo) * K without groups
+        rho = (p.s[idx, lo] - p.s[idx, hi]) / saving.double()
+        perm = _lexsort(rho, name_rank[idx], p.row[idx])
+        order, saving = idx[perm], saving[perm]
+        lo = lo if isinstance(lo, int) else lo[perm]
+        if hi == 1 and pruning:
             # dead rows were all pruned before the stages, so every candidate here counts against its layer's cap
-            rank = _rank_within(problem.layer_of[order])
-            order = order[rank < problem.cap[problem.layer_of[order]]]
-        before = int((bits == lo).sum())
-        done = demote(order, lo, (hi - lo) * problem.fan[order])
-        stage_log.append({"stage": f"{hi}->{lo}", "demoted": int((bits == lo).sum()) - before})
+            # (column 0 below column 1 is one column for all rows: lo is an int here)
+            keep = _rank_within(p.layer_of[order]) < p.cap[p.layer_of[order]]
+            order, saving = order[keep], saving[keep]
+        done, n = demote(order, lo, saving)
+        stage_log.append({"stage": f"{p.choices[hi].label}->{p.choices[hi - 1].label}", "demoted": n})
     if not done:  # unreachable after check_reachable; kept as a guard against a logic error
-        raise BudgetError(f"greedy demotion could not reach {problem.budget:g} bits/weight")
+        raise BudgetError(f"greedy demotion could not reach {p.budget:g} bits/weight")
     return AllocationResult(
-        bits,
+        torch.tensor(p.bits, dtype=torch.int64)[col],
         {
             "solver": "greedy",
             "demotions": demotions,
-            "last_step_bits_per_weight": last_step / problem.n_weights,
+            "last_step_bits_per_weight": last_step / p.n_weights,
             "stages": stage_log,
         },
+        p.column_grouped[col] if p.has_groups else None,
     )
 
 
@@ -426,7 +558,9 @@ class _Relaxation:
     pruning guard protects has no 0-bit choice); in a layer whose cap binds, the rows that gain most from pruning
     keep 0 bits and the rest take their best non-zero width. mu_l, the gain of the best row the cap turns away, is
     the cap's multiplier: with it, every choice has a reduced cost rc >= 0 and the identity of the module docstring
-    holds.
+    holds. With grouped choices a choice's cost is bits * K plus, for a grouped column, the channel's overhead (the
+    `over_*` tensors; None without groups, where every formula is the plain bits * K one), and a grouped column is
+    not allowed (+inf) for a channel whose rows fit in one group (overhead 0).
     """
 
     def __init__(self, problem: AllocationProblem):
@@ -435,10 +569,19 @@ class _Relaxation:
         self.bits_i = torch.tensor(p.bits, dtype=torch.int64)
         self.fan_f = p.fan.double()
         self.n, self.nb = p.s.shape
-        # every allocation's cost is a multiple of gcd(bits) * gcd(fan-ins): round the bits available down to it
-        # (the same constraint, and a tighter dual bound than with bits no allocation can use)
-        fans = [int(m.fan_in) for m in p.layers if m.fan_in > 0 and m.out_features > 0]
-        lattice = math.gcd(*[b for b in p.bits if b]) * (math.gcd(*fans) if fans else 1)
+        self.grouped_b = p.column_grouped
+        self.grouped_f = p.column_grouped.double()
+        self.over_i = p.overhead
+        self.over_f = None if p.overhead is None else p.overhead.double()
+        # every allocation's cost is a multiple of gcd(bits) * gcd(fan-ins) (with groups: of the gcd of every
+        # choice's cost): round the bits available down to it (the same constraint, and a tighter dual bound than
+        # with bits no allocation can use)
+        layer_costs = self._layer_costs()
+        if layer_costs is None:
+            fans = [int(m.fan_in) for m in p.layers if m.fan_in > 0 and m.out_features > 0]
+            lattice = math.gcd(*[b for b in p.bits if b]) * (math.gcd(*fans) if fans else 1)
+        else:
+            lattice = math.gcd(*[c for costs in layer_costs for c in costs if c]) or 1
         self.A = p.auto_limit - p.auto_limit % lattice
         self.n_layers = len(p.layers)
         self.no_prune = None  # rows without the 0-bit choice (None: no such row)
@@ -453,11 +596,42 @@ class _Relaxation:
                 self.cap_row = capped[p.layer_of] & ~p.dead
         self.any_cap = bool(self.cap_row.any())
 
+    def _layer_costs(self) -> list[list[int]] | None:
+        """With grouped choices: per layer (with rows), the costs of its allowed choices, ascending; else None."""
+        p = self.p
+        if self.over_i is None:
+            return None
+        starts = torch.cumsum(torch.tensor([m.out_features for m in p.layers], dtype=torch.int64), 0)
+        out = []
+        for m, end in zip(p.layers, starts.tolist()):
+            if m.out_features == 0:
+                continue
+            over = int(self.over_i[end - 1])
+            out.append([b * m.fan_in + (over if g else 0) for b, g in zip(p.bits, self.grouped_b.tolist())
+                        if not (g and over == 0)])  # fmt: skip
+        return out
+
+    # ---- costs: b * K, plus a grouped column's overhead (the problem's, one definition)
+    def cost_rows(self, rows) -> torch.Tensor:
+        """[n, nb] int64 costs of every choice of `rows` (a slice or an index tensor)."""
+        return self.p.cost_matrix(rows)
+
+    def cost_at(self, col: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+        """[n] int64 cost of column col[i] of row rows[i]."""
+        return self.p.cost_at(col, rows)
+
+    def forbidden(self, rows) -> torch.Tensor | None:
+        """[n, nb] bool: the grouped columns of rows whose layer fits in one group (None: no grouped column)."""
+        return self.p.forbidden(rows)
+
     # ---- values s + lam * b * K (+ mu on the 0-bit column of the capped rows), +inf where a row may not go
     def values(self, lam: float, rows, mu: torch.Tensor | None = None) -> torch.Tensor:
         """rows: a slice or an index tensor."""
         p = self.p
         v = torch.addcmul(p.s[rows], self.fan_f[rows, None], self.bits_f[None, :], value=lam)
+        if self.over_f is not None:
+            v.addcmul_(self.over_f[rows, None], self.grouped_f[None, :], value=lam)
+            v.masked_fill_(self.forbidden(rows), math.inf)
         if self.no_prune is not None:
             v[:, 0].masked_fill_(self.no_prune[rows], math.inf)
         if mu is not None and self.any_cap:
@@ -487,6 +661,8 @@ class _Relaxation:
             c = torch.argmin(v, dim=1)  # the first minimum: ties go to fewer bits
             col[lo:hi] = c
             cost += float((self.bits_f[c] * self.fan_f[where]).sum())  # exact: integers below 2**53
+            if self.over_f is not None:
+                cost += float((self.grouped_f[c] * self.over_f[where]).sum())
             err += float(p.s[where].gather(1, c[:, None]).sum())
             if self.any_cap:
                 want = ((c == 0) & self.cap_row[where]).nonzero().squeeze(1)
@@ -513,12 +689,13 @@ class _Relaxation:
                 t_nz = nzs[t_pos]
                 col[t_pos] = t_nz
                 cost += float(((self.bits_f[t_nz] - self.bits_f[0]) * self.fan_f[t_idx]).sum())
+                if self.over_f is not None:  # column 0 (pruned) is never grouped
+                    cost += float((self.grouped_f[t_nz] * self.over_f[t_idx]).sum())
                 err += float((p.s[t_idx, t_nz] - p.s[t_idx, 0]).sum())
         return _Choice(col, mu, int(round(cost)), err, gain, nzs)
 
     def cost_of(self, col: torch.Tensor, rows: torch.Tensor | None = None) -> int:
-        fan = self.p.fan if rows is None else self.p.fan[rows]
-        return int((self.bits_i[col] * fan).sum())
+        return int(self.cost_at(col, slice(None) if rows is None else rows).sum())
 
     def error_of(self, col: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         s = self.p.s if rows is None else self.p.s[rows]
@@ -534,7 +711,11 @@ class _Relaxation:
         if self.n == 0:
             return 1e-300
         lo, hi = torch.aminmax(self.p.s)
-        step = int(min(np.diff(self.p.bits))) if len(self.p.bits) > 1 else 1
+        layer_costs = self._layer_costs()
+        if layer_costs is None:
+            step = int(min(np.diff(self.p.bits))) if len(self.p.bits) > 1 else 1
+        else:  # the smallest cost difference of two allowed choices of one channel (plan bits, not per weight)
+            step = min((int(min(np.diff(c))) for c in layer_costs if len(c) > 1), default=1)
         return 2.0 * float(hi - lo) / step + 1e-300
 
     # ---- the multiplier
@@ -683,7 +864,7 @@ class _Relaxation:
         for _ in range(16):
             if spare <= 0:
                 break
-            nxt = step[col] * p.fan  # the cheapest upgrade of each channel (0: at the top already)
+            nxt = self._cheapest_upgrade(col, step)  # of each channel (0: at the top already)
             rows = ((nxt > 0) & (nxt <= spare)).nonzero().squeeze(1)
             if len(rows) == 0:
                 break
@@ -693,9 +874,14 @@ class _Relaxation:
             for _, _, where in self._blocks(rows):
                 cur = col[where]
                 s = p.s[where]
-                dcost = (self.bits_i[None, :] - self.bits_i[cur][:, None]) * p.fan[where, None]
+                if self.over_i is None:
+                    dcost = (self.bits_i[None, :] - self.bits_i[cur][:, None]) * p.fan[where, None]
+                else:
+                    dcost = self.cost_rows(where) - self.cost_at(cur, where)[:, None]
                 saving = s.gather(1, cur[:, None]) - s
                 ok = (dcost > 0) & (dcost <= spare) & ((saving >= 0) if zero_gain else (saving > 0))
+                if self.over_i is not None:
+                    ok &= ~self.forbidden(where)
                 if zero_gain:
                     score = torch.where(ok, dcost.double(), -1.0)  # the highest width that fits
                 else:
@@ -724,6 +910,17 @@ class _Relaxation:
             for r, jj in taken:
                 col[r] = jj
         return spare, d_err
+
+    def _cheapest_upgrade(self, col: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Cost of each channel's next allowed choice above `col` minus its cost now (0 at the top): allowed costs
+        rise with the column, so that is its cheapest upgrade. step: the bits between consecutive columns."""
+        if self.over_i is None:
+            return step[col] * self.p.fan
+        top = col == self.nb - 1
+        nxt = (col + 1).clamp(max=self.nb - 1)
+        # a grouped column the channel may not take is followed by the next per-row width (16 is last, per-row)
+        nxt = torch.where(self.grouped_b[nxt] & (self.over_i == 0), (nxt + 1).clamp(max=self.nb - 1), nxt)
+        return torch.where(top, 0, self.cost_at(nxt) - self.cost_at(col))
 
     def reduced_costs(self, lam: float, mu: torch.Tensor, threshold: float, base_col: torch.Tensor):
         """Rows with some choice other than their relaxed minimum whose reduced cost is below `threshold` (or whose
@@ -774,7 +971,7 @@ def _core_dp(rel: _Relaxation, rows, cand, rc, col, lam, mu, threshold, max_stat
     fixed_idx = fixed.nonzero().squeeze(1)
     budget = rel.A - rel.cost_of(col[fixed_idx], fixed_idx)
     layer = p.layer_of[rows].numpy()
-    costs = rel.bits_i.numpy()[None, :] * p.fan[rows].numpy()[:, None]
+    costs = rel.cost_rows(rows).numpy()
     s = p.s[rows].numpy()
     mu = mu.numpy()
     used = torch.bincount(p.layer_of[fixed & rel.cap_row & (col == 0)], minlength=rel.n_layers).numpy()
@@ -904,7 +1101,7 @@ def lagrangian_allocate(
         unused_bits_per_weight=(problem.auto_limit - rel.A + spare) / problem.n_weights,
         time_s=time.perf_counter() - t0,
     )
-    return AllocationResult(rel.bits_i[col], info)
+    return AllocationResult(rel.bits_i[col], info, rel.grouped_b[col] if problem.has_groups else None)
 
 
 def dual_bound(problem: AllocationProblem, lam: float) -> float:
@@ -919,7 +1116,7 @@ def solve(problem: AllocationProblem) -> AllocationResult:
     """Run the configured solver; info gets the error, the lower bound (the optimum when the optimal solver proved
     it, else the dual bound) and the gap to it, for either solver."""
     result = greedy_allocate(problem) if problem.config.solver == "greedy" else lagrangian_allocate(problem)
-    error = problem.error(result.bits)
+    error = problem.error(result.bits, result.grouped)
     if "lower_bound" not in result.info:
         best = lagrangian_allocate(problem).info
         result.info.update(
@@ -935,13 +1132,15 @@ def solve(problem: AllocationProblem) -> AllocationResult:
         total_error=error,
         gap=gap,
         relative_gap=gap / lower if lower > 0 else (0.0 if gap == 0 else math.inf),
-        average_bits=problem.total_bits(result.bits) / problem.n_weights,
+        average_bits=problem.total_bits(result.bits, result.grouped) / problem.n_weights,
         budget=problem.budget,
         minimum_average_bits=problem.lowest_total_bits() / problem.n_weights,
         pruned_rows=int((result.bits == PRUNE_BITS).sum()),
         dead_rows_pruned=int(((result.bits == PRUNE_BITS) & problem.dead).sum()),
         protected_rows=int(problem.protected.sum()),
     )
+    if problem.has_groups:
+        result.info.update(group_size=problem.group_size, grouped_rows=int(result.grouped.sum()))
     return result
 
 
@@ -956,8 +1155,12 @@ def allocate_plan(sens: Sensitivity, budget: float, config: AllocationConfig | N
     start = 0  # the rows of the allocated layers are contiguous, in layer order (from_tables)
     for meta in problem.layers:
         rows = result.bits[start : start + meta.out_features].tolist()
+        flags = None if result.grouped is None else result.grouped[start : start + meta.out_features].tolist()
         start += meta.out_features
-        layers[meta.name] = LayerPlan(meta.name, meta.role, meta.kind, meta.out_features, meta.fan_in, rows)
+        layers[meta.name] = LayerPlan(
+            meta.name, meta.role, meta.kind, meta.out_features, meta.fan_in, rows, "row",
+            problem.group_size if flags and any(flags) else None, flags if flags and any(flags) else None,
+        )  # fmt: skip
     layers.update(problem.fixed)
     weight = WeightQuantConfig.from_dict(sens.config["weight"]) if "weight" in sens.config else WeightQuantConfig()
     info = {

@@ -44,7 +44,7 @@ from qvla_quant.files import CONFIG_FILE, is_artifact
 from qvla_quant.llm_baselines import parse_bits_arg, run_baseline
 from qvla_quant.packed import PACKED_FORMAT_VERSION
 from qvla_quant.plan import Plan
-from qvla_quant.quantizer import ROW_BITS
+from qvla_quant.quantizer import GROUP_SIZES, ROW_BITS
 from qvla_quant.report import format_table, human_bytes, plot_plan, plot_sensitivity, stored_bytes_lines, summary_rows
 from qvla_quant.roles import PlanTemplate
 from qvla_quant.sensitivity import CalibrationError
@@ -63,9 +63,7 @@ def _bits(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}") from None
     if not bits or set(bits) - set(ROW_BITS):
         raise argparse.ArgumentTypeError(f"bits must be a comma-separated list from {ROW_BITS}, got {text!r}")
     return bits
@@ -141,8 +139,10 @@ def _check_policy_path(args) -> None:
         try:
             json.loads(config.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config} is not valid JSON ({' '.join(str(e).split())}): the checkpoint's config is "
-                             "damaged; copy the checkpoint again") from None
+            raise ValueError(
+                f"{config} is not valid JSON ({' '.join(str(e).split())}): the checkpoint's config is "
+                "damaged; copy the checkpoint again"
+            ) from None
     check_checkpoint_dir(path)  # pickle weights, an artifact without artifact.json, unreadable safetensors
 
 
@@ -184,6 +184,7 @@ def cmd_calibrate(args) -> int:
         template=_template(args.template) or PlanTemplate(),
         store_dir=str(args.out),
         progress=not args.quiet,
+        group_size=args.group_size,
     )
     adapter = _load_policy(args)
     t0 = time.perf_counter()
@@ -212,6 +213,7 @@ def cmd_allocate(args) -> int:
         prune_rel_threshold=args.prune_rel_threshold,
         activation_bits=args.activation_bits,
         template=_template(args.template),
+        groups=not args.no_groups,
     )
     plan = allocate(sens, args.budget, config)
     out = Path(args.out)
@@ -287,7 +289,6 @@ def cmd_baseline(args) -> int:
 def cmd_inspect(args) -> int:
     path = Path(args.path)
     if is_artifact(path):
-
         summary = artifact_summary(path)
         plan = read_plan(path)
         dtypes = {name: getattr(torch, d) for name, d in artifact_layer_dtypes(path).items()}
@@ -296,7 +297,6 @@ def cmd_inspect(args) -> int:
         print(format_table(summary_rows(plan, dtypes, packed_version=summary["packed_format_version"])))
         print("\n".join(stored_bytes_lines(summary)))
     elif (path / "index.json").is_file():
-
         sens = Sensitivity.load(path)
         r = sens.report
         print(f"sensitivity store {path}: {r.get('n_channels')} channels, {len(sens.layers)} layers, bits "
@@ -333,16 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="sensitivity store directory (an unfinished one is resumed)")
     c.add_argument("--method", choices=METHODS, default=cal.method)
     c.add_argument("--proxy", choices=PROXIES, default=cal.proxy)
-    c.add_argument("--exact-fraction", type=float, default=cal.exact_fraction,
-                   help="two_stage: share refined exactly per bit")
-    c.add_argument("--rank-sample", type=int, default=cal.rank_sample,
-                   help="random channels measured exactly for the report")
+    c.add_argument(
+        "--exact-fraction", type=float, default=cal.exact_fraction, help="two_stage: share refined exactly per bit"
+    )
+    c.add_argument(
+        "--rank-sample", type=int, default=cal.rank_sample, help="random channels measured exactly for the report"
+    )
     c.add_argument("--channels-per-pass", type=int, default=cal.channels_per_pass)
     c.add_argument("--max-exact-dims", type=int, default=cal.max_exact_dims)
     c.add_argument("--n-probes", type=int, default=cal.n_probes)
-    c.add_argument("--bits", type=_bits, default=cal.bits,
-                   help=f"bit-widths measured per channel, from {list(ROW_BITS)}")
+    c.add_argument(
+        "--bits", type=_bits, default=cal.bits, help=f"bit-widths measured per channel, from {list(ROW_BITS)}"
+    )
     c.add_argument("--seed", type=int, default=cal.seed)
+    c.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=cal.group_size,
+        help="also measure the calibrated widths in 2/3/4 bits with group-wise scales (one scale and zero "
+        "per this many weights along K), for allocate to choose per row (default: per-row scales only)",
+    )
     c.add_argument("--template", help="PlanTemplate JSON ({'roles': {...}, 'names': {...}})")
     c.add_argument("--no-clip-search", action="store_true", help="plain min-max ranges (no MSE clip search)")
     c.add_argument("--batch-size", type=int, help="re-split the samples into batches of this size")
@@ -362,9 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-pruned-fraction", type=float, default=alloc.max_pruned_fraction)
     a.add_argument("--prune-threshold", type=float, help="never prune a channel whose s(0) is above this")
     a.add_argument("--prune-abs-threshold", type=float, help="the same (the dual-threshold guard's absolute part)")
-    a.add_argument("--prune-rel-threshold", type=float,
-                   help="never prune a channel whose s(0) is above this times its layer's median s(0)")
+    a.add_argument(
+        "--prune-rel-threshold",
+        type=float,
+        help="never prune a channel whose s(0) is above this times its layer's median s(0)",
+    )
     a.add_argument("--activation-bits", type=int, choices=ACTIVATION_BITS, default=alloc.activation_bits)
+    a.add_argument(
+        "--no-groups",
+        action="store_true",
+        help="per-row choices only, even if the sensitivity was calibrated with --group-size",
+    )
     a.add_argument("--template", help="PlanTemplate JSON overriding the calibrated one")
     a.add_argument("--plots", help="write bit_histogram.png and layer_bits.png here")
     a.set_defaults(func=cmd_allocate)
@@ -378,14 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-source", action="store_true", help="apply a plan made for another checkpoint")
     p.set_defaults(func=cmd_apply)
 
-    b = sub.add_parser("baseline", help="an LLM-derived baseline (RTN, AWQ, GPTQ, SmoothQuant, module-wise) as an "
-                       "artifact, on the same calibration batches")
+    b = sub.add_parser(
+        "baseline",
+        help="an LLM-derived baseline (RTN, AWQ, GPTQ, SmoothQuant, module-wise) as an "
+        "artifact, on the same calibration batches",
+    )
     b.add_argument("--method", required=True, choices=("rtn", "awq", "gptq", "smoothquant", "module"))
     b.add_argument("--policy", required=True)
     b.add_argument("--data", help="model-input batches (as for calibrate); needed by awq, gptq and smoothquant")
     b.add_argument("--out", required=True, help="artifact directory")
-    b.add_argument("--bits", help="weight bits (default 4; smoothquant 8), or for --method module per role, e.g. "
-                   "vision=4,language=8,action=8 (the default)")
+    b.add_argument(
+        "--bits",
+        help="weight bits (default 4; smoothquant 8), or for --method module per role, e.g. "
+        "vision=4,language=8,action=8 (the default)",
+    )
     b.add_argument("--group-size", type=int, help="gptq: one scale/zero per this many columns (grouped rows)")
     b.add_argument("--template", help="PlanTemplate JSON: which layers are quantized (default: the paper's)")
     b.add_argument("--batch-size", type=int)

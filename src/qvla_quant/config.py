@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from qvla_quant.bits import BIT_CHOICES, KEEP_BITS, ROW_BITS
+from qvla_quant.bits import BIT_CHOICES, GROUP_SIZES, GROUPED_BITS, KEEP_BITS, ROW_BITS
 from qvla_quant.roles import PlanTemplate
 
 SOLVERS = ("greedy", "lagrangian")
@@ -48,9 +48,14 @@ class Config:
     VERSION: ClassVar[int] = 1
     # fields left out of to_dict (e.g. a former name that __post_init__ mirrors into the current one)
     _NOT_SERIALIZED: ClassVar[tuple[str, ...]] = ()
+    # (field, value): options added after files were written without them, left out of to_dict while they hold that
+    # value (their default, what such files mean), so that a config not using them writes the dict (and the hashes)
+    # it always did, and older qvla_quant still read it
+    _OMITTED_AT: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     def to_dict(self, *, version: bool = True) -> dict:
-        kept = [f.name for f in fields(self) if f.name not in self._NOT_SERIALIZED]
+        omitted = {name for name, value in self._OMITTED_AT if getattr(self, name) == value}
+        kept = [f.name for f in fields(self) if f.name not in self._NOT_SERIALIZED and f.name not in omitted]
         out = {name: _plain(getattr(self, name), version) for name in kept}
         if version:
             out["version"] = self.VERSION
@@ -136,9 +141,13 @@ class AllocationConfig(Config):
     prune_dead: rows whose weights and output gradients are all zero may be pruned whatever the cap.
     activation_bits: 16, or 8 for W*A8 plans.
     template: per-layer rules; None uses the one the sensitivity was calibrated with.
+    groups: when the sensitivity was calibrated with a group size (`CalibrationConfig.group_size`), a row at a
+        candidate width in GROUPED_BITS may also take its grouped variant (group-wise scales, their extra scales and
+        zero points counted in the budget); False: per-row choices only. Without grouped columns it changes nothing.
     """
 
     _NOT_SERIALIZED: ClassVar[tuple[str, ...]] = ("prune_threshold",)
+    _OMITTED_AT: ClassVar[tuple[tuple[str, Any], ...]] = (("groups", True),)
 
     bits: tuple[int, ...] = BIT_CHOICES
     solver: str = "greedy"
@@ -149,6 +158,7 @@ class AllocationConfig(Config):
     template: PlanTemplate | None = None
     prune_abs_threshold: float | None = None
     prune_rel_threshold: float | None = None
+    groups: bool = True
 
     def __post_init__(self):
         bits = tuple(sorted({int(b) for b in self.bits} | {KEEP_BITS}))
@@ -156,6 +166,8 @@ class AllocationConfig(Config):
         if bad:
             raise ValueError(f"AllocationConfig.bits: {sorted(bad)} not in {ROW_BITS}")
         object.__setattr__(self, "bits", bits)
+        if not isinstance(self.groups, bool):
+            raise ValueError(f"AllocationConfig.groups must be True or False, got {self.groups!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"AllocationConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if not 0.0 <= self.max_pruned_fraction <= 1.0:
@@ -208,7 +220,12 @@ class CalibrationConfig(Config):
     store_dir: directory of the resumable on-disk store (None: in memory only).
     prefix_cache: exact passes over layers downstream of the adapter's observation prefix (π0: the action expert)
         reuse that prefix instead of recomputing it (the same numbers, bit for bit; False: recompute, for timing).
+    group_size: None (the default: per-row scales only), or g in GROUP_SIZES: every calibrated width in
+        GROUPED_BITS is also measured with group-wise scales (one scale and zero point per g weights along K), as
+        extra columns ("2g", "4g", ...) the allocation may choose (`AllocationConfig.groups`).
     """
+
+    _OMITTED_AT: ClassVar[tuple[tuple[str, Any], ...]] = (("group_size", None),)
 
     bits: tuple[int, ...] = BIT_CHOICES
     method: str = "two_stage"
@@ -225,6 +242,7 @@ class CalibrationConfig(Config):
     store_dir: str | None = None
     progress: bool = True
     prefix_cache: bool = True
+    group_size: int | None = None
 
     def __post_init__(self):
         bits = tuple(sorted({int(b) for b in self.bits} | {KEEP_BITS}))
@@ -249,10 +267,25 @@ class CalibrationConfig(Config):
             object.__setattr__(self, "weight", WeightQuantConfig.from_dict(self.weight))
         if isinstance(self.template, dict):
             object.__setattr__(self, "template", PlanTemplate.from_dict(self.template))
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+                raise ValueError(f"CalibrationConfig.group_size must be one of {GROUP_SIZES} or None, "
+                                 f"got {self.group_size!r}")  # fmt: skip
+            if not self.grouped_bits:
+                raise ValueError(
+                    f"CalibrationConfig.group_size {self.group_size}: none of the calibrated bits {list(bits)} can "
+                    f"have group-wise scales (only {list(GROUPED_BITS)}); add one of them or leave group_size out"
+                )
 
     @property
     def quantized_bits(self) -> tuple[int, ...]:
         return tuple(b for b in self.bits if b != KEEP_BITS)
+
+    @property
+    def grouped_bits(self) -> tuple[int, ...]:
+        """The widths also measured with group-wise scales: the calibrated ones in GROUPED_BITS (none without a
+        group_size)."""
+        return tuple(b for b in self.bits if b in GROUPED_BITS) if self.group_size is not None else ()
 
     def result_key(self) -> dict:
         """The settings that change the numbers (a store written with other ones cannot be resumed)."""

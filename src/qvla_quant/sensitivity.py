@@ -19,6 +19,12 @@ Notation: layer l, output channel (row) c, bit-width b; dW_c = Q_b(W_c) - W_c is
 (`qvla_quant.quantizer.row_quantization_error`, the same quantizer the runtime packs with), and the channel's output
 error on an input x is dX_c = x . dW_c (for a conv: the filter's response to dW_c, at every position).
 
+Row choices: with `CalibrationConfig.group_size` g, every calibrated width b in GROUPED_BITS is also measured as
+its grouped variant "bg" (one scale and zero point per g weights along K: dW_c = `row_choice_error(W, "bg")`), in
+extra columns after the per-row ones (`qvla_quant.sensitivity_store.column_choices`), by the same proxy and exact
+machinery: below, "bit" stands for any such column. A layer whose rows fit in one group (K <= g) has grouped
+variants equal to its per-row rows: they are computed and measured once and their columns copied.
+
 Exact (Eq. 4)   s_{l,c}^(b) = E_x || A(x; W with row c quantized) - A(x; W) ||^2, averaged over every calibration
                 sample (the action chunk [H, D] flattened). No weight is copied: a forward hook adds dX_c to the
                 layer's output. k channels share one forward pass by replicating the batch k times and adding
@@ -75,9 +81,18 @@ from tqdm.auto import tqdm
 from qvla_quant.adapters.base import Batch, LayerInfo, PolicyAdapter, output_gradients
 from qvla_quant.config import CalibrationConfig, WeightQuantConfig
 from qvla_quant.fingerprint import model_fingerprint
-from qvla_quant.quantizer import KEEP_BITS, row_quantization_error
+from qvla_quant.quantizer import KEEP_BITS, RowChoice, n_groups, row_choice_error
+from qvla_quant.quantizer import row_quantization_error as row_quantization_error  # its users import it from here
 from qvla_quant.roles import PlanTemplate
-from qvla_quant.sensitivity_store import SENSITIVITY_FORMAT_VERSION, LayerSensitivity, Sensitivity, SensitivityStore
+from qvla_quant.sensitivity_store import (
+    LayerSensitivity,
+    Sensitivity,
+    SensitivityStore,
+    column_choices,
+    grouped_index_entries,
+    proxy_scale_key,
+    store_format_version,
+)
 
 
 class CalibrationError(RuntimeError):
@@ -105,7 +120,7 @@ def calibrate_sensitivity(
     else:
         _proxy_stage(adapter, data, auto, config, record, errors, on_progress)
     top, sample = _choose_exact_jobs(auto, record.results, config)
-    measure = _whole_rows(top, sample, len(config.quantized_bits))
+    measure = _whole_rows(top, sample, len(_quantized_columns(config)))
     _exact_stage(adapter, data, auto, measure, config, record, errors, on_progress)
     sens = _result(config, record, data, others, top, sample, measure, started)
     record.finish(sens)
@@ -134,9 +149,10 @@ def _new_index(
     match (`_RESUME_KEYS`), every calibrated layer's metadata and file, nothing done yet."""
     known_dead = set(adapter.known_dead_layers())
     index = {
-        "format_version": SENSITIVITY_FORMAT_VERSION,
+        "format_version": store_format_version(config.group_size),
         "complete": False,
         "bits": list(config.bits),
+        **grouped_index_entries(config.bits, config.group_size),
         "proxy": config.proxy,
         "config": config.result_key(),
         "fingerprint": dict(model_fingerprint(adapter.model)),
@@ -269,16 +285,46 @@ def _proxy_groups(layers: Sequence[LayerInfo], max_weights: int) -> list[list[La
     return groups
 
 
-def _with_keep_column(table: torch.Tensor, bits: Sequence[int], qbits: Sequence[int]) -> torch.Tensor:
-    """[out, len(qbits)] -> [out, len(bits)] float64, 0 in the column of 16 bits."""
+def _columns(config: CalibrationConfig) -> tuple[RowChoice, ...]:
+    """The row choice of every column of the tables (16 included), in column order."""
+    return column_choices(config.bits, config.group_size)
+
+
+def _quantized_columns(config: CalibrationConfig) -> tuple[RowChoice, ...]:
+    """The columns that are measured (all but 16 bits), in column order: the "bits" q of the exact jobs (row, q)."""
+    return tuple(c for c in _columns(config) if c.bits != KEEP_BITS)
+
+
+def _as_choice(bits) -> RowChoice:
+    """A column given as a bit-width (int), a label ("4g") or a RowChoice."""
+    return bits if isinstance(bits, RowChoice) else RowChoice.parse(bits)
+
+
+def _same_columns(info: LayerInfo, choices: Sequence[RowChoice], group_size: int | None) -> dict[int, int]:
+    """Position of each grouped choice whose rows fit in one group (K <= g) -> position of its per-row twin in
+    `choices`: the same quantized rows (`quantize_rows` pads the one group with exact zeros), measured once."""
+    if group_size is None or n_groups(info.fan_in, group_size) > 1:
+        return {}
+    return {i: list(choices).index(RowChoice(c.bits)) for i, c in enumerate(choices) if c.grouped}
+
+
+def _copy_same(table: torch.Tensor, same: dict[int, int]) -> torch.Tensor:
+    """`table` [out, columns] with column dst set to column src for each pair of `same` (in place)."""
+    for dst, src in same.items():
+        table[:, dst] = table[:, src]
+    return table
+
+
+def _with_keep_column(table: torch.Tensor, bits: Sequence, qbits: Sequence) -> torch.Tensor:
+    """[out, len(qbits)] -> [out, len(bits)] float64, 0 in the column of 16 bits (columns: bit-widths or choices)."""
     full = torch.zeros(table.shape[0], len(bits), dtype=torch.float64)
-    full[:, [bits.index(b) for b in qbits]] = table
+    full[:, [list(bits).index(b) for b in qbits]] = table
     return full
 
 
 def _proxy_stage(adapter, data, auto, config: CalibrationConfig, record: _RunRecord, errors: dict, on_progress):
     """Step 3: both proxies for every layer whose proxy is not stored yet, group by group."""
-    qbits = config.quantized_bits
+    columns, qbits = _columns(config), _quantized_columns(config)
     pending = [info for info in auto if not record.proxy_done(info.name)]
     groups = _proxy_groups(pending, config.proxy_group_weights)
     step = _Steps("proxy", len(groups) * len(data), on_progress)
@@ -289,14 +335,16 @@ def _proxy_stage(adapter, data, auto, config: CalibrationConfig, record: _RunRec
         res = proxy_sensitivity(
             adapter, data, group, qbits, config.weight,
             max_exact_dims=config.max_exact_dims, n_probes=config.n_probes, seed=config.seed,
-            progress=config.progress, errors=errors, on_step=step,
+            progress=config.progress, errors=errors, on_step=step, group_size=config.group_size,
         )  # fmt: skip
         record.probes = res.probes
         record.add_time("proxy", time.perf_counter() - t0)
         for info in group:
             layer = record.results[info.name]
-            layer.proxy_gain = _with_keep_column(res.gain[info.name], config.bits, qbits)
-            layer.proxy_aligned = _with_keep_column(res.aligned[info.name], config.bits, qbits)
+            # the twins of a one-group layer are the same rows: the same values, bit for bit
+            same = _same_columns(info, columns, config.group_size)
+            layer.proxy_gain = _copy_same(_with_keep_column(res.gain[info.name], columns, qbits), same)
+            layer.proxy_aligned = _copy_same(_with_keep_column(res.aligned[info.name], columns, qbits), same)
             layer.dead = layer.dead or info.name in res.dead
             record.layer_done(info.name, "proxy")
 
@@ -315,13 +363,13 @@ def _find_dead_layers(adapter, data, auto, config: CalibrationConfig, record: _R
 def _choose_exact_jobs(auto, results: dict[str, LayerSensitivity], config: CalibrationConfig):
     """Step 4: (top, sample), each layer -> {(row, bit column)} of the live layers. "two_stage": the proxy's global
     top `exact_fraction` per bit and `rank_sample` random pairs; "proxy": the random pairs only; "exact": all."""
-    qbits = config.quantized_bits
+    columns, qbits = _columns(config), _quantized_columns(config)
     live = [info for info in auto if not results[info.name].dead]
     if config.method == "exact":
         top = {info.name: {(r, q) for r in range(info.out_features) for q in range(len(qbits))} for info in live}
         return top, {info.name: set() for info in live}
     counts = {info.name: info.out_features for info in live}
-    qcols = [config.bits.index(b) for b in qbits]
+    qcols = [columns.index(c) for c in qbits]
     ranking = {info.name: getattr(results[info.name], f"proxy_{config.proxy}")[:, qcols] for info in live}
     n_top = math.ceil(config.exact_fraction * sum(counts.values())) if config.method == "two_stage" else 0
     return _select_jobs(ranking, counts, len(qbits), n_top, config.rank_sample, config.seed)
@@ -329,22 +377,28 @@ def _choose_exact_jobs(auto, results: dict[str, LayerSensitivity], config: Calib
 
 def _exact_stage(adapter, data, auto, measure, config: CalibrationConfig, record: _RunRecord, errors, on_progress):
     """Step 5: the exact table of every layer not stored yet: `measure`'s (row, bit column) jobs measured, the rest
-    NaN (the proxy stands in for them), dead layers 0 without a pass."""
-    bits, qbits = config.bits, config.quantized_bits
+    NaN (the proxy stands in for them), dead layers 0 without a pass. A one-group layer's grouped columns are not
+    measured: they copy their per-row twins (`_same_columns`)."""
+    bits, qbits = _columns(config), _quantized_columns(config)
     qcols = [bits.index(b) for b in qbits]
     references = _References(adapter)
     prefixes = _Prefixes(adapter) if config.prefix_cache else None
     todo = [info for info in auto if not record.exact_done(info.name)]
+
+    def layer_jobs(info):
+        same = _same_columns(info, qbits, config.group_size)
+        return sorted((r, q) for r, q in measure.get(info.name, set()) if q not in same), same
+
     n_passes = sum(
-        math.ceil(len(measure.get(info.name, set())) / config.channels_per_pass)
+        math.ceil(len(layer_jobs(info)[0]) / config.channels_per_pass)
         for info in todo if not record.results[info.name].dead
     )  # fmt: skip
     step = _Steps("exact", n_passes, on_progress)
     for info in tqdm(todo, desc="exact", unit="layer", disable=not config.progress):
         layer = record.results[info.name]
         exact = torch.full((info.out_features, len(bits)), float("nan"), dtype=torch.float64)
-        exact[:, bits.index(KEEP_BITS)] = 0.0
-        jobs = sorted(measure.get(info.name, set()))
+        exact[:, bits.index(RowChoice(KEEP_BITS))] = 0.0
+        jobs, same = layer_jobs(info)
         if layer.dead:
             exact[:, qcols] = 0.0  # dead: exactly zero, nothing to measure
         elif jobs:
@@ -352,18 +406,19 @@ def _exact_stage(adapter, data, auto, measure, config: CalibrationConfig, record
             values = exact_sensitivity(
                 adapter, data, info, [(r, qbits[q]) for r, q in jobs], qbits, config.weight,
                 channels_per_pass=config.channels_per_pass, references=references, progress=config.progress,
-                errors=errors.pop(info.name, None), on_step=step, prefixes=prefixes,
+                errors=errors.pop(info.name, None), on_step=step, prefixes=prefixes, group_size=config.group_size,
             )  # fmt: skip
             record.add_time("exact", time.perf_counter() - t0)
             for (r, q), v in zip(jobs, values.tolist()):
                 exact[r, qcols[q]] = v
+        _copy_same(exact, {qcols[q]: qcols[p] for q, p in same.items()})
         layer.exact = exact
         record.layer_done(info.name, "exact")
 
 
 def _result(config: CalibrationConfig, record: _RunRecord, data, others, top, sample, measure, started) -> Sensitivity:
     """Step 6: the Sensitivity, with the proxy's scale fitted (`_fit_proxy_scale`) and the report."""
-    qbits = config.quantized_bits
+    qbits = _quantized_columns(config)
     index = record.index
     sens = Sensitivity(
         bits=config.bits,
@@ -374,6 +429,7 @@ def _result(config: CalibrationConfig, record: _RunRecord, data, others, top, sa
         config=config.to_dict(),
         fingerprint=index["fingerprint"],
         adapter_config=index["adapter"],
+        group_size=config.group_size,
     )
     fit_on = "none"
     if config.method != "exact":
@@ -435,13 +491,14 @@ def _whole_rows(top: dict[str, set], sample: dict[str, set], nq: int) -> dict[st
     return out
 
 
-def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None = None) -> dict[int, float]:
-    """Per bit: exp(median(log(exact / proxy))) over the channels of `rows` (layer -> row indices; None: every
-    channel) measured both ways (1.0 when none). Give it the random sample's rows: the proxy's top picks are
-    selected for a high proxy, so their exact/proxy ratio is biased low."""
+def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None = None) -> dict[int | str, float]:
+    """Per column (`qbits`: bit-widths or row choices; keyed by `proxy_scale_key`): exp(median(log(exact /
+    proxy))) over the channels of `rows` (layer -> row indices; None: every channel) measured both ways (1.0 when
+    none). Give it the random sample's rows: the proxy's top picks are selected for a high proxy, so their
+    exact/proxy ratio is biased low."""
     scale = {}
-    for b in qbits:
-        col = sens.bit_index(b)
+    for b in map(_as_choice, qbits):
+        col = sens.choice_index(b)
         ratios = []
         for name, layer in sens.layers.items():
             if layer.dead or layer.exact is None:
@@ -457,7 +514,7 @@ def _fit_proxy_scale(sens: Sensitivity, qbits, rows: dict[str, set[int]] | None 
                 ok &= chosen
             ratios.append((e[ok] / p[ok]).log())
         r = torch.cat(ratios) if ratios else torch.zeros(0)
-        scale[b] = float(r.median().exp()) if r.numel() else 1.0
+        scale[proxy_scale_key(b)] = float(r.median().exp()) if r.numel() else 1.0
     return scale
 
 
@@ -480,9 +537,9 @@ def _report(sens, sample, top, qbits, times, probes, elapsed) -> dict:
         for key in ("gain", "aligned"):
             triples = _pairs(sens, sample, qbits, f"proxy_{key}")
             entry = {"all": spearman([t[0] for t in triples], [t[1] for t in triples]), "n": len(triples)}
-            for b in qbits:
+            for b in map(_as_choice, qbits):  # keyed by label: "2" (per-row, as always), "2g"
                 sub = [t for t in triples if t[2] == b]
-                entry[str(b)] = spearman([t[0] for t in sub], [t[1] for t in sub])
+                entry[b.label] = spearman([t[0] for t in sub], [t[1] for t in sub])
             rank[key] = entry
         report["rank_correlation"] = rank
         finite = {k: v["all"] for k, v in rank.items() if not math.isnan(v["all"])}
@@ -491,14 +548,15 @@ def _report(sens, sample, top, qbits, times, probes, elapsed) -> dict:
 
 
 def _pairs(sens: Sensitivity, jobs: dict[str, set], qbits, key: str):
-    """(exact, proxy, bit) triples for measured jobs."""
+    """(exact, proxy, row choice) triples for measured jobs."""
     out = []
     for name, pairs in jobs.items():
         layer = sens.layers[name]
         table = getattr(layer, key)
         for r, q in pairs:
-            col = sens.bit_index(qbits[q])
-            out.append((float(layer.exact[r, col]), float(table[r, col]), qbits[q]))
+            choice = _as_choice(qbits[q])
+            col = sens.choice_index(choice)
+            out.append((float(layer.exact[r, col]), float(table[r, col]), choice))
     return out
 
 
@@ -551,10 +609,21 @@ def data_fingerprint(batches: Sequence[Batch]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layer algebra: the output error of a channel
-def _errors(info: LayerInfo, bits: Sequence[int], wcfg: WeightQuantConfig) -> torch.Tensor:
-    """dW for every row at every bit in `bits`: [len(bits), out, fan_in] fp32 on the weight's device."""
+def _errors(info: LayerInfo, bits: Sequence, wcfg: WeightQuantConfig, group_size: int | None = None) -> torch.Tensor:
+    """dW for every row at every column in `bits` (bit-widths or row choices; grouped ones need `group_size`):
+    [len(bits), out, fan_in] fp32 on the weight's device."""
     w = info.module.weight
-    return torch.stack([row_quantization_error(w, b, wcfg).reshape(info.out_features, -1) for b in bits]).to(w.device)
+    done: dict[RowChoice, torch.Tensor] = {}
+    out = []
+    for c in map(_as_choice, bits):
+        if c.grouped and group_size is None:
+            raise ValueError(f"{info.name}: row choice {c.label!r} is grouped: give the group_size")
+        if c.grouped and n_groups(info.fan_in, group_size) == 1:
+            c = RowChoice(c.bits)  # one group: the per-row rows themselves (and the clip search is not free)
+        if c not in done:
+            done[c] = row_choice_error(w, c, wcfg, group_size).reshape(info.out_features, -1)
+        out.append(done[c])
+    return torch.stack(out).to(w.device)
 
 
 def _conv_response(module, x: torch.Tensor, rows_weight: torch.Tensor) -> torch.Tensor:
@@ -699,16 +768,18 @@ def proxy_sensitivity(
     progress: bool = False,
     errors: dict[str, torch.Tensor] | None = None,
     on_step=None,
+    group_size: int | None = None,
 ) -> ProxyResult:
     """Both first-order proxies for `layers` (one forward and one backward per probe per batch, all layers at
-    once): gain = E[||J||_F^2 ||dX||^2], aligned = E[||J dX||^2], per channel and bit in `bits` (no 16).
+    once): gain = E[||J||_F^2 ||dX||^2], aligned = E[||J dX||^2], per channel and column of `bits` (bit-widths
+    or row choices such as "4g", which need `group_size`; no 16).
 
-    errors: a cache of `_errors(info, bits, wcfg)` by layer name, filled here (the clip search is not free).
-    on_step: called with no argument after each batch (progress reports; may raise to stop the run)."""
+    errors: a cache of `_errors(info, bits, wcfg, group_size)` by layer name, filled here (the clip search is not
+    free). on_step: called with no argument after each batch (progress reports; may raise to stop the run)."""
     errs = errors if errors is not None else {}
     for info in layers:
         if info.name not in errs:
-            errs[info.name] = _errors(info, bits, wcfg)
+            errs[info.name] = _errors(info, bits, wcfg, group_size)
     nq = len(bits)
     gain = {info.name: torch.zeros(info.out_features, nq, dtype=torch.float64) for info in layers}
     aligned = {info.name: torch.zeros(info.out_features, nq, dtype=torch.float64) for info in layers}
@@ -856,14 +927,20 @@ def _squared_deviations(
 
 
 def _errors_by_bit(
-    info: LayerInfo, jobs: Sequence[tuple[int, int]], wcfg: WeightQuantConfig, cached=None, cached_bits=()
-) -> dict[int, torch.Tensor]:
-    """bit -> dW of every row [out, fan_in], for the bits `jobs` use; from `cached` (`_errors(info, cached_bits,
-    wcfg)`) when given."""
-    used = sorted({b for _, b in jobs})
+    info: LayerInfo,
+    jobs: Sequence[tuple[int, RowChoice]],
+    wcfg: WeightQuantConfig,
+    cached=None,
+    cached_bits=(),
+    group_size: int | None = None,
+) -> dict[RowChoice, torch.Tensor]:
+    """row choice -> dW of every row [out, fan_in], for the choices `jobs` use; from `cached` (`_errors(info,
+    cached_bits, wcfg, group_size)`) when given."""
+    used = sorted({_as_choice(b) for _, b in jobs})
     if cached is not None:
-        return {b: cached[list(cached_bits).index(b)] for b in used}
-    return dict(zip(used, _errors(info, used, wcfg)))
+        columns = [_as_choice(b) for b in cached_bits]
+        return {b: cached[columns.index(b)] for b in used}
+    return dict(zip(used, _errors(info, used, wcfg, group_size)))
 
 
 def _exact_passes(
@@ -912,17 +989,21 @@ def exact_sensitivity(
     errors: torch.Tensor | None = None,
     on_step=None,
     prefixes: _Prefixes | None = None,
+    group_size: int | None = None,
 ) -> torch.Tensor:
-    """Eq. 4 for (row, bit) `jobs` of one layer: [len(jobs)] float64, the mean over all calibration samples.
+    """Eq. 4 for (row, bit) `jobs` of one layer: [len(jobs)] float64, the mean over all calibration samples. A
+    job's bit may be a row choice ("4g", a RowChoice): grouped ones need `group_size`.
 
-    errors: this layer's `_errors(info, bits, wcfg)` if already computed (rows of every bit in `bits`).
+    errors: this layer's `_errors(info, bits, wcfg, group_size)` if already computed (rows of every column in
+    `bits`).
     prefixes: the adapter's unperturbed prefixes, reused when the layer is downstream of the prefix (None: every
     pass recomputes the whole policy).
     on_step: called with no argument after each pass (progress reports; may raise to stop the run)."""
     if not jobs:
         return torch.zeros(0, dtype=torch.float64)
     references = references or _References(adapter)
-    errs = _errors_by_bit(info, jobs, wcfg, errors, bits)
+    jobs = [(r, _as_choice(b)) for r, b in jobs]
+    errs = _errors_by_bit(info, jobs, wcfg, errors, bits, group_size)
     if prefixes is not None and not adapter.downstream_of_prefix(info.name):
         prefixes = None  # the layer feeds the prefix: its perturbation changes it
     out = torch.zeros(len(jobs), dtype=torch.float64)
@@ -942,9 +1023,20 @@ def exact_sensitivity(
 
 
 def brute_force_sensitivity(
-    adapter: PolicyAdapter, batches: Sequence[Batch], layer: str, row: int, bits: int, wcfg=None, seed: int = 0
+    adapter: PolicyAdapter,
+    batches: Sequence[Batch],
+    layer: str,
+    row: int,
+    bits,
+    wcfg=None,
+    seed: int = 0,
+    group_size: int | None = None,
 ) -> float:
-    """Eq. 4 by copying the weight (for tests): quantize one row in place, run, restore."""
+    """Eq. 4 by copying the weight (for tests): quantize one row in place, run, restore. bits: a bit-width or a row
+    choice ("4g" with `group_size`)."""
+    choice = _as_choice(bits)
+    if choice.grouped and group_size is None:
+        raise ValueError(f"brute_force_sensitivity: row choice {choice.label!r} is grouped: give the group_size")
     wcfg = wcfg or WeightQuantConfig()
     module = dict(adapter.model.named_modules())[layer]
     data = _prepare(adapter, batches, seed)
@@ -953,7 +1045,7 @@ def brute_force_sensitivity(
     try:
         with torch.no_grad():
             refs = [adapter.actions(p.batch, p.noise) for p in data]
-            dW = row_quantization_error(module.weight, bits, wcfg).reshape(module.weight.shape[0], -1)[row]
+            dW = row_choice_error(module.weight, choice, wcfg, group_size).reshape(module.weight.shape[0], -1)[row]
             module.weight.view(module.weight.shape[0], -1)[row] += dW.to(module.weight.dtype)
             for p, ref in zip(data, refs):
                 diff = (adapter.actions(p.batch, p.noise).double() - ref.double()).reshape(p.size, -1)
@@ -976,13 +1068,15 @@ def cumulative_sensitivity(
     channels_per_pass: int = 16,
     seed: int = 0,
     progress: bool = False,
+    group_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """S = E_episode [ sum_t ||A_t(channel quantized) - A_t|| ] (Eq. 5), under teacher forcing.
 
     episodes: an iterable of episodes, each an iterable of batches holding consecutive time steps of that episode
     (one or more steps per batch: every sample of an episode's batches is one t of the sum). The noise of the
     episode's j-th batch is `make_noise(size, seed + j)`, the same for every episode and every channel.
-    jobs: layer name -> (row, bit) pairs. Returns layer name -> [len(jobs)] float64.
+    jobs: layer name -> (row, bit) pairs (a bit may be a row choice such as "4g", with `group_size`). Returns
+    layer name -> [len(jobs)] float64.
     """
     wcfg = wcfg or WeightQuantConfig()
     infos = {info.name: info for info in adapter.layers()}
@@ -996,7 +1090,8 @@ def cumulative_sensitivity(
         references = _References(adapter)
         for name, layer_jobs in jobs.items():
             info = infos[name]
-            errs = _errors_by_bit(info, layer_jobs, wcfg)
+            layer_jobs = [(r, _as_choice(b)) for r, b in layer_jobs]
+            errs = _errors_by_bit(info, layer_jobs, wcfg, group_size=group_size)
             passes = _exact_passes(
                 adapter, data, info, list(layer_jobs), errs,
                 channels_per_pass=channels_per_pass, references=references,

@@ -1,5 +1,7 @@
 """Issue 11 beyond the paper: 3- and 6-bit rows, group-wise scales, their byte formulas and budget cost, plans that
-carry them, artifacts (packed layout 3) and the old layouts that must keep loading with identical outputs."""
+carry them, artifacts (packed layout 3) and the old layouts that must keep loading with identical outputs; and the
+choice between them: calibration that also measures grouped variants (CalibrationConfig.group_size, sensitivity
+store format 3), allocation that picks per row between per-row and grouped within an exact budget, the CLI flags."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 
 from qvla_quant.artifact import ARTIFACT_FILE, PLAN_FILE, artifact_summary, load_artifact, read_plan, save_artifact
 from qvla_quant.baselines import grouped_plan, linear_layers_spec, rtn_plans, uniform_plan
-from qvla_quant.config import QuantConfig, WeightQuantConfig
+from qvla_quant.config import AllocationConfig, CalibrationConfig, QuantConfig, WeightQuantConfig
 from qvla_quant.layers import LayerDesc
 from qvla_quant.packed import (
     PackedLinear,
@@ -344,9 +346,10 @@ def test_a_layout_2_artifact_loads_with_identical_outputs():
     assert torch.equal(loaded(expected["x"]), expected["y"])
     summary = artifact_summary(directory)
     assert summary["quantized_weight_bytes_planned"] == summary["quantized_weight_bytes_after"]
-    assert sum(m.weight_bytes() for m in loaded.modules() if isinstance(m, PackedLinear)) == summary[
-        "quantized_weight_bytes_after"
-    ]
+    assert (
+        sum(m.weight_bytes() for m in loaded.modules() if isinstance(m, PackedLinear))
+        == summary["quantized_weight_bytes_after"]
+    )
 
 
 def test_layout_3_artifact_round_trip_with_every_kind(tmp_path):
@@ -411,3 +414,176 @@ def test_every_kind_on_cuda_matches_its_reference():
     x = torch.randn(4, 300, device="cuda")
     ref = F.linear(x, w_ref, lin.bias)
     assert (layer(x) - ref).abs().max() <= 1e-3 * ref.abs().max()  # TF32 may be on for CUDA matmuls
+
+
+# ---- the choice: calibration with grouped columns, allocation between per-row and grouped rows
+
+
+@pytest.fixture(scope="module")
+def grouped_sensitivity(tiny_pi0_dir, tiny_batches, tiny_calibration, tmp_path_factory):
+    """The tiny π0 calibrated with group_size 64: its K = 128 and 192 layers have 2 and 3 groups, the others one."""
+    from qvla_quant import calibrate
+    from qvla_quant.api import load_policy
+
+    store = tmp_path_factory.mktemp("grouped_sens")
+    config = CalibrationConfig(group_size=64, store_dir=str(store), **tiny_calibration)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's one_thread (this fixture outlives the per-test one)
+    try:
+        return calibrate(load_policy(tiny_pi0_dir), tiny_batches, config), store, config
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_group_size_in_the_configs():
+    config = CalibrationConfig(group_size=128)
+    assert config.grouped_bits == (2, 4) and config.result_key()["group_size"] == 128
+    assert CalibrationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # left out at its default: configs, stores and plans without groups write what they always did
+    assert "group_size" not in CalibrationConfig().to_dict() and CalibrationConfig().grouped_bits == ()
+    assert "groups" not in AllocationConfig().to_dict()
+    assert AllocationConfig(groups=False).to_dict()["groups"] is False
+    assert AllocationConfig.from_dict(AllocationConfig(groups=False).to_dict()) == AllocationConfig(groups=False)
+    for bad, match in (
+        (lambda: CalibrationConfig(group_size=100), r"CalibrationConfig.group_size must be one of \(64, 128, 256\)"),
+        (lambda: CalibrationConfig(group_size=True), "CalibrationConfig.group_size"),
+        (lambda: CalibrationConfig(bits=(0, 8, 16), group_size=64), "none of the calibrated bits"),
+        (lambda: AllocationConfig(groups="yes"), "AllocationConfig.groups"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            bad()
+
+
+def test_calibration_measures_the_grouped_variants(grouped_sensitivity, tiny_pi0, tiny_batches, monkeypatch):
+    from qvla_quant import Sensitivity, calibrate
+    from qvla_quant import sensitivity as S
+
+    sens, store, config = grouped_sensitivity
+    labels = ["0", "2", "4", "8", "16", "2g", "4g"]
+    assert sens.group_size == 64 and [c.label for c in sens.choices] == labels
+    assert sens.bit_index(4) == 2 and sens.choice_index("4g") == 6
+    index = json.loads((store / "index.json").read_text())
+    assert index["format_version"] == 3 and index["group_size"] == 64 and index["choices"] == labels
+    assert set(sens.proxy_scale) == {0, 2, 4, 8, "2g", "4g"}
+    assert set(sens.report["rank_correlation"]["aligned"]) >= {"all", "2", "2g", "4g"}
+    multi = [n for n, layer in sens.layers.items() if layer.fan_in > 64 and not layer.dead]
+    assert len(multi) == 2  # the K = 192 patch conv and the live K = 128 down_proj (the other one is dead)
+    for name, layer in sens.layers.items():
+        v = sens.values(name)
+        assert v.shape == (layer.out_features, 7) and torch.isfinite(v).all() and (v[:, 4] == 0).all()
+        if layer.exact is not None and not layer.dead:
+            measured = torch.isfinite(layer.exact[:, [0, 1, 2, 3, 5, 6]])
+            assert torch.equal(measured.any(1), measured.all(1)), name  # whole rows, grouped columns included
+        if layer.fan_in <= 64:  # one group: the grouped variant is the per-row row, measured once and copied
+            for table in (layer.proxy_aligned, layer.proxy_gain, layer.exact, v):
+                torch.testing.assert_close(table[:, [5, 6]], table[:, [1, 2]], rtol=0, atol=0, equal_nan=True)
+    # the grouped exact values are Eq. 4 of the grouped row: against the weight-copy brute force
+    wcfg = config.weight
+    data = S._prepare(tiny_pi0, tiny_batches, 0)
+    for name in multi:
+        info = next(i for i in tiny_pi0.layers() if i.name == name)
+        # what the grouped columns perturb the rows by: row_choice_error "bg", smaller than per-row here
+        dw = S._errors(info, ["2", "2g", "4", "4g"], wcfg, 64).pow(2).sum((1, 2))
+        assert dw[1] < dw[0] and dw[3] < dw[2]
+        jobs = [(0, "2g"), (3, "4g"), (1, "2"), (2, "2g")]
+        hooked = S.exact_sensitivity(tiny_pi0, data, info, jobs, ("2", "2g", "4g"), wcfg, channels_per_pass=3,
+                                     group_size=64)  # fmt: skip
+        brute = [S.brute_force_sensitivity(tiny_pi0, tiny_batches, name, r, c, wcfg, group_size=64) for r, c in jobs]
+        torch.testing.assert_close(hooked, torch.tensor(brute, dtype=torch.float64), rtol=2e-3, atol=1e-12)
+    with pytest.raises(ValueError, match="give the group_size"):
+        S.exact_sensitivity(tiny_pi0, data, info, [(0, "2g")], ("2g",), wcfg)
+    # the store reads back the same, resumes without measuring, and refuses other group settings
+    again = Sensitivity.load(store)
+    assert again.choices == sens.choices and again.proxy_scale == sens.proxy_scale
+    for name in sens.layers:
+        assert torch.equal(again.values(name), sens.values(name))
+    monkeypatch.setattr(S, "proxy_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    resumed = calibrate(tiny_pi0, tiny_batches, config)
+    assert resumed.choices == sens.choices
+    for other in (None, 128):
+        with pytest.raises(ValueError, match="different config"):
+            calibrate(tiny_pi0, tiny_batches, CalibrationConfig(**{**config.__dict__, "group_size": other}))
+
+
+@pytest.mark.parametrize("budget", [3.0, 2.5])
+def test_allocation_picks_grouped_rows_within_the_budget(grouped_sensitivity, budget):
+    """Both solvers choose per row among all seven columns; the plan counts the grouped rows' overhead, so its
+    average is within the budget; the optimum with grouped choices is no worse than without (same tables)."""
+    from qvla_quant import allocate
+
+    sens, _, _ = grouped_sensitivity
+    errors = {}
+    for solver in ("greedy", "lagrangian"):
+        for groups in (True, False):
+            plan = allocate(sens, budget, AllocationConfig(solver=solver, groups=groups))
+            a = plan.info["allocation"]
+            assert plan.average_bits() <= budget and a["average_bits"] == pytest.approx(plan.average_bits(), abs=1e-12)
+            assert Plan.from_json(plan.to_json()).hash() == plan.hash()
+            for lp in plan.layers.values():
+                if lp.grouped is not None:
+                    assert groups and lp.group_size == 64 and lp.fan_in > 64
+                    assert {b for b, f in zip(lp.bits, lp.grouped) if f} <= {2, 4}
+            grouped_rows = sum(sum(lp.grouped or []) for lp in plan.layers.values())
+            assert a.get("grouped_rows", 0) == grouped_rows and (groups or grouped_rows == 0)
+            if solver == "lagrangian":
+                assert a["proven_optimal"]
+            errors[solver, groups] = a["total_error"]
+    assert errors["lagrangian", True] <= errors["lagrangian", False] * (1 + 1e-12)
+    assert errors["lagrangian", True] <= errors["greedy", True] * (1 + 1e-12)
+
+
+def test_allocate_emits_grouped_rows_that_pack_like_their_reference(tiny_pi0, tiny_batches):
+    """A sensitivity where the grouped variants are worth their overhead (10x less error than per-row at 2 and 4
+    bits): both solvers take them in the layers with more than one group only, at an average within the budget, and
+    the plan packs (quantize) to what the fake-quant reference computes."""
+    from qvla_quant import Pi0Adapter, Sensitivity, allocate, quantize
+    from qvla_quant.roles import PlanTemplate
+    from qvla_quant.sensitivity_store import LayerSensitivity
+    from qvla_quant.transforms import fake_quantize_model
+
+    template = PlanTemplate()
+    infos = [i for i in tiny_pi0.layers() if template.rule_for(i.name, i.role) == "auto"]
+    layers = {}
+    g = torch.Generator().manual_seed(0)
+    for info in infos:
+        gain = torch.exp(torch.randn(info.out_features, 1, generator=g, dtype=torch.float64))
+        table = gain * torch.tensor([1.0, 0.1, 0.1 / 16, 0.1 / 4096, 0.0, 0.01, 0.01 / 16], dtype=torch.float64)
+        layers[info.name] = LayerSensitivity(info.name, info.role, info.kind, info.out_features, info.fan_in,
+                                             proxy_aligned=table)  # fmt: skip
+    sens = Sensitivity(bits=(0, 2, 4, 8, 16), layers=layers, group_size=64, config={"template": template.to_dict()})
+    for solver in ("greedy", "lagrangian"):
+        plan = allocate(sens, 2.5, AllocationConfig(solver=solver))
+        assert plan.average_bits() <= 2.5, solver
+        multi = [lp for lp in plan.layers.values() if lp.fan_in > 64]
+        assert all(lp.grouped is None for lp in plan.layers.values() if lp.fan_in <= 64), solver
+        grouped = sum(sum(lp.grouped or []) for lp in multi)
+        assert grouped > 0.2 * sum(lp.out_features for lp in multi), solver
+    batch = tiny_batches[0]
+    reference = Pi0Adapter(fake_quantize_model(tiny_pi0.model, plan)).predict(batch)
+    quantize(tiny_pi0, plan)
+    packed = tiny_pi0.predict(batch)
+    torch.testing.assert_close(packed, reference, rtol=0, atol=1e-4 * reference.abs().max())
+
+
+def test_cli_calibrate_with_a_group_size_and_allocate(tiny_pi0_dir, tiny_batches, tmp_path, capsys):
+    from qvla_quant.cli import main, save_batches
+
+    save_batches(tmp_path / "data", tiny_batches)
+    store, plan = tmp_path / "sens", tmp_path / "plan.json"
+    argv = ["calibrate", "--policy", str(tiny_pi0_dir), "--data", str(tmp_path / "data"), "--out", str(store),
+            "--exact-fraction", "0.005", "--rank-sample", "16", "--max-exact-dims", "8", "--n-probes", "4",
+            "--no-clip-search", "--quiet", "--group-size", "64"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((store / "index.json").read_text())["group_size"] == 64
+    for extra in ([], ["--no-groups"]):
+        assert main(["allocate", "--sensitivity", str(store), "--budget", "2.5", "--out", str(plan), *extra]) == 0
+        p = Plan.from_json(plan.read_text())
+        assert p.average_bits() <= 2.5
+        assert p.info["allocation"]["config"].get("groups", True) == (not extra)
+        if extra:
+            assert p.grouped_fraction() == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "100"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -3,6 +3,7 @@ report, the resumable store, hook hygiene, and the cumulative Eq. 5."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -19,6 +20,7 @@ import qvla_quant.sensitivity as S
 from qvla_quant import CalibrationConfig, GenericAdapter, Sensitivity, calibrate
 from qvla_quant.api import load_policy
 from qvla_quant.config import WeightQuantConfig
+from qvla_quant.quantizer import RowChoice
 from qvla_quant.sensitivity import (
     CalibrationError,
     brute_force_sensitivity,
@@ -29,6 +31,7 @@ from qvla_quant.sensitivity import (
 )
 
 WCFG = WeightQuantConfig()
+FORMAT2 = Path(__file__).resolve().parent / "data" / "sensitivity_format2"
 
 
 def _info(adapter, name):
@@ -197,8 +200,9 @@ def test_a_store_written_before_configs_carried_a_version_still_resumes(
     (old / "index.json").write_text(json.dumps(index))
     monkeypatch.setattr(S, "proxy_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
     monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
-    again = calibrate(load_policy(tiny_pi0_dir), tiny_batches,
-                      CalibrationConfig(store_dir=str(old), **tiny_calibration))
+    again = calibrate(
+        load_policy(tiny_pi0_dir), tiny_batches, CalibrationConfig(store_dir=str(old), **tiny_calibration)
+    )
     for name in sens.layers:
         assert torch.equal(again.values(name), sens.values(name))
 
@@ -429,3 +433,47 @@ def test_exact_passes_over_the_action_expert_reuse_the_vlm_prefix(tiny_pi0, tiny
 
 def load_policy_like(adapter):
     return type(adapter)(adapter.model, action_dim=adapter.action_dim, num_steps=adapter.num_steps)
+
+
+def test_a_format_2_store_loads_and_resumes_unchanged(tmp_path, monkeypatch):
+    """data/sensitivity_format2 was written by qvla_quant before grouped columns existed (commit 6928955: the linear
+    policy, linear_batches(), exact_fraction 0.1, rank_sample 10, store_dir "sensitivity_format2"). It loads with
+    the values a run now computes, a run with its settings reuses it without measuring anything, an unfinished copy
+    resumes at its unfinished layer only, and a store written now without groups is format 2 with the same keys."""
+    old_index = json.loads((FORMAT2 / "index.json").read_text())
+    assert old_index["format_version"] == 2 and "group_size" not in old_index
+    old = Sensitivity.load(FORMAT2)
+    assert old.group_size is None and old.choices == tuple(RowChoice(b) for b in (0, 2, 4, 8, 16))
+    config = CalibrationConfig(exact_fraction=0.1, rank_sample=10, progress=False)
+    fresh = calibrate(linear_adapter(), linear_batches(), config)
+    assert fresh.proxy_scale == pytest.approx(old.proxy_scale, rel=1e-9)
+    for name in fresh.layers:
+        torch.testing.assert_close(fresh.values(name), old.values(name), rtol=1e-9, atol=0)
+
+    store = tmp_path / "store"
+    shutil.copytree(FORMAT2, store)
+    resumed = dataclasses.replace(config, store_dir=str(store))
+    real_exact = S.exact_sensitivity
+    monkeypatch.setattr(S, "proxy_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: pytest.fail("a finished store was recomputed"))
+    again = calibrate(linear_adapter(), linear_batches(), resumed)
+    for name in old.layers:
+        assert torch.equal(again.values(name), old.values(name))
+    assert json.loads((store / "index.json").read_text())["format_version"] == 2  # rewritten, still format 2
+
+    index = json.loads((store / "index.json").read_text())
+    index["complete"] = False
+    index["layers"]["b"]["exact_done"] = False  # as if interrupted in the exact stage of layer b
+    (store / "index.json").write_text(json.dumps(index))
+    calls = []
+    monkeypatch.setattr(S, "exact_sensitivity", lambda *a, **k: calls.append(a[2].name) or real_exact(*a, **k))
+    again = calibrate(linear_adapter(), linear_batches(), resumed)
+    assert calls == ["b"]
+    for name in old.layers:
+        torch.testing.assert_close(again.values(name), old.values(name), rtol=1e-9, atol=0)
+
+    fresh.save(tmp_path / "new")
+    new_index = json.loads((tmp_path / "new" / "index.json").read_text())
+    assert new_index["format_version"] == 2 and set(new_index) == set(old_index)
+    assert set(new_index["calibration_config"]) == set(old_index["calibration_config"])  # no group_size key
+    assert new_index["config"] == old_index["config"]
