@@ -1,25 +1,34 @@
 """The quantized-policy artifact: a directory anyone can load without the calibration code, and never with pickle.
 
     plan.json          the Plan (bits per row per layer, quantizer settings, budget, source fingerprint, version)
-    model.safetensors  every tensor of the quantized model: the PackedLinear buffers (layout: qvla_quant.packed)
-                       and all other parameters and buffers (non-persistent buffers too, so that a skeleton built
+    model.safetensors  every tensor of the quantized model: the PackedLinear buffers (layout: qvla_quant.packed),
+                       the PackedEmbedding buffers of the tables in plan.embeddings (layout:
+                       qvla_quant.packed_embedding; a table at 0 bits is not stored at all) and all other
+                       parameters and buffers (non-persistent buffers too, so that a skeleton built
                        on the meta device comes back complete); tied tensors are stored once
     artifact.json      format versions, adapter name, model config, source fingerprint and parameter structure,
                        tied-tensor aliases, a summary (bits per role, pruned fraction, bytes before/after, the
                        stored bits per weight and their per-row overhead; see `_summary`)
     config.json        the source model's config, when given (what transformers-style tools expect)
 
-Versions. Artifact format 2 (this one): the source fingerprint hashes every byte of every parameter
-(`model_fingerprint`), the summary holds the stored-bytes fields. Packed layout 3 (written now): layout 2 plus 3-
-and 6-bit rows (bit planes) and rows with group-wise scales (`qvla_quant.packed`); the plan is written in plan
-format 2 only when it uses them. Packed layout 2 (fp32 scales, uint8 zero points, 16-bit kept rows; 2-, 4- and
+Versions. Artifact format 2 (written without packed embeddings): the source fingerprint hashes every byte of every
+parameter (`model_fingerprint`), the summary holds the stored-bytes fields. Packed layout 3 (written now): layout 2
+plus 3- and 6-bit rows (bit planes) and rows with group-wise scales (`qvla_quant.packed`); the plan is written in
+plan format 2 only when it uses them. Packed layout 2 (fp32 scales, uint8 zero points, 16-bit kept rows; 2-, 4- and
 8-bit rows only) loads with its missing groups empty: the same tensors and outputs. Format-1 artifacts (packed
 layout 1, fingerprint of the first and last 4 KiB of each tensor) still load and compute the same outputs; their
 summary gains the new fields, computed from the plan with the layout-1 byte formula.
 
+Artifact format 3: an artifact whose plan names embeddings (`Plan.embeddings`: PackedEmbedding tensors, layout
+embedding format 1 of `qvla_quant.packed_embedding`, or tables not stored at all) is written as format 3, so that an
+older qvla_quant refuses it by its version instead of by a confusing tensor mismatch; its summary adds
+"embedding_format_version" and per-table byte fields (`embedding_summary`). Every other artifact is still written
+as format 2, byte for byte as before, and formats 1 and 2 load as they did.
+
 Loading (`load_artifact`) takes a skeleton of the source model (same class, config and dtype, weights not
 needed: build it under `torch.device("meta")`), checks its parameter structure against the artifact's, swaps the
-planned layers for PackedLinear and assigns the stored tensors with `load_state_dict(..., assign=True)`.
+planned layers for PackedLinear and the planned tables for PackedEmbedding (or, at 0 bits, a DroppedEmbedding that
+allocates nothing) and assigns the stored tensors with `load_state_dict(..., assign=True)`.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from torch import nn
 
 from qvla_quant.checkpoint import pickle_files, sniff_payload
 from qvla_quant.files import ARTIFACT_FILE, CONFIG_FILE, PLAN_FILE, TENSORS_FILE
-from qvla_quant.fingerprint import dtype_name, fingerprint_id, model_fingerprint, model_structure
+from qvla_quant.fingerprint import dtype_name, fingerprint_id, model_structure
 from qvla_quant.packed import (
     GROUP_OVERHEAD_BYTES,
     KEPT_ROW_OVERHEAD_BYTES,
@@ -52,12 +61,26 @@ from qvla_quant.packed import (
     group_suffix,
     predicted_weight_bytes,
 )
+from qvla_quant.packed_embedding import (
+    EMBEDDING_READ_VERSIONS,
+    PackedEmbedding,
+    build_embedding,
+    embedding_modules,
+    embedding_summary,
+    is_quantized,
+    planned_embeddings,
+    source_fingerprint,
+    source_structure,
+)
 from qvla_quant.plan import Plan
 from qvla_quant.quantizer import SCALE_DTYPE, ZERO_DTYPE, kept_dtype
 from qvla_quant.transforms import packed_layers, planned_modules, quantize_model
 
-ARTIFACT_FORMAT_VERSION = 2
-ARTIFACT_READ_VERSIONS: tuple[int, ...] = (1, 2)
+ARTIFACT_FORMAT_VERSION = 2  # artifacts without packed embeddings
+ARTIFACT_EMBEDDINGS_FORMAT_VERSION = 3  # artifacts with packed (or dropped) embeddings
+ARTIFACT_READ_VERSIONS: tuple[int, ...] = (1, 2, 3)
+
+
 class ArtifactError(ValueError):
     """An artifact directory that cannot be used: missing/corrupt file, version, or model mismatch."""
 
@@ -176,8 +199,12 @@ def _summary(qmodel: nn.Module, plan: Plan) -> dict:
     after = sum(measured.values())
     planned = sum(predicted_weight_bytes(plan.layers[n], m.source_dtype) for n, m in layers.items())
     biases = sum(m.bias_bytes() for m in layers.values())
-    # every other parameter, counted once even when tied (PackedLinear holds buffers, no parameters)
+    # every other parameter, counted once even when tied (PackedLinear and PackedEmbedding hold buffers, no
+    # parameters: the tables are counted from their own fields)
     others = sum(p.numel() * p.element_size() for p in qmodel.parameters())
+    tables = embedding_summary(qmodel, plan) if plan.embeddings else {}
+    others_before = others + tables.get("embedding_bytes_before", 0)
+    others_after = others + tables.get("embedding_bytes_after", 0)
     roles = plan.roles()
     return {
         "method": plan.method,
@@ -195,9 +222,10 @@ def _summary(qmodel: nn.Module, plan: Plan) -> dict:
         "quantized_weight_bytes_after": after,
         "quantized_weight_bytes_planned": planned,
         "quantized_bias_bytes": biases,
-        "parameter_bytes_before": others + biases + before,
-        "parameter_bytes_after": others + biases + after,
+        "parameter_bytes_before": others_before + biases + before,
+        "parameter_bytes_after": others_after + biases + after,
         **_format_fields(PACKED_FORMAT_VERSION, {dtype_name(m.source_dtype) for m in layers.values()}),
+        **tables,
     }
 
 
@@ -217,11 +245,12 @@ def save_artifact(
     needs to rebuild the skeleton; `adapter` names the policy adapter; `extra` is stored as is.
     """
     directory = Path(directory)
-    if any(True for _ in packed_layers(model)):
+    if is_quantized(model):
         qmodel = model
         packed = dict(packed_layers(qmodel))
         problems = [f"{n!r} is in the plan but not packed" for n in plan.layers if n not in packed]
         problems += [f"{n!r} is packed but not in the plan" for n in packed if n not in plan.layers]
+        problems += _embedding_problems(qmodel, plan)
         problems += [
             f"{n!r} is packed with other row bit-widths than the plan's"
             for n, m in packed.items()
@@ -251,16 +280,17 @@ def save_artifact(
             )
     else:
         qmodel = quantize_model(model, plan, inplace=False)
-    fingerprint = model_fingerprint(qmodel)
-    structure = model_structure(qmodel)
+    fingerprint = source_fingerprint(qmodel)
+    structure = source_structure(qmodel)
     if not plan.model_fingerprint:
         plan = dataclasses.replace(plan, model_fingerprint=fingerprint_id(fingerprint))
     tensors, aliases, nonpersistent = _tensors_for_file(qmodel)
+    artifact_version = ARTIFACT_EMBEDDINGS_FORMAT_VERSION if plan.embeddings else ARTIFACT_FORMAT_VERSION
 
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": "pt",
-        "qvla_artifact_version": str(ARTIFACT_FORMAT_VERSION),
+        "qvla_artifact_version": str(artifact_version),
         "qvla_packed_version": str(PACKED_FORMAT_VERSION),
         "plan_hash": plan.hash(),
     }
@@ -271,7 +301,7 @@ def save_artifact(
     _write_json(
         directory / ARTIFACT_FILE,
         {
-            "format_version": ARTIFACT_FORMAT_VERSION,
+            "format_version": artifact_version,
             "packed_format_version": PACKED_FORMAT_VERSION,
             "library": "qvla_quant",
             "adapter": adapter,
@@ -287,6 +317,21 @@ def save_artifact(
         },
     )
     return directory
+
+
+def _embedding_problems(qmodel: nn.Module, plan: Plan) -> list[str]:
+    """How the packed / dropped tables of a quantized model differ from `plan.embeddings`."""
+    tables = dict(embedding_modules(qmodel))
+    problems = [f"embedding {n!r} is in the plan but not packed" for n in plan.embeddings if n not in tables]
+    problems += [f"embedding {n!r} is packed but not in the plan" for n in tables if n not in plan.embeddings]
+    for n, m in tables.items():
+        ep, bits = plan.embeddings.get(n), getattr(m, "bits", 0)  # a DroppedEmbedding stores 0 bits
+        if ep is not None and (bits, m.weight_shape) != (ep.bits, (ep.num_embeddings, ep.embedding_dim)):
+            problems.append(
+                f"embedding {n!r} is stored at {bits} bits as {m.weight_shape}, the plan says {ep.bits} "
+                f"bits as {(ep.num_embeddings, ep.embedding_dim)}"
+            )
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,6 +381,12 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"{directory / ARTIFACT_FILE}: packed layout version {manifest.get('packed_format_version')!r} "
             f"is not supported (reads versions {', '.join(map(str, PACKED_READ_VERSIONS))}); re-save the artifact "
             "with this version"
+        )
+    embedding_version = (manifest.get("summary") or {}).get("embedding_format_version")
+    if embedding_version is not None and embedding_version not in EMBEDDING_READ_VERSIONS:
+        raise ArtifactError(
+            f"{directory / ARTIFACT_FILE}: packed embedding format version {embedding_version!r} is not supported "
+            f"(reads versions {', '.join(map(str, EMBEDDING_READ_VERSIONS))}); re-save the artifact with this version"
         )
     for key in ("plan_hash", "source_structure", "source_fingerprint"):
         if key not in manifest:
@@ -507,8 +558,13 @@ def load_artifact(
             f"{directory / PLAN_FILE} does not match {directory / ARTIFACT_FILE} (plan hash {plan.hash()} vs "
             f"{manifest['plan_hash']}): plan.json was edited or comes from another artifact; re-save the artifact"
         )
-    if any(True for _ in packed_layers(model_skeleton)):
-        raise ArtifactError("the skeleton already holds PackedLinear layers: load into a fresh float skeleton")
+    if plan.embeddings and manifest["format_version"] < ARTIFACT_EMBEDDINGS_FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory / PLAN_FILE} names packed embeddings, which artifact format {manifest['format_version']} "
+            "cannot hold: the artifact was edited; re-save it"
+        )
+    if is_quantized(model_skeleton):
+        raise ArtifactError("the skeleton already holds packed layers or embeddings: load into a fresh float skeleton")
 
     skeleton_structure = model_structure(model_skeleton)
     if skeleton_structure != manifest["source_structure"]:
@@ -522,6 +578,7 @@ def load_artifact(
         )
     try:
         resolved = planned_modules(model_skeleton, plan)
+        tables = planned_embeddings(model_skeleton, plan)
     except ValueError as e:
         raise ArtifactError(f"{directory / PLAN_FILE} does not fit the skeleton: {e}") from None
 
@@ -578,6 +635,12 @@ def load_artifact(
         setattr(parent, attr, packed)
         if packed_version < 3:
             _add_empty_new_groups(tensors, name, packed, device)
+    # the tables: empty PackedEmbeddings to be assigned, or DroppedEmbeddings that hold (and allocate) nothing
+    for _, parent, attr, module, ep in tables:
+        setattr(parent, attr, build_embedding(ep, module, device="meta"))
+    # keep names only: a skeleton with real (non-meta) weights frees each replaced float module now
+    layer_names, table_names = [r[0] for r in resolved], [t[0] for t in tables]
+    del resolved, tables, module
 
     expected = model_skeleton.state_dict()
     missing = [f"{k} {_describe(v)}" for k, v in expected.items() if k not in tensors]
@@ -611,7 +674,14 @@ def load_artifact(
             f"after loading {path}, these tensors are still on the meta device (neither stored nor built by the "
             f"skeleton): {', '.join(still_meta[:12])}"
         )
-    for name, _, _, _, _ in resolved:
+    for name in table_names:
+        table = model_skeleton.get_submodule(name)
+        if isinstance(table, PackedEmbedding):
+            try:
+                table.validate()
+            except ValueError as e:
+                raise ArtifactError(f"{path}: embedding {name!r}: {e}") from None
+    for name in layer_names:
         layer = model_skeleton.get_submodule(name)
         try:
             layer.validate()

@@ -12,9 +12,19 @@ b * K + 40 * (ceil(K / g) - 1) bits (`quantizer.row_plan_bits`: its extra fp32 s
 the budget), every other row b * K. A layer without grouped rows has group_size = grouped = None (the one form
 of it), and its dictionary is exactly what it was before groups existed (same keys, same plan hash).
 
+Token embeddings (`Plan.embeddings`, optional): an nn.Embedding table named there is stored as a
+`qvla_quant.packed_embedding.PackedEmbedding`, every row at one bit-width (`EmbeddingPlan.bits`: 2, 3, 4, 6 or 8
+with a per-row fp32 scale and uint8 zero point, 16 kept in 16 bits, 0 = not stored at all, for a table the model
+provably never reads, such as π0's action-expert copy). Embeddings are not in the average-bit budget (`average_bits`
+covers the layers only, as before, so existing budgets mean what they meant); the artifact summary reports their
+bytes separately.
+
 Versions: `to_dict` writes plan format 1 when every layer uses the paper's vocabulary (per-row rows at
 {0, 2, 4, 8, 16} bits), so older qvla_quant still read those plans, and format 2 when a layer has 3- or 6-bit
-or grouped rows. Both are read.
+or grouped rows. Both are read. `embeddings` is an optional key that does not change the version: a plan without
+embeddings has exactly the dictionary and hash it had before embeddings existed, and an older qvla_quant reading a
+plan with embeddings ignores them (its tables stay float: larger, never wrong). Artifacts guard the other way: one
+that holds packed tables is artifact format 3, which an older qvla_quant refuses (`qvla_quant.artifact`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from qvla_quant.quantizer import BIT_CHOICES, ROW_BITS, RowChoice, check_granula
 
 PLAN_FORMAT_VERSION = 2  # what plans with 3/6-bit or grouped rows are written as (others: 1, see the docstring)
 PLAN_READ_VERSIONS: tuple[int, ...] = (1, 2)
+EMBEDDING_BITS: tuple[int, ...] = ROW_BITS  # 0 = not stored, 2..8 = per-row codes, 16 = kept
 
 
 @dataclass
@@ -126,9 +137,43 @@ class LayerPlan(LayerDesc):
 
 
 @dataclass
+class EmbeddingPlan:
+    """One token-embedding table stored as a `PackedEmbedding`: `num_embeddings` rows of `embedding_dim` values,
+    every row at `bits` (see the module docstring; 0 = the table is not stored). `role` as for layers (reporting).
+    """
+
+    name: str
+    role: str
+    num_embeddings: int
+    embedding_dim: int
+    bits: int
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or int(self.bits) not in EMBEDDING_BITS:
+            raise ValueError(f"embedding {self.name!r}: bits must be one of {EMBEDDING_BITS}, got {self.bits!r}")
+        self.bits = int(self.bits)
+        self.num_embeddings, self.embedding_dim = int(self.num_embeddings), int(self.embedding_dim)
+        if self.num_embeddings < 1 or self.embedding_dim < 1:
+            raise ValueError(f"embedding {self.name!r}: {self.num_embeddings} x {self.embedding_dim} is not a table")
+
+    @property
+    def n_weights(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "role": self.role, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "bits": self.bits}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmbeddingPlan:
+        return cls(d["name"], d["role"], int(d["num_embeddings"]), int(d["embedding_dim"]), int(d["bits"]))
+
+
+@dataclass
 class Plan:
     """A whole policy's allocation: layers, quantizer settings, the budget it was solved for, and the
-    fingerprint of the source model it belongs to."""
+    fingerprint of the source model it belongs to; `embeddings`: token-embedding tables stored packed (optional,
+    outside the budget; see the module docstring)."""
 
     layers: dict[str, LayerPlan]
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -137,6 +182,7 @@ class Plan:
     method: str = "qvla"
     info: dict = field(default_factory=dict)
     format_version: int = PLAN_FORMAT_VERSION
+    embeddings: dict[str, EmbeddingPlan] = field(default_factory=dict)
 
     # ---- summaries
     def average_bits(self, role: str | None = None) -> float:
@@ -168,24 +214,25 @@ class Plan:
         return sum(sum(lp.grouped or []) for lp in layers) / rows if rows else 0.0
 
     def required_format_version(self) -> int:
-        """The oldest plan format that expresses this plan: 1, or 2 with 3/6-bit or grouped rows."""
+        """The oldest plan format that expresses this plan: 1, or 2 with 3/6-bit or grouped rows (embeddings are an
+        optional key of either, see the module docstring)."""
         return 2 if any(lp.uses_new_format for lp in self.layers.values()) else 1
 
     def hash(self) -> str:
         """Stable hash of what determines the quantized weights (bits, quantizer settings, source model)."""
-        payload = json.dumps(
-            {
-                "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
-                "quant": self.quant.to_dict(version=False),  # the hashes of plans written before configs had one
-                "model": self.model_fingerprint,
-            },
-            sort_keys=True,
-        )
+        content = {
+            "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
+            "quant": self.quant.to_dict(version=False),  # the hashes of plans written before configs had one
+            "model": self.model_fingerprint,
+        }
+        if self.embeddings:  # only then: plans without embeddings keep the hash they always had
+            content["embeddings"] = {k: v.to_dict() for k, v in sorted(self.embeddings.items())}
+        payload = json.dumps(content, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     # ---- JSON
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format_version": self.required_format_version(),
             "method": self.method,
             "budget": self.budget,
@@ -196,6 +243,9 @@ class Plan:
             "plan_hash": self.hash(),
             "layers": [lp.to_dict() for lp in self.layers.values()],
         }
+        if self.embeddings:
+            d["embeddings"] = [e.to_dict() for e in self.embeddings.values()]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
@@ -206,6 +256,10 @@ class Plan:
                 f"(reads {', '.join(map(str, PLAN_READ_VERSIONS))}); re-run the allocation with this version"
             )
         layers = [LayerPlan.from_dict(x) for x in d["layers"]]
+        embeddings = [EmbeddingPlan.from_dict(x) for x in d.get("embeddings", [])]
+        overlap = sorted({e.name for e in embeddings} & {lp.name for lp in layers})
+        if overlap:
+            raise ValueError(f"plan names {overlap} both as a layer and as an embedding")
         return cls(
             layers={lp.name: lp for lp in layers},
             quant=QuantConfig.from_dict(d["quant"]),
@@ -214,6 +268,7 @@ class Plan:
             method=d.get("method", "qvla"),
             info=d.get("info", {}),
             format_version=version,
+            embeddings={e.name: e for e in embeddings},
         )
 
     def to_json(self) -> str:

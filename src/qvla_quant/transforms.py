@@ -1,6 +1,14 @@
 """Whole-model transforms: from a float model and a Plan to a packed model (`quantize_model`) or to the fake-quantized
 reference that tests and baselines compare with (`fake_quantize_model`), and helpers over every packed layer of a
-model. The packed format itself (one layer's tensors and forward) is `qvla_quant.packed`.
+model. The packed format itself (one layer's tensors and forward) is `qvla_quant.packed`; packed token embeddings
+(`Plan.embeddings`) are `qvla_quant.packed_embedding`.
+
+Memory of `quantize_model` (in place): each float layer is freed as soon as its packed replacement is in the model
+(nothing here keeps a reference to a replaced module), and the work goes from the cheapest to the largest (tables
+not stored first: dropping them frees memory at no cost; then layers and tables by ascending size), so the peak
+stays at the float model plus the transient of one layer: `PackedLinear.from_float` holds a few fp32 copies of the
+layer being packed, `PackedEmbedding.from_float` a few blocks of 16 MiB. It cannot free what the caller still
+references (an adapter's `layers()` list, a deep copy, tied weights shared with a module that stays float).
 """
 
 from __future__ import annotations
@@ -16,8 +24,15 @@ from torch import nn
 from qvla_quant import kernels
 from qvla_quant.fingerprint import model_fingerprint
 from qvla_quant.packed import SOURCE_FINGERPRINT_ATTR, PackedLinear
+from qvla_quant.packed_embedding import QUANTIZE_BLOCK_BYTES, pack_embedding, planned_embeddings
 from qvla_quant.plan import LayerPlan, Plan
-from qvla_quant.quantizer import fake_quantize_activation, fake_quantize_weight
+from qvla_quant.quantizer import (
+    KEEP_BITS,
+    PRUNE_BITS,
+    fake_quantize_activation,
+    fake_quantize_rows,
+    fake_quantize_weight,
+)
 
 
 def repack_kept(model: nn.Module) -> int:
@@ -98,12 +113,16 @@ def quantize_model(
     model: nn.Module, plan: Plan, *, inplace: bool = True, cache_dequantized: bool = False, qparams: dict | None = None
 ) -> nn.Module:
     """Replace every module named in `plan` by a `PackedLinear` (same attribute name, so its state-dict keys are
-    `<name>.qweight_8`, `<name>.scale_8`, ..., `<name>.kept`, `<name>.row_index`, `<name>.bias`).
+    `<name>.qweight_8`, `<name>.scale_8`, ..., `<name>.kept`, `<name>.row_index`, `<name>.bias`), and every table
+    named in `plan.embeddings` by a `PackedEmbedding` (`<name>.qweight`, `.scale`, `.zero`, `.kept`) or, at 0 bits,
+    a `DroppedEmbedding` (nothing stored).
 
     The source fingerprint (`fingerprint.model_fingerprint`) is recorded as `model.qvla_source_fingerprint`, so that
-    `save_artifact` can name the checkpoint the artifact was made from.
+    `save_artifact` can name the checkpoint the artifact was made from; it is computed before anything changes.
     qparams: {layer name: (scale, zero)} explicit quantization parameters for some layers (`PackedLinear.from_float`;
     `qvla_quant.llm_baselines.gptq` makes them); the other layers compute theirs from their weights.
+    In place, each float layer is freed as soon as it is packed (see the module docstring: peak = the float model +
+    one layer's transient); inplace=False quantizes a deep copy (the caller's model and the copy both stay alive).
     """
     qparams = dict(qparams or {})
     unknown = sorted(set(qparams) - set(plan.layers))
@@ -111,16 +130,33 @@ def quantize_model(
         raise ValueError(f"qparams name layers that are not in the plan: {unknown[:8]}")
     if not inplace:
         model = copy.deepcopy(model)
-    resolved = planned_modules(model, plan)
+    # everything is checked before anything changes; the work list keeps no module, so that a replaced float
+    # module is released the moment its parent points at the packed one
+    work = [("layer", name, parent, attr, lp, _nbytes(module))
+            for name, parent, attr, module, lp in planned_modules(model, plan)]  # fmt: skip
+    work += [("embedding", name, parent, attr, ep, 0 if ep.bits == PRUNE_BITS else _nbytes(module))
+             for name, parent, attr, module, ep in planned_embeddings(model, plan)]  # fmt: skip
     fingerprint = model_fingerprint(model)
-    for _, parent, attr, module, lp in resolved:
-        packed = PackedLinear.from_float(
-            module, lp.bits, plan.quant, granularity=lp.granularity, cache_dequantized=cache_dequantized,
-            group_size=lp.group_size, grouped=lp.grouped, qparams=qparams.get(lp.name),
-        )  # fmt: skip
+    work.sort(key=lambda w: w[-1])  # stable: dropped tables (0) first, then ascending size
+    for kind, name, parent, attr, entry, _ in work:
+        module = getattr(parent, attr)
+        if kind == "layer":
+            packed = PackedLinear.from_float(
+                module, entry.bits, plan.quant, granularity=entry.granularity, cache_dequantized=cache_dequantized,
+                group_size=entry.group_size, grouped=entry.grouped, qparams=qparams.get(name),
+            )  # fmt: skip
+        else:
+            packed = pack_embedding(entry, module, plan.quant.weight)
+        del module  # the parent holds the last reference: replacing it frees the float weights
         setattr(parent, attr, packed)
+        del packed
     setattr(model, SOURCE_FINGERPRINT_ATTR, fingerprint)
     return model
+
+
+def _nbytes(module: nn.Module) -> int:
+    w = module.weight
+    return w.numel() * w.element_size()
 
 
 def _patch_quant_hook(conv: nn.Conv2d, bits: int):
@@ -157,7 +193,9 @@ def _token_quant_hook(bits: int):
 
 def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
     """The reference: a copy of `model` (or `model` itself with inplace=True) whose planned layers keep their
-    module type but hold fake-quantized weights (`fake_quantize_weight`; pruned rows zero, bias kept).
+    module type but hold fake-quantized weights (`fake_quantize_weight`; pruned rows zero, bias kept), and whose
+    planned embeddings hold their tables as a PackedEmbedding looks them up (`fake_quantize_rows` at the entry's
+    bits; a table that is not stored is zeroed, so that a read of it shows).
 
     With A8 in `plan.quant`, a forward pre-hook fake-quantizes the input of each planned layer per token
     (a conv: per patch; only non-overlapping patch convs, stride == kernel_size and dilation 1, are supported).
@@ -166,6 +204,7 @@ def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) 
     if not inplace:
         model = copy.deepcopy(model)
     resolved = planned_modules(model, plan)
+    embeddings = planned_embeddings(model, plan)
     act_bits = plan.quant.activation.bits
     if act_bits == 8:
         for name, _, _, module, _ in resolved:
@@ -187,6 +226,16 @@ def fake_quantize_model(model: nn.Module, plan: Plan, *, inplace: bool = False) 
                 grouped=lp.grouped,
             )  # fmt: skip
             module.weight.copy_(w_hat)
+        for _, _, _, module, ep in embeddings:
+            w = module.weight
+            if ep.bits == PRUNE_BITS:
+                w.zero_()
+            elif ep.bits == KEEP_BITS:
+                w.copy_(fake_quantize_rows(w, KEEP_BITS))
+            else:  # block by block, as PackedEmbedding.from_float (the same codes as the whole table at once)
+                block = max(1, QUANTIZE_BLOCK_BYTES // (4 * w.shape[1]))
+                for r0 in range(0, w.shape[0], block):
+                    w[r0 : r0 + block] = fake_quantize_rows(w[r0 : r0 + block], ep.bits, plan.quant.weight)
     if act_bits == 8:
         for _, _, _, module, _ in resolved:
             old = getattr(module, "qvla_act_hook", None)

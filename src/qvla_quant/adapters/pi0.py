@@ -24,6 +24,13 @@ Roles (module names checked against transformers 5.24):
 Dead layers: the action expert reads the VLM only through its key/value cache, so in the last VLM layer the query,
 output projection and MLP never influence the action (their outputs feed only the VLM's unused final hidden
 state). They are reported by `known_dead_layers`, and gradient-based detection finds them too.
+
+Token embeddings: the VLM's table (`model.vlm.language_model.embed_tokens`, vocab x 2048 at the published size) is
+read by `embed_prefix` for the instruction tokens; the action expert's own table (`model.dit.embed_tokens`,
+vocab x 1024) is never read, because `PI0Model.forward` always calls the expert with `inputs_embeds` (the
+state / noise / time embedding) and never with token ids (transformers 5.24, modeling_pi0.py). `embedding_plans`
+gives the first a bit-width and the second 0 bits (not stored: `qvla_quant.packed_embedding.DroppedEmbedding`).
+Neither is tied to anything (no lm_head in π0), so both can be packed.
 """
 
 from __future__ import annotations
@@ -36,9 +43,13 @@ import torch
 
 from qvla_quant.adapters.base import Batch, PolicyAdapter
 from qvla_quant.checkpoint import load_pretrained_strict
+from qvla_quant.packed_embedding import embedding_plans
+from qvla_quant.plan import EmbeddingPlan
 
 REQUIRED_KEYS = ("input_ids", "pixel_values", "pixel_attention_mask", "state")
 OPTIONAL_KEYS = ("attention_mask",)
+VLM_EMBEDDING = "model.vlm.language_model.embed_tokens"  # read by embed_prefix (the instruction's tokens)
+EXPERT_EMBEDDING = "model.dit.embed_tokens"  # never read: the expert always gets inputs_embeds
 
 
 def _transformers_pi0():
@@ -97,6 +108,23 @@ class Pi0Adapter(PolicyAdapter):
         names += [f"{prefix}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
         present = dict(self.model.named_modules())
         return [n for n in names if n in present]
+
+    def unused_embeddings(self) -> list[str]:
+        """Token-embedding tables that sampling never reads: the action expert's (see the module docstring)."""
+        return [n for n in (EXPERT_EMBEDDING,) if n in dict(self.model.named_modules())]
+
+    def embedding_plans(self, bits: int | None = 8) -> dict[str, EmbeddingPlan]:
+        """`Plan.embeddings` entries for π0: the VLM's token table at `bits` (2, 3, 4, 6, 8 or 16; None: not in
+        the plan, it stays float) and every unused table (`unused_embeddings`) at 0 bits (not stored)."""
+        rules = {n: 0 for n in self.unused_embeddings()}
+        if bits is not None:
+            if bits == 0:
+                raise ValueError("the VLM's token embedding is read by every forward: give it 2..8 or 16 bits, not 0")
+            rules[VLM_EMBEDDING] = bits
+        plans, kept_float = embedding_plans(self.model, rules, role_of=self.role_of)
+        if kept_float:  # π0 has no tied tables; a changed transformers could add some
+            raise ValueError(f"π0 embeddings that cannot be packed: {kept_float}")
+        return plans
 
     # ---- actions
     def check_batch(self, batch: Batch) -> None:
@@ -216,7 +244,7 @@ class Pi0Adapter(PolicyAdapter):
 
     @property
     def dtype(self) -> torch.dtype:
-        # the token embedding is never quantized, so it keeps the source dtype after packing
+        # the token embedding's source dtype; a PackedEmbedding reports it too (its `weight` is a meta stand-in)
         return self.model.model.vlm.get_input_embeddings().weight.dtype
 
     # ---- loading and rebuilding
@@ -355,6 +383,50 @@ def random_pi0_config(scale: float = 1.0, **overrides):
             num_attention_heads=w(256) // head_dim, num_key_value_heads=1, head_dim=head_dim,
         ),
         chunk_size=50, max_state_dim=32, max_action_dim=32, num_inference_steps=10,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def published_pi0_config(scale: float = 1.0, **overrides):
+    """π0 at its published size, transformers' `PI0Config()` defaults (PaliGemma: Gemma-2B text model, width 2048,
+    18 layers, MLP 16384, 8 heads x 256, vocabulary 257,152; SigLIP so400m: width 1152, 27 layers, 224 px images in
+    14 px patches; action expert Gemma-300M: width 1024, 18 layers, MLP 4096; 3.50 B parameters, 7.00 GB in bf16).
+
+    `scale` < 1 shrinks it for quick benchmark runs, depth and image kept: every width and the vocabulary are
+    multiplied by `scale` (head sizes kept: 256 for the Gemmas, 72 for SigLIP, so the head counts shrink instead).
+    scale = 1 is exactly `PI0Config()`."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    config_cls, _ = _transformers_pi0()
+    if scale == 1.0 and not overrides:
+        return config_cls()
+
+    def heads(n):
+        return max(1, round(n * scale))
+
+    vocab = max(64, round(257152 * scale))
+    kwargs = dict(
+        vlm_config=dict(
+            model_type="paligemma",
+            text_config=dict(
+                model_type="gemma", hidden_size=heads(8) * 256, num_hidden_layers=18,
+                intermediate_size=max(64, round(16384 * scale)), num_attention_heads=heads(8), num_key_value_heads=1,
+                head_dim=256, vocab_size=vocab,
+            ),
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=heads(16) * 72,
+                intermediate_size=max(64, round(4304 * scale)), num_hidden_layers=27, num_attention_heads=heads(16),
+                patch_size=14, image_size=224, vision_use_head=False,
+            ),
+            projection_dim=heads(8) * 256,
+            image_token_id=vocab,
+        ),
+        dit_config=dict(
+            model_type="gemma", hidden_size=max(64, round(1024 * scale)), num_hidden_layers=18,
+            intermediate_size=max(64, round(4096 * scale)), num_attention_heads=heads(8), num_key_value_heads=1,
+            head_dim=256,
+        ),
     )  # fmt: skip
     kwargs.update(overrides)
     return config_cls(**kwargs)
