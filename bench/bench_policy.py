@@ -28,7 +28,6 @@ written as artifacts the same way: e.g. `--baselines awq:4,gptq:4,gptq:4g64,gptq
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -47,7 +46,7 @@ import torch  # noqa: E402
 from qvla_quant import AllocationConfig, CalibrationConfig, PlanTemplate, allocate  # noqa: E402
 from qvla_quant.artifact import artifact_summary, read_plan  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
-from qvla_quant.files import is_artifact  # noqa: E402
+from qvla_quant.files import file_sha256, is_artifact  # noqa: E402
 from qvla_quant.roles import DEFAULT_ROLE_RULES  # noqa: E402
 from qvla_ros.policy.episode_cache import EpisodeCache, row_key  # noqa: E402
 from qvla_ros.policy.evaluate import evaluate, parse_seeds  # noqa: E402
@@ -112,14 +111,6 @@ def teacher_forced_mse(fp: PolicyRuntime, q: PolicyRuntime, observations, batch_
         b = q.processor.actions_from_model(q.sample_model_actions(q.model_inputs(obs)))
         errs.append(((a - b) ** 2).reshape(len(obs), -1).mean(1))
     return float(np.concatenate(errs).mean())
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def row_identity(policy: Path, artifact: Path, seeds_settings: dict) -> dict:

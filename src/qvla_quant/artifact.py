@@ -34,7 +34,6 @@ allocates nothing) and assigns the stored tensors with `load_state_dict(..., ass
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvla_quant.checkpoint import pickle_files, sniff_payload
-from qvla_quant.files import ARTIFACT_FILE, CONFIG_FILE, PLAN_FILE, TENSORS_FILE
+from qvla_quant.files import ARTIFACT_FILE, CONFIG_FILE, PLAN_FILE, TENSORS_FILE, file_sha256
 from qvla_quant.fingerprint import dtype_name, fingerprint_id, model_structure
 from qvla_quant.packed import (
     GROUP_OVERHEAD_BYTES,
@@ -94,14 +93,6 @@ def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -306,7 +297,7 @@ def save_artifact(
             "library": "qvla_quant",
             "adapter": adapter,
             "plan_hash": plan.hash(),
-            "tensors_sha256": _sha256_file(directory / TENSORS_FILE),
+            "tensors_sha256": file_sha256(directory / TENSORS_FILE),
             "model_config": model_config,
             "source_fingerprint": fingerprint,
             "summary": _summary(qmodel, plan),
@@ -586,7 +577,7 @@ def load_artifact(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found; the artifact is incomplete: re-save it")
     _refuse_pickles(directory, path)
-    if verify_checksum and manifest.get("tensors_sha256") not in (None, _sha256_file(path)):
+    if verify_checksum and manifest.get("tensors_sha256") not in (None, file_sha256(path)):
         raise ArtifactError(
             f"{path} does not have the checksum recorded in {directory / ARTIFACT_FILE}: the file was damaged or "
             "replaced after saving; copy it again or re-save the artifact"

@@ -6,6 +6,7 @@ when given, CONFIG_FILE. A float checkpoint (`qvla_quant.checkpoint`) holds CONF
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -30,3 +31,12 @@ def recorded_source(path: str | os.PathLike) -> str:
         return str(manifest.get("extra", {}).get("policy_source", "") or "")
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read 16 MiB at a time (artifact checksums, benchmark cache keys)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
