@@ -17,7 +17,7 @@ loaded, moved or replaced. The artifact format and `state_dict` keys do not chan
 
 Dispatch (`select`, called by `PackedLinear.forward` for linear layers and A8 inputs alike):
 
-    mode = layer.kernels (per-layer attribute; `set_kernels(model, mode)` sets every layer)
+    mode = layer.kernels (per-layer attribute; `transforms.set_kernels(model, mode)` sets every layer)
            or the environment variable QVLA_KERNELS, else "auto"
 
     "reference"  always the packed.py path
