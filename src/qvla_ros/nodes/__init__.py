@@ -125,3 +125,38 @@ def spin(executor) -> None:
     except Exception:
         if rclpy.ok():
             raise
+
+
+def run_node(
+    node_name: str,
+    make_node,
+    startup_errors: tuple[type[BaseException], ...],
+    make_executor,
+    is_startup_error=None,
+    argv: list[str] | None = None,
+) -> int:
+    """The whole life of a node process with one executor: init, build the node (a start-up error a user can act
+    on ends it with `fail`: one line, exit code 2), spin until Ctrl-C or shutdown, then shut the node down.
+
+    make_node / make_executor: called after rclpy.init. is_startup_error: a further test for errors of classes
+    that cannot be named here (e.g. those of a module imported only when the node starts)."""
+    rclpy.init(args=argv)
+    node = None
+    try:
+        try:
+            node = make_node()
+        except startup_errors as e:
+            return fail(node_name, e)
+        except Exception as e:
+            if is_startup_error is not None and is_startup_error(e):
+                return fail(node_name, e)
+            raise
+        executor = make_executor()
+        executor.add_node(node)
+        spin(executor)
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

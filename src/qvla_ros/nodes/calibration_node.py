@@ -34,7 +34,6 @@ import threading
 import time
 from pathlib import Path
 
-import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
@@ -44,7 +43,7 @@ from std_msgs.msg import String
 from qvla_msgs.action import Calibrate
 from qvla_msgs.srv import ReloadPolicy
 from qvla_ros.control.params import CALIBRATION_NODE, ParameterError
-from qvla_ros.nodes import declare_schema, fail, qos, spin
+from qvla_ros.nodes import declare_schema, qos, run_node
 from qvla_ros.policy.calibration_job import EXIT_CANCELLED, EXIT_OK, EXIT_VALIDATION, JobError, JobSpec, check_budget
 
 NODE_NAME = "calibration"
@@ -327,22 +326,10 @@ def _tail(path: Path, n: int = 1500) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv)
-    node = None
-    try:
-        try:
-            node = CalibrationNode()
-        except ParameterError as e:
-            return fail(NODE_NAME, e)
-        executor = MultiThreadedExecutor(num_threads=4)  # the job's thread, goals, cancels, the reload answer
-        executor.add_node(node)
-        spin(executor)
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    # four threads: the job's, goals, cancels, the reload answer
+    return run_node(
+        NODE_NAME, CalibrationNode, (ParameterError,), lambda: MultiThreadedExecutor(num_threads=4), argv=argv
+    )
 
 
 if __name__ == "__main__":

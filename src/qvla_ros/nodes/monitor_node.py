@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
 from rclpy.executors import SingleThreadedExecutor
@@ -60,7 +59,7 @@ from qvla_ros.control.messages import MessageError, import_message_type
 from qvla_ros.control.params import MONITOR_NODE, ParameterError
 from qvla_ros.control.timing import LatencyStats
 from qvla_ros.control.worker import InferenceWorker, PolicyInfo
-from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin, to_seconds
+from qvla_ros.nodes import declare_schema, guard_dynamic, qos, run_node, to_seconds
 from qvla_ros.policy.types import Observation
 
 NODE_NAME = "monitor"
@@ -450,22 +449,13 @@ class MonitorNode(Node):
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv)
-    node = None
-    try:
-        try:
-            node = MonitorNode()
-        except (ParameterError, ArmOutputError, MessageError, FileNotFoundError) as e:
-            return fail(NODE_NAME, e)
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        spin(executor)
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(
+        NODE_NAME,
+        MonitorNode,
+        (ParameterError, ArmOutputError, MessageError, FileNotFoundError),
+        SingleThreadedExecutor,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

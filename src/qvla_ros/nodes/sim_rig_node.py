@@ -29,7 +29,6 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -42,7 +41,7 @@ from qvla_ros.control.images import rgb_to_image_fields
 from qvla_ros.control.messages import MessageError, fill, import_message_type
 from qvla_ros.control.params import SIM_RIG_NODE, ParameterError
 from qvla_ros.control.timing import RateMonitor
-from qvla_ros.nodes import declare_schema, fail, guard_dynamic, qos, spin
+from qvla_ros.nodes import declare_schema, guard_dynamic, qos, run_node
 
 NODE_NAME = "sim_rig"
 MAX_CATCH_UP_TICKS = 10  # after a stall, at most this many physics ticks per timer call (then time slips)
@@ -342,26 +341,16 @@ class SimRigNode(Node):
 
 
 def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv)
-    node = None
-    try:
-        try:
-            node = SimRigNode()
-        except (ParameterError, ArmOutputError, MessageError, FileNotFoundError) as e:
-            return fail(NODE_NAME, e)
-        except Exception as e:  # the rig's own errors (no GL backend, unknown task) say what to do
-            if type(e).__name__ in ("RigError",):
-                return fail(NODE_NAME, e)
-            raise
-        executor = SingleThreadedExecutor()  # callbacks are short; rendering has a thread of its own
-        executor.add_node(node)
-        spin(executor)
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    # callbacks are short (rendering has a thread of its own); the rig's own errors (no GL backend, unknown task)
+    # say what to do, and its module is imported only when the node starts: recognized by name
+    return run_node(
+        NODE_NAME,
+        SimRigNode,
+        (ParameterError, ArmOutputError, MessageError, FileNotFoundError),
+        SingleThreadedExecutor,
+        is_startup_error=lambda e: type(e).__name__ == "RigError",
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":
