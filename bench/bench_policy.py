@@ -57,11 +57,23 @@ from qvla_ros.policy.train import list_episodes, validation_split  # noqa: E402
 
 
 def held_out_episodes(policy_dir: Path, episodes: list[Path]) -> tuple[list[Path], list[Path]]:
-    """(training episodes, held-out episodes) as the policy's training run split them."""
+    """(training episodes, held-out episodes) as the policy's training run split them, by episode name: a directory
+    holding more demonstrations than the policy saw (e.g. 300 where it trained on 200) must not move the split, and
+    episodes it never saw are neither calibration nor held-out samples."""
     info = json.loads((policy_dir / "train_config.json").read_text())
-    cfg = info["train_config"]
-    val = set(validation_split(len(episodes), cfg["val_episodes"], cfg["data_seed"]))
-    return [p for i, p in enumerate(episodes) if i not in val], [p for i, p in enumerate(episodes) if i in val]
+    if "episodes" in info and "val_episodes" in info:
+        trained, val = set(info["episodes"]), set(info["val_episodes"])
+        by_name = {p.name: p for p in episodes}
+        missing = sorted((trained | val) - set(by_name))
+        if missing:
+            raise SystemExit(
+                f"bench_policy: {len(missing)} of the policy's training episodes are not in the episodes directory "
+                f"(e.g. {missing[0]}); record them (qvla-sim record-demos) or pass the directory it was trained on"
+            )
+        return [by_name[n] for n in sorted(trained - val)], [by_name[n] for n in sorted(val)]
+    cfg = info["train_config"]  # older lineage files: the split by count, as the training run drew it
+    split = set(validation_split(len(episodes), cfg["val_episodes"], cfg["data_seed"]))
+    return [p for i, p in enumerate(episodes) if i not in split], [p for i, p in enumerate(episodes) if i in split]
 
 
 BASELINE_NAMES = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "module": "module-wise"}
