@@ -542,6 +542,14 @@ class PackedLinear(nn.Module):
         # a wider dtype leaves 16-bit kept rows as they are (exact), a cast to another 16-bit dtype converts them
         # like any module's weights. The source dtype (weight, bias) follows the cast.
         kept_before = self.kept.dtype
+        # the scales and zero points before the cast: a cast through fp16 / bf16 would round fp32 scales (and
+        # back-casting cannot undo it), so after it they are taken from here, moved only to the new device
+        fixed = {
+            name: self._buffers[name]
+            for c in QUANTIZED_STORAGE
+            for name in (f"scale_{group_suffix(c)}", f"zero_{group_suffix(c)}")
+            if self._buffers.get(name) is not None
+        }
         super()._apply(fn, recurse)
         new_source = fn(torch.empty(0, dtype=self._source_dtype)).dtype
         if new_source.is_floating_point:
@@ -549,12 +557,10 @@ class PackedLinear(nn.Module):
         kept = self._buffers["kept"]
         if kept_before.itemsize == 2 and kept.dtype.itemsize > 2:
             self._buffers["kept"] = kept.to(kept_before)
-        for c in QUANTIZED_STORAGE:
-            for p, dtype in (("scale", SCALE_DTYPE), ("zero", ZERO_DTYPE)):
-                name = f"{p}_{group_suffix(c)}"
-                t = self._buffers[name]
-                if t is not None and t.dtype != dtype:
-                    self._buffers[name] = t.to(dtype)
+        for name, before in fixed.items():
+            t = self._buffers[name]
+            if t.dtype != before.dtype:  # a meta tensor has no values to keep: only its dtype is restored
+                self._buffers[name] = t.to(before.dtype) if before.is_meta or t.is_meta else before.to(t.device)
         self._cache = None
         return self
 

@@ -154,6 +154,19 @@ def test_cached_dequantized_weight_matches_and_is_invalidated():
     assert layer.kept.dtype == layer.source_dtype == torch.float16 and layer.scale_4.dtype == torch.float32
 
 
+def test_dtype_casts_keep_the_scales_exact():
+    # a cast through fp16 / bf16 must not round the fp32 scales: casting back cannot undo that rounding
+    lin = nn.Linear(40, 24)
+    lin.weight.data[:12] *= 1e-3  # small-range rows: their scales are far from fp16's grid
+    bits = random_bits(24, 7, (0, 2, 4, 8, 16))
+    layer = PackedLinear.from_float(lin, bits, A16)
+    scales = {n: b.clone() for n, b in layer.named_buffers() if n.startswith("scale_") and b is not None}
+    for cast in (torch.nn.Module.half, torch.nn.Module.bfloat16, torch.nn.Module.float):
+        cast(layer)
+        for n, b in scales.items():
+            assert torch.equal(getattr(layer, n), b), (cast.__name__, n)
+
+
 def test_a8_linear_matches_reference():
     lin = nn.Linear(32, 20)
     bits = random_bits(20, 4)
