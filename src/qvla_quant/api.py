@@ -10,6 +10,7 @@ adapter = load_policy("dir/")                                   an artifact or a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -43,6 +44,15 @@ def allocate(sensitivity: Sensitivity, budget: float, config: AllocationConfig |
     if not isinstance(sensitivity, Sensitivity):
         raise TypeError(f"allocate needs a Sensitivity (from calibrate), got {type(sensitivity).__name__}")
     return allocate_plan(sensitivity, budget, config or AllocationConfig())
+
+
+def with_embeddings(plan: Plan, adapter: PolicyAdapter, bits: int | None) -> Plan:
+    """`plan` with the adapter's token-embedding tables planned (`PolicyAdapter.embedding_plans`): the tables the
+    policy reads at `bits` (2, 3, 4, 6, 8 or 16 per value), those it never reads not stored; None: `plan` as it is.
+    Embedding bits are outside the layers' average-bit budget (the plan reports them apart)."""
+    if bits is None:
+        return plan
+    return dataclasses.replace(plan, embeddings=adapter.embedding_plans(int(bits)))
 
 
 def _model_of(adapter_or_model) -> nn.Module:

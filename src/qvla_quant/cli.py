@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qvla_quant.allocation import BudgetError
-from qvla_quant.api import allocate, calibrate, load_policy, quantize, save
+from qvla_quant.api import allocate, calibrate, load_policy, quantize, save, with_embeddings
 from qvla_quant.artifact import artifact_layer_dtypes, artifact_summary, read_plan
 from qvla_quant.checkpoint import check_checkpoint_dir
 from qvla_quant.config import (
@@ -43,7 +43,7 @@ from qvla_quant.config import (
 from qvla_quant.files import CONFIG_FILE, is_artifact
 from qvla_quant.llm_baselines import parse_bits_arg, run_baseline
 from qvla_quant.packed import PACKED_FORMAT_VERSION
-from qvla_quant.plan import Plan
+from qvla_quant.plan import EMBEDDING_BITS, Plan
 from qvla_quant.quantizer import GROUP_SIZES, ROW_BITS
 from qvla_quant.report import format_table, human_bytes, plot_plan, plot_sensitivity, stored_bytes_lines, summary_rows
 from qvla_quant.roles import PlanTemplate
@@ -248,6 +248,8 @@ def cmd_apply(args) -> int:
     plan = _read_plan_file(args.plan)
     adapter = _load_policy(args)
     dtype = adapter.dtype
+    if args.embedding_bits is not None:
+        plan = with_embeddings(plan, adapter, args.embedding_bits)
     quantize(adapter, plan, check_source=not args.ignore_source)
     path = save(args.out, adapter, plan)
     summary = artifact_summary(path)
@@ -395,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--action-dim", type=int)
     p.add_argument("--ignore-source", action="store_true", help="apply a plan made for another checkpoint")
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=[b for b in EMBEDDING_BITS if b],
+        help="also store the token-embedding table at this many bits per value (π0: the VLM's table; the action "
+        "expert's, which sampling never reads, is then not stored); default: tables stay float",
+    )
     p.set_defaults(func=cmd_apply)
 
     b = sub.add_parser(

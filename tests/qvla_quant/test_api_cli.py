@@ -25,6 +25,7 @@ from qvla_quant import (
 )
 from qvla_quant.adapters.pi0 import tiny_pi0_config
 from qvla_quant.api import load_policy
+from qvla_quant.artifact import artifact_summary, read_plan
 from qvla_quant.cli import main, save_batches
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,3 +209,23 @@ def test_qvla_with_3_and_6_bit_choices_end_to_end(tiny_pi0, tiny_batches, tiny_c
     torch.testing.assert_close(packed, reference, rtol=0, atol=1e-4 * reference.abs().max())
     save(tmp_path / "artifact", tiny_pi0, plan)
     assert torch.equal(load(tmp_path / "artifact").predict(batch), packed)
+
+
+def test_cli_apply_with_embedding_bits(cli_store, tiny_pi0_dir, tiny_batches, tmp_path, capsys):
+    # --embedding-bits packs the VLM's token table and drops the action expert's (which sampling never reads);
+    # the loaded artifact predicts what the same plan without embeddings predicts, up to the table's 8-bit rounding
+    plan = tmp_path / "plan.json"
+    assert main(["allocate", "--sensitivity", str(cli_store), "--budget", "8", "--out", str(plan)]) == 0
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    assert main(["apply", "--policy", str(tiny_pi0_dir), "--plan", str(plan), "--out", str(plain)]) == 0
+    args = ["apply", "--policy", str(tiny_pi0_dir), "--plan", str(plan), "--out", str(packed), "--embedding-bits", "8"]
+    assert main(args) == 0
+    capsys.readouterr()
+    embeddings = read_plan(packed).embeddings
+    assert {e.bits for e in embeddings.values()} == {0, 8} and len(embeddings) == 2
+    assert artifact_summary(packed)["parameter_bytes_after"] < artifact_summary(plain)["parameter_bytes_after"]
+    a, b = load_policy(plain), load_policy(packed)
+    for batch in tiny_batches[:1]:
+        ref, got = a.predict(batch), b.predict(batch)
+        assert torch.isfinite(got).all()
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max()  # an 8-bit table: small, not zero

@@ -137,6 +137,16 @@ class PolicyAdapter(abc.ABC):
         """Layers that, by the architecture, can never influence the action (reported, never an error)."""
         return []
 
+    def embedding_plans(self, bits: int | None = 8) -> dict:
+        """`Plan.embeddings` entries (name -> `qvla_quant.plan.EmbeddingPlan`): the policy's token tables at `bits`
+        and the tables it never reads at 0 (not stored). Only an adapter that knows which tables its policy reads
+        can say (π0's does); this one cannot."""
+        raise ValueError(
+            f"{type(self).__name__} does not know which token-embedding tables its policy reads, so it cannot plan "
+            "them: leave out --embedding-bits (the tables stay float), or give Plan.embeddings explicitly "
+            "(qvla_quant.packed_embedding.embedding_plans)"
+        )
+
     # ---- the action function
     @abc.abstractmethod
     def actions(self, batch: Batch, noise: torch.Tensor | None) -> torch.Tensor:

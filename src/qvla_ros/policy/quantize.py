@@ -141,13 +141,17 @@ def quantize_policy(
     samples_per_episode: int = 4,
     batch_size: int = 8,
     seed: int = 0,
+    embedding_bits: int | None = None,
 ) -> tuple[Path, dict]:
     """Calibrate on the episodes, allocate under `budget`, write the packed artifact to `out`.
 
     calibration / allocation: qvla_quant CalibrationConfig / AllocationConfig (defaults: the paper's two-stage
-    sensitivity, resumable under <out>/sensitivity, and greedy demotion). Returns (artifact path, summary).
+    sensitivity, resumable under <out>/sensitivity, and greedy demotion). embedding_bits: store the token-embedding
+    table at this many bits (`qvla_quant.api.with_embeddings`; None: it stays float). Returns (artifact path,
+    summary).
     """
     from qvla_quant import AllocationConfig, allocate
+    from qvla_quant.api import with_embeddings
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +167,7 @@ def quantize_policy(
         loaded=loaded,
     )
     t1 = time.time()
-    plan = allocate(sensitivity, budget, allocation or AllocationConfig())
+    plan = with_embeddings(allocate(sensitivity, budget, allocation or AllocationConfig()), loaded[1], embedding_bits)
     path = write_quantized_policy(
         policy_dir, plan, out, extra={"calibration": info}, plots_of=sensitivity, adapter=loaded[1]
     )
@@ -201,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         help="never prune a channel whose s(0) is above this times its layer's median s(0)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--embedding-bits",
+        type=int,
+        choices=(2, 3, 4, 6, 8, 16),
+        help="also store the VLM's token-embedding table at this many bits (the action expert's unused one is then "
+        "not stored); default: the tables stay float",
+    )
     args = p.parse_args(argv)
     from qvla_quant import AllocationConfig, BudgetError
     from qvla_ros.episodes.reader import EpisodeError
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             samples_per_episode=args.samples_per_episode,
             seed=args.seed,
+            embedding_bits=args.embedding_bits,
         )
     except (ValueError, OSError, KeyError, BudgetError, EpisodeError) as exc:
         print(f"qvla-policy-quantize: error: {one_line(exc)}", file=sys.stderr)
