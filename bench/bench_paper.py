@@ -110,6 +110,17 @@ def main() -> int:
     p.add_argument("--calib-episodes", type=int, default=16)
     p.add_argument("--samples-per-episode", type=int, default=4)
     p.add_argument("--mse-samples-per-episode", type=int, default=16)
+    p.add_argument(
+        "--exact-fraction",
+        type=float,
+        default=CalibrationConfig.exact_fraction,
+        help="of the calibration (see bench_policy)",
+    )
+    p.add_argument(
+        "--sensitivity-store",
+        help="the calibration's resumable store (default <out>/sensitivity); bench_policy's <work>/sensitivity is "
+        "reused when its calibration settings are the same",
+    )
     p.add_argument("--fig3-seeds", default="2000-2009", help="closed-loop seeds for Fig. 3 and Tables 3/4")
     p.add_argument("--rank-layers", type=int, default=20, help="layers sampled for the Eq. 4 / Eq. 5 agreement")
     p.add_argument("--rank-seeds", default="2100-2102")
@@ -162,7 +173,8 @@ def main() -> int:
     )
 
     # ---- calibration (for Fig. 1b, Table 4, Fig. 3)
-    calibration = CalibrationConfig(store_dir=str(out / "sensitivity"), template=PlanTemplate())
+    store = Path(args.sensitivity_store) if args.sensitivity_store else out / "sensitivity"
+    calibration = CalibrationConfig(store_dir=str(store), template=PlanTemplate(), exact_fraction=args.exact_fraction)
     sens, info = calibrate_policy(
         policy, calib_eps, samples_per_episode=args.samples_per_episode, calibration=calibration
     )

@@ -273,6 +273,11 @@ def main() -> int:
         help="fraction of channel-bits whose sensitivity is re-measured exactly (the slow part)",
     )
     p.add_argument("--mse-samples-per-episode", type=int, default=16)
+    p.add_argument(
+        "--objective-steps",
+        type=int,
+        help="calibrate on the chunk's first N actions only (N = --replan-every: the executed ones); default: all",
+    )
     p.add_argument("--work", default="runs/bench_policy", help="artifacts and the resumable caches")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--replan-every", type=int, default=10, help="30 Hz ticks between predictions")
@@ -321,7 +326,11 @@ def main() -> int:
         exact_fraction=args.exact_fraction, store_dir=str(work / "sensitivity"), template=template
     )
     sens, info = calibrate_policy(
-        policy, calib_eps, samples_per_episode=args.samples_per_episode, calibration=calibration
+        policy,
+        calib_eps,
+        samples_per_episode=args.samples_per_episode,
+        calibration=calibration,
+        action_steps=args.objective_steps,
     )
     calib_s = time.time() - t0
     print(f"calibration: {calib_s:.0f} s ({info['samples']} samples)", flush=True)

@@ -3,6 +3,9 @@ time, for budgets {8, 6, 4, 3, 2.5}.
 
     .venv/bin/python bench/bench_quant.py                 # tiny π0 and the larger random π0 shape (~10 min, 2 cores)
     .venv/bin/python bench/bench_quant.py --models tiny   # ~1 min
+    .venv/bin/python bench/bench_quant.py --models committed --baselines awq,gptq,smoothquant,module
+                                  # the trained policy (models/sim_transfer_cube_fp) on recorded episodes of
+                                  # data/demos: its training episodes calibrate, its held-out ones evaluate
     .venv/bin/python bench/bench_quant.py --rtn-groups    # only uniform RTN W8/W4/W3/W2, per-row vs group-wise (~5 min)
     .venv/bin/python bench/bench_quant.py --alloc-only    # only the allocation section: solvers' time and gaps (~3 min)
     .venv/bin/python bench/bench_quant.py --calibration-timing --timing-episodes /tmp/demos
@@ -11,9 +14,10 @@ time, for budgets {8, 6, 4, 3, 2.5}.
                                   # policy, teacher-forced on recorded episodes, at 3 and 2.5 bits (~15 min, 2 cores)
 
 What is measured, and what is not:
-- The policies are RANDOM-WEIGHT π0s (transformers' PI0ForConditionalGeneration) fed random-but-fixed inputs in the
-  π0 batch format; no trained checkpoint exists yet. The action MSE shows the mechanics (which method perturbs the
-  denoised action chunk least at a given size), not task success.
+- "tiny" and "large" are RANDOM-WEIGHT π0s (transformers' PI0ForConditionalGeneration) fed random-but-fixed inputs
+  in the π0 batch format: their action MSE shows the mechanics (which method perturbs the denoised action chunk
+  least at a given size), not task success. "committed" is the trained policy on recorded observations (teacher
+  forcing: the chunk predicted from a demonstration's observation, not a rollout; closed loop is bench_policy.py).
 - Calibration: 8 samples (2 batches of 4) of one seed; evaluation: 8 held-out samples of other seeds. Both use the
   adapter's fixed seeded noise, so FP and quantized policies denoise the same noise.
 - QVLA: two-stage sensitivity (aligned proxy for every channel, exact Eq. 4 for the top fraction per bit and a
@@ -94,18 +98,45 @@ from qvla_quant.transforms import packed_layers, quantize_model  # noqa: E402
 BUDGETS = (8.0, 6.0, 4.0, 3.0, 2.5)
 
 
-def build(name: str):
+def build(name: str, args=None):
+    """(adapter, calibration batches, evaluation batches) of one model of --models: "tiny" and "large" are random-
+    weight π0s on random-but-fixed inputs, "committed" the trained policy (--timing-policy) calibrated on
+    --committed-calib-episodes of its own training episodes and evaluated (teacher forcing) on its held-out
+    validation episodes, --committed-samples-per-episode observations each, from --timing-episodes."""
+    if name == "committed":
+        return build_committed(args)
     from transformers import PI0ForConditionalGeneration
 
     if name == "tiny":
         config, cams, text, action_dim = tiny_pi0_config(), 2, 6, 6
-    else:
+    elif name == "large":
         config, cams, text, action_dim = random_pi0_config(1.0), 3, 20, 14
+    else:
+        raise SystemExit(f"bench_quant: unknown model {name!r} in --models (tiny, large, committed)")
     torch.manual_seed(0)
     model = PI0ForConditionalGeneration(config).eval()
     adapter = Pi0Adapter(model, action_dim=action_dim)
     calib = [example_batch(config, 4, n_cameras=cams, text_len=text, seed=s) for s in (0, 1)]
     evals = [example_batch(config, 4, n_cameras=cams, text_len=text, seed=s) for s in (100, 101)]
+    return adapter, calib, evals
+
+
+def build_committed(args):
+    from bench_policy import held_out_episodes
+    from qvla_ros.policy.quantize import calibration_batches, policy_adapter
+    from qvla_ros.policy.train import list_episodes
+
+    policy = Path(args.timing_policy)
+    train_eps, val_eps = held_out_episodes(policy, list_episodes(args.timing_episodes))
+    n = args.committed_calib_episodes
+    calib_eps = train_eps[:: max(1, len(train_eps) // n)][:n]  # spread over the demonstrations, as bench_policy
+    processor, adapter = policy_adapter(policy)
+    per = args.committed_samples_per_episode
+    calib = calibration_batches(calib_eps, processor, per, 8, seed=0).batches
+    evals = calibration_batches(val_eps, processor, per, 8, seed=1).batches
+    print(f"committed policy {policy}: calibration {sum(adapter.batch_size(b) for b in calib)} observations of "
+          f"{len(calib_eps)} training episodes, evaluation {sum(adapter.batch_size(b) for b in evals)} observations "
+          f"of its {len(val_eps)} held-out episodes (teacher forcing, the adapter's fixed noise)")  # fmt: skip
     return adapter, calib, evals
 
 
@@ -131,8 +162,9 @@ def evaluate(adapter: Pi0Adapter, plan, evals, reference, qparams=None) -> tuple
 
 
 def run_model(name: str, args) -> dict:
-    print(f"\n=== {name} π0 (random weights, random-but-fixed inputs) ===", flush=True)
-    adapter, calib, evals = build(name)
+    what = "trained policy, recorded observations" if name == "committed" else "random weights, random-but-fixed inputs"
+    print(f"\n=== {name} π0 ({what}) ===", flush=True)
+    adapter, calib, evals = build(name, args)
     infos = adapter.layers()
     n_weights = sum(i.n_weights for i in infos)
     roles = {}
@@ -184,11 +216,12 @@ def run_model(name: str, args) -> dict:
             plan = allocate(sens, budget, AllocationConfig(solver=solver))
             a = plan.info["allocation"]
             add(budget, label, plan, f"gap {a['relative_gap']:.2f}, pruned {a['pruned_rows']}")
-        if budget in (8.0, 4.0):
+        if budget in (8.0, 4.0, 3.0):
             b = int(budget)
             add(budget, f"rtn-channel W{b}", uniform_plan(template, b))
             add(budget, f"rtn-channel W{b}+clip", uniform_plan(template, b, quant=clip))
-            add(budget, f"rtn-layer W{b}", layerwise_plan(template, b))
+            if budget != 3.0:
+                add(budget, f"rtn-layer W{b}", layerwise_plan(template, b))
     if 2.5 in args.budgets:
         add(2.0, "rtn-channel W2", uniform_plan(template, 2))
         add(2.0, "rtn-channel W2+clip", uniform_plan(template, 2, quant=clip))
@@ -569,6 +602,8 @@ def main(argv=None) -> int:
         help="recorded episodes (qvla-sim record-demos --out data/demos)",
     )
     parser.add_argument("--timing-samples-per-episode", type=int, default=4)
+    parser.add_argument("--committed-calib-episodes", type=int, default=16)
+    parser.add_argument("--committed-samples-per-episode", type=int, default=2)
     parser.add_argument("--timing-exact-fraction", type=float, default=0.05)
     parser.add_argument("--timing-rank-sample", type=int, default=64)
     parser.add_argument(
@@ -585,7 +620,7 @@ def main(argv=None) -> int:
     args.budgets = tuple(float(b) for b in args.budgets.split(","))
     args.alloc_budgets = tuple(float(b) for b in args.alloc_budgets.split(","))
     # exact refinement: 5% of the channels per bit on the tiny model, 0.5% on the larger one (CPU time)
-    args.exact_fraction = {"tiny": 0.05, "large": 0.005}
+    args.exact_fraction = {"tiny": 0.05, "large": 0.005, "committed": args.timing_exact_fraction}
     torch.set_num_threads(args.threads)
     results = []
     if args.groups:
@@ -602,8 +637,9 @@ def main(argv=None) -> int:
         return 0
     if not args.alloc_only:
         print(
-            "bench_quant: random-weight π0 policies with random-but-fixed inputs (no trained policy yet); action MSE "
-            f"is vs the FP policy on held-out inputs. torch {torch.__version__}, {args.threads} thread(s), fp32 CPU."
+            f"bench_quant: models {args.models} (tiny, large: random-weight π0s on random-but-fixed inputs; committed: "
+            "the trained policy on recorded observations); action MSE is vs the FP policy on held-out inputs. "
+            f"torch {torch.__version__}, {args.threads} thread(s), fp32 CPU."
         )
         run = run_rtn_groups if args.rtn_groups else run_model
         results = [run(name, args) for name in args.models.split(",")]

@@ -17,7 +17,7 @@ from torch import nn
 
 import qvla_quant
 import qvla_quant.sensitivity as S
-from qvla_quant import CalibrationConfig, GenericAdapter, Sensitivity, calibrate
+from qvla_quant import CalibrationConfig, GenericAdapter, Pi0Adapter, Sensitivity, calibrate
 from qvla_quant.api import load_policy
 from qvla_quant.config import WeightQuantConfig
 from qvla_quant.quantizer import RowChoice
@@ -393,6 +393,29 @@ def test_pi0_prefix_cache_reproduces_actions_and_is_not_mutated(tiny_pi0, tiny_b
     x = linear_batches(1)[0]
     assert adapter.prefix_cache(x) is None
     assert torch.equal(adapter.actions_from_prefix(None, x, None), adapter.model(x["x"]))
+
+
+def test_pi0_action_steps_counts_only_the_executed_steps(tiny_pi0, tiny_batches):
+    # the objective over the chunk's first steps (those executed before the next prediction): the same numbers as
+    # the whole chunk's first steps, by both paths, and a sensitivity that sees only them
+    batch = tiny_batches[0]
+    noise = tiny_pi0.make_noise(2, 3)
+    short = Pi0Adapter(tiny_pi0.model, action_dim=tiny_pi0.action_dim, action_steps=2)
+    with torch.no_grad():
+        full = tiny_pi0.actions(batch, noise)
+        first = short.actions(batch, noise)
+        via_prefix = short.actions_from_prefix(short.prefix_cache(batch), batch, noise)
+    assert full.shape[1] == tiny_pi0.model.config.chunk_size and first.shape[1] == 2
+    assert torch.equal(first, full[:, :2]) and torch.equal(via_prefix, first)
+    restored = Pi0Adapter.from_config(short.config_dict(), model=tiny_pi0.model)
+    assert restored.action_steps == 2 and "action_steps" not in tiny_pi0.config_dict()
+    with pytest.raises(ValueError, match="action_steps must be in"):
+        Pi0Adapter(tiny_pi0.model, action_steps=tiny_pi0.model.config.chunk_size + 1)
+    config = CalibrationConfig(exact_fraction=0.0, rank_sample=0, max_exact_dims=8, n_probes=2, progress=False)
+    whole = calibrate(tiny_pi0, tiny_batches[:1], config)
+    executed = calibrate(short, tiny_batches[:1], config)
+    name = "model.dit.layers.0.mlp.down_proj"
+    assert not torch.equal(whole.values(name), executed.values(name))
 
 
 def test_exact_passes_over_the_action_expert_reuse_the_vlm_prefix(tiny_pi0, tiny_batches, tiny_calibration):

@@ -12,7 +12,9 @@ Batch format (what `PI0ForConditionalGeneration.sample_actions` takes, and what 
 
 The adapter knows nothing about robots: turning three camera frames, a 14-dim state and an instruction into this
 batch is the processor's job. `actions` returns the first `action_dim` dims of the denoised chunk
-[B, chunk_size, action_dim] (the rest of `max_action_dim` is padding the robot never reads).
+[B, chunk_size, action_dim] (the rest of `max_action_dim` is padding the robot never reads); with `action_steps`
+only the chunk's first steps [B, action_steps, action_dim]: the ones a robot that replans every `action_steps`
+ticks executes, so that a sensitivity (Eq. 4) measured on it counts only errors that reach the arms.
 
 Roles (module names checked against transformers 5.24):
     model.vlm.vision_tower.*           vision       (incl. the Conv2d patch embedding, quantized per output filter)
@@ -86,12 +88,24 @@ class Pi0Adapter(PolicyAdapter):
         "action_out_proj": "action_head",
     }
 
-    def __init__(self, model, *, action_dim: int | None = None, num_steps: int | None = None, noise_seed: int = 0):
+    def __init__(
+        self,
+        model,
+        *,
+        action_dim: int | None = None,
+        num_steps: int | None = None,
+        noise_seed: int = 0,
+        action_steps: int | None = None,
+    ):
         super().__init__(model, noise_seed=noise_seed)
         config = model.config
         self.action_dim = int(action_dim) if action_dim is not None else config.max_action_dim
         if not 1 <= self.action_dim <= config.max_action_dim:
             raise ValueError(f"action_dim must be in [1, {config.max_action_dim}] (max_action_dim), got {action_dim}")
+        # None = the whole chunk; else the first action_steps steps (what is executed between two predictions)
+        self.action_steps = int(action_steps) if action_steps is not None else None
+        if self.action_steps is not None and not 1 <= self.action_steps <= config.chunk_size:
+            raise ValueError(f"action_steps must be in [1, {config.chunk_size}] (chunk_size), got {action_steps}")
         # None = the checkpoint's own num_inference_steps (the real denoising loop)
         self.num_steps = int(num_steps) if num_steps is not None else None
         if self.num_steps is not None and self.num_steps < 1:
@@ -161,7 +175,7 @@ class Pi0Adapter(PolicyAdapter):
             pixel_attention_mask=batch["pixel_attention_mask"].bool(),
             num_steps=self.num_steps,
         )
-        return chunk[..., : self.action_dim]
+        return chunk[:, : self.action_steps, : self.action_dim]
 
     # ---- the VLM prefix, computed once (exact sensitivity of the action expert's layers)
     def downstream_of_prefix(self, name: str) -> bool:
@@ -233,7 +247,7 @@ class Pi0Adapter(PolicyAdapter):
             )
             cache.crop(prefix_length - cache.get_seq_length())
             noise = noise + dt * output.logits
-        return noise[..., : self.action_dim]
+        return noise[:, : self.action_steps, : self.action_dim]
 
     def make_noise(self, batch_size: int, seed: int) -> torch.Tensor:
         config = self.model.config
@@ -268,6 +282,7 @@ class Pi0Adapter(PolicyAdapter):
         action_dim: int | None = None,
         num_steps: int | None = None,
         noise_seed: int = 0,
+        action_steps: int | None = None,
     ) -> Pi0Adapter:
         """Load a π0 checkpoint from a local directory (config.json + model.safetensors); never downloads, never
         unpickles, and refuses missing, unexpected or mismatched tensors (`qvla_quant.checkpoint`)."""
@@ -279,10 +294,10 @@ class Pi0Adapter(PolicyAdapter):
             raise ValueError(f"{str(path)!r} is not a π0 checkpoint (config.json with model_type 'pi0' expected)")
         _, model_cls = _transformers_pi0()
         model = load_pretrained_strict(model_cls, path, dtype=dtype, device=device)
-        return cls(model, action_dim=action_dim, num_steps=num_steps, noise_seed=noise_seed)
+        return cls(model, action_dim=action_dim, num_steps=num_steps, noise_seed=noise_seed, action_steps=action_steps)
 
     def config_dict(self) -> dict:
-        return {
+        d = {
             "adapter": self.name,
             "model_config": self.model.config.to_dict(),
             "action_dim": self.action_dim,
@@ -290,11 +305,14 @@ class Pi0Adapter(PolicyAdapter):
             "noise_seed": self.noise_seed,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+        if self.action_steps is not None:  # only then: stores and artifacts of whole-chunk adapters keep their keys
+            d["action_steps"] = self.action_steps
+        return d
 
     @classmethod
     def from_config(cls, config: dict, *, model=None, device: str | torch.device = "meta", **overrides) -> Pi0Adapter:
         """A skeleton: the architecture in the source dtype, weights not initialized (or `model`, wrapped as is).
-        `overrides` (action_dim, num_steps, noise_seed) replace the stored adapter settings.
+        `overrides` (action_dim, num_steps, noise_seed, action_steps) replace the stored adapter settings.
 
         On the meta device by default (no memory): only `qvla_quant.artifact.load_artifact` can fill such a
         skeleton, since it also restores π0's non-persistent buffers (rotary frequencies, the sinusoidal time
@@ -314,11 +332,12 @@ class Pi0Adapter(PolicyAdapter):
             with torch.device(device), no_init_weights():
                 model = model_cls(model_config)
             model.to(dtype).eval()
-        unknown = set(overrides) - {"action_dim", "num_steps", "noise_seed"}
+        unknown = set(overrides) - {"action_dim", "num_steps", "noise_seed", "action_steps"}
         if unknown:
             raise TypeError(f"Pi0Adapter.from_config: unexpected arguments {sorted(unknown)}")
         settings = {"action_dim": config.get("action_dim"), "num_steps": config.get("num_steps")}
         settings["noise_seed"] = config.get("noise_seed", 0)
+        settings["action_steps"] = config.get("action_steps")
         settings.update(overrides)
         return cls(model, **settings)
 

@@ -86,14 +86,19 @@ def calibrate_policy(
     seed: int = 0,
     store_dir=None,
     loaded=None,
+    action_steps: int | None = None,
 ):
     """Action-space sensitivities of a policy on samples of the episodes. Returns (Sensitivity, info dict).
 
     loaded: (processor, adapter) of `policy_dir` already in memory (`policy_adapter`), so a caller that goes on
-    to quantize loads the float model once; calibration leaves its weights as they were."""
+    to quantize loads the float model once; calibration leaves its weights as they were.
+    action_steps: measure the action error on the chunk's first `action_steps` steps only (those a robot that
+    replans every `action_steps` ticks executes; `Pi0Adapter.action_steps`), None: the whole chunk."""
     from qvla_quant import CalibrationConfig, calibrate
 
     processor, adapter = loaded or policy_adapter(policy_dir)
+    if action_steps is not None:  # a view of the same model; the caller's adapter keeps predicting whole chunks
+        adapter = type(adapter).from_config(adapter.config_dict(), model=adapter.model, action_steps=action_steps)
     t0 = time.time()
     data = calibration_batches(episode_paths, processor, samples_per_episode, batch_size, seed)
     cfg = calibration or CalibrationConfig(store_dir=None if store_dir is None else str(store_dir), seed=seed)
@@ -103,6 +108,7 @@ def calibrate_policy(
         "episodes": sorted({n for n, _ in data.sources}),
         "calibration_s": time.time() - t0,
         "config": cfg.to_dict(),
+        "action_steps": action_steps,
     }
     return sensitivity, info
 
