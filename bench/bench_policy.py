@@ -28,6 +28,7 @@ written as artifacts the same way: e.g. `--baselines awq:4,gptq:4,gptq:4g64,gptq
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,8 +47,9 @@ import torch  # noqa: E402
 from qvla_quant import AllocationConfig, CalibrationConfig, PlanTemplate, allocate  # noqa: E402
 from qvla_quant.artifact import artifact_summary, read_plan  # noqa: E402
 from qvla_quant.baselines import layerwise_plan, uniform_plan  # noqa: E402
+from qvla_quant.bits import KEEP_BITS  # noqa: E402
 from qvla_quant.files import file_sha256, is_artifact  # noqa: E402
-from qvla_quant.roles import DEFAULT_ROLE_RULES  # noqa: E402
+from qvla_quant.roles import DEFAULT_ROLE_RULES, ROLES  # noqa: E402
 from qvla_ros.policy.episode_cache import EpisodeCache, row_key  # noqa: E402
 from qvla_ros.policy.evaluate import evaluate, parse_seeds  # noqa: E402
 from qvla_ros.policy.quantize import calibrate_policy, episode_observations, write_quantized_policy  # noqa: E402
@@ -94,6 +96,41 @@ def parse_baselines(text: str) -> list[tuple[str, int | None, int | None]]:
         except ValueError:
             raise SystemExit(f"bench_policy: --baselines entry {item!r} is not method:bits[gGROUP]") from None
     return out
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """ "noprune,rel0.1,cap0.1" -> [(label, AllocationConfig options)]: QVLA rows beside the default allocation, on
+    the same sensitivities (probes of what the allocation does to closed-loop success)."""
+    out = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        try:
+            if item == "noprune":
+                out.append((item, {"bits": (2, 4, 8, 16)}))
+            elif item.startswith("rel"):
+                out.append((item, {"prune_rel_threshold": float(item[3:])}))
+            elif item.startswith("cap"):
+                out.append((item, {"max_pruned_fraction": float(item[3:])}))
+            elif item.startswith("only") and item[4:] in ROLES:
+                out.append((item, {"only_role": item[4:]}))
+            else:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(
+                f"bench_policy: --variants entry {item!r} is not noprune, relF (dual-threshold guard: prune only "
+                "below F x the layer's median s(0)), capF (at most F of a layer's rows pruned) or onlyROLE (the "
+                f"default plan's rows of one role, the rest at 16 bits; roles: {', '.join(ROLES)})"
+            ) from None
+    return out
+
+
+def only_role(plan, role: str):
+    """`plan` with every layer outside `role` at 16 bits: which role's quantization costs closed-loop success."""
+    layers = {
+        name: lp if lp.role == role else dataclasses.replace(lp, bits=[KEEP_BITS] * lp.out_features, grouped=None,
+                                                             group_size=None, granularity="row")
+        for name, lp in plan.layers.items()
+    }  # fmt: skip
+    return dataclasses.replace(plan, layers=layers, method=f"{plan.method}, only {role} quantized")
 
 
 def write_baseline_policy(policy: Path, method: str, bits, group_size, calib_eps, samples_per_episode: int, out: Path):
@@ -256,6 +293,13 @@ def main() -> int:
     p.add_argument("--seeds", default="1000-1099")
     p.add_argument("--budgets", default="8,4,3,2.5")
     p.add_argument("--solvers", default="greedy,lagrangian")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="more QVLA rows per solver and budget on the same sensitivities: noprune (bits 2,4,8,16), relF (prune "
+        "only rows below F x their layer's median s(0)), capF (at most F of a layer's rows pruned), onlyROLE (the "
+        "default plan's rows of ROLE, every other layer at 16 bits: which role costs success)",
+    )
     p.add_argument("--rtn", default="8,4,3,2", help="uniform per-channel RTN bit-widths")
     p.add_argument("--layerwise", default="8,4", help="uniform layer-wise RTN bit-widths (one scale per tensor)")
     p.add_argument("--baselines", default="", help="LLM-derived baselines, e.g. awq:4,gptq:4,smoothquant:8,module")
@@ -289,6 +333,7 @@ def main() -> int:
     p.add_argument("--eval-name", help=argparse.SUPPRESS)
     args = p.parse_args()
     baselines = parse_baselines(args.baselines)  # bad entries fail before the long calibration
+    parse_variants(args.variants)
     torch.set_num_threads(args.threads)
 
     policy = Path(args.policy)
@@ -336,9 +381,17 @@ def main() -> int:
     print(f"calibration: {calib_s:.0f} s ({info['samples']} samples)", flush=True)
 
     plans = []
+    variants = parse_variants(args.variants)
     for solver in [s for s in args.solvers.split(",") if s]:
         for b in [float(x) for x in args.budgets.split(",") if x]:
-            plans.append((f"QVLA-{solver}", b, allocate(sens, b, AllocationConfig(solver=solver))))
+            base = allocate(sens, b, AllocationConfig(solver=solver))
+            plans.append((f"QVLA-{solver}", b, base))
+            for label, options in variants:
+                if "only_role" in options:  # the default allocation's rows of one role, every other row at 16 bits
+                    plan = only_role(base, options["only_role"])
+                else:
+                    plan = allocate(sens, b, AllocationConfig(solver=solver, **options))
+                plans.append((f"QVLA-{solver}-{label}", b, plan))
     layers = plans[0][2] if plans else allocate(sens, 16.0, AllocationConfig())
     for b in [int(x) for x in args.rtn.split(",") if x]:
         plans.append((f"RTN W{b} per-channel", float(b), uniform_plan(layers, b)))
