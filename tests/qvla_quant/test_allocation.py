@@ -532,9 +532,9 @@ def test_allocation_config_validates_and_round_trips():
 
 
 def test_old_configs_and_plans_still_load():
-    """Plans written before the dual threshold (the committed W4 artifact's among them) carry the config with
+    """Plans written before the dual threshold (the formerly committed W4 artifact's among them) carry the config with
     "prune_threshold" and the solver name "lagrangian": both still parse, to the same settings."""
-    text = (REPO / "models" / "sim_transfer_cube_w4" / "plan.json").read_text()
+    text = (REPO / "tests" / "qvla_quant" / "data" / "sim_transfer_cube_w4_format1" / "plan.json").read_text()
     plan = Plan.from_json(text)
     old = plan.info["allocation"]["config"]
     assert "prune_threshold" in old and "prune_rel_threshold" not in old
