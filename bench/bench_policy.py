@@ -55,7 +55,7 @@ from qvla_ros.policy.evaluate import evaluate, parse_seeds  # noqa: E402
 from qvla_ros.policy.quantize import calibrate_policy, episode_observations, write_quantized_policy  # noqa: E402
 from qvla_ros.policy.runtime import PolicyRuntime  # noqa: E402
 from qvla_ros.policy.stats import compare_paired, wilson_interval  # noqa: E402
-from qvla_ros.policy.train import list_episodes, validation_split  # noqa: E402
+from qvla_ros.policy.train import list_episodes  # noqa: E402
 
 
 def held_out_episodes(policy_dir: Path, episodes: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -63,19 +63,17 @@ def held_out_episodes(policy_dir: Path, episodes: list[Path]) -> tuple[list[Path
     holding more demonstrations than the policy saw (e.g. 300 where it trained on 200) must not move the split, and
     episodes it never saw are neither calibration nor held-out samples."""
     info = json.loads((policy_dir / "train_config.json").read_text())
-    if "episodes" in info and "val_episodes" in info:
-        trained, val = set(info["episodes"]), set(info["val_episodes"])
-        by_name = {p.name: p for p in episodes}
-        missing = sorted((trained | val) - set(by_name))
-        if missing:
-            raise SystemExit(
-                f"bench_policy: {len(missing)} of the policy's training episodes are not in the episodes directory "
-                f"(e.g. {missing[0]}); record them (qvla-sim record-demos) or pass the directory it was trained on"
-            )
-        return [by_name[n] for n in sorted(trained - val)], [by_name[n] for n in sorted(val)]
-    cfg = info["train_config"]  # older lineage files: the split by count, as the training run drew it
-    split = set(validation_split(len(episodes), cfg["val_episodes"], cfg["data_seed"]))
-    return [p for i, p in enumerate(episodes) if i not in split], [p for i, p in enumerate(episodes) if i in split]
+    if "episodes" not in info or "val_episodes" not in info:
+        raise SystemExit(f"bench_policy: {policy_dir}/train_config.json lists no training / validation episodes")
+    trained, val = set(info["episodes"]), set(info["val_episodes"])
+    by_name = {p.name: p for p in episodes}
+    missing = sorted((trained | val) - set(by_name))
+    if missing:
+        raise SystemExit(
+            f"bench_policy: {len(missing)} of the policy's training episodes are not in the episodes directory "
+            f"(e.g. {missing[0]}); record them (qvla-sim record-demos) or pass the directory it was trained on"
+        )
+    return [by_name[n] for n in sorted(trained - val)], [by_name[n] for n in sorted(val)]
 
 
 BASELINE_NAMES = {"rtn": "RTN", "awq": "AWQ", "gptq": "GPTQ", "smoothquant": "SmoothQuant", "module": "module-wise"}
@@ -333,7 +331,7 @@ def main() -> int:
     p.add_argument("--eval-name", help=argparse.SUPPRESS)
     args = p.parse_args()
     baselines = parse_baselines(args.baselines)  # bad entries fail before the long calibration
-    parse_variants(args.variants)
+    variants = parse_variants(args.variants)
     torch.set_num_threads(args.threads)
 
     policy = Path(args.policy)
@@ -381,7 +379,6 @@ def main() -> int:
     print(f"calibration: {calib_s:.0f} s ({info['samples']} samples)", flush=True)
 
     plans = []
-    variants = parse_variants(args.variants)
     for solver in [s for s in args.solvers.split(",") if s]:
         for b in [float(x) for x in args.budgets.split(",") if x]:
             base = allocate(sens, b, AllocationConfig(solver=solver))

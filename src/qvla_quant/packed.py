@@ -542,12 +542,12 @@ class PackedLinear(nn.Module):
         # a wider dtype leaves 16-bit kept rows as they are (exact), a cast to another 16-bit dtype converts them
         # like any module's weights. The source dtype (weight, bias) follows the cast.
         kept_before = self.kept.dtype
-        # the scales and zero points before the cast: a cast through fp16 / bf16 would round fp32 scales (and
-        # back-casting cannot undo it), so after it they are taken from here, moved only to the new device
+        # the scales before the cast: a cast through fp16 / bf16 would round fp32 scales (and back-casting cannot
+        # undo it), so after it they are taken from here, moved only to the new device (the uint8 zero points are
+        # never touched by a floating-point cast)
         fixed = {
             name: self._buffers[name]
-            for c in QUANTIZED_STORAGE
-            for name in (f"scale_{group_suffix(c)}", f"zero_{group_suffix(c)}")
+            for name in (f"scale_{group_suffix(c)}" for c in QUANTIZED_STORAGE)
             if self._buffers.get(name) is not None
         }
         super()._apply(fn, recurse)

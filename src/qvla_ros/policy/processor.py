@@ -207,10 +207,8 @@ class Pi0Processor:
             )
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise PolicyFormatError(f"camera {name!r}: empty image (shape {img.shape}); expected HxWx3 with H, W > 0")
-        img = np.ascontiguousarray(img)
-        if not img.flags.writeable:  # e.g. decoded straight from a recording's buffer: torch wants its own copy
-            img = img.copy()
-        return torch.from_numpy(img).permute(2, 0, 1).float()
+        # one conversion to a new float array, which torch can own (a read-only recording buffer is never shared)
+        return torch.from_numpy(img.astype(np.float32, order="C")).permute(2, 0, 1)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> [N, 3, S, S] (unchanged when already S x S)."""
